@@ -1,0 +1,316 @@
+"""``ProcessOrderedPool``: the public face of the engine over local worker processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import warnings
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
+
+import cloudpickle
+
+from ._engine import Engine, PoolState, Stream, iter_results, usable_cores
+from ._process import ProcessTransport
+
+__all__ = ["ProcessOrderedPool", "Result"]
+
+_ERRORS = ("raise", "skip", "return")
+
+
+class Result(NamedTuple):
+    """One item's outcome, as yielded by :meth:`ProcessOrderedPool.results`.
+
+    Attributes:
+        index: the index the item was enqueued with.
+        value: what ``fn`` returned (``None`` when it failed).
+        error: the exception, or ``None``. A worker exception keeps its type, with the worker's
+            traceback as ``__cause__``; a dead worker gives :class:`~ordpool.WorkerCrashed`.
+    """
+
+    index: int
+    value: Any
+    error: BaseException | None
+
+    @property
+    def ok(self) -> bool:
+        """True when the item succeeded."""
+        return self.error is None
+
+    def get(self) -> Any:
+        """Return the value, or raise the error."""
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+_make_result = Result._make
+
+
+def _result(index: int, value: Any, error: BaseException | None) -> Result:
+    return _make_result((index, value, error))
+
+
+class ProcessOrderedPool:
+    """Worker processes that run ``fn`` over a stream and give results back in index order.
+
+    Args:
+        fn: called as ``fn(item)``, or ``fn(state, item)`` when ``init`` is given. Shipped to
+            the workers with cloudpickle, so lambdas and closures work with every start method.
+        workers: number of worker processes; default: the cores this process may use.
+        init: called once in each worker as ``init(*initargs)``; its return value is the
+            worker's ``state``, passed to every call of ``fn`` in that worker (a decoder, a
+            buffer, a connection). Runs again in a replacement worker after a crash.
+        initargs: arguments for ``init``.
+        window: the most items in flight (sent, running, or waiting in the reorder heap).
+            ``enqueue`` blocks and ``imap`` stops reading its input while it is full.
+            Default: ``max(8192, 4096 * workers)``.
+        batch_size: items per batch; default ``None`` adapts it to the measured cost per item
+            (batches of about 5 ms of work).
+        max_delay: seconds a partial batch waits for more items before it is sent anyway.
+        retries: times an item whose worker died is re-run before it fails with
+            :class:`~ordpool.WorkerCrashed`. Items of the batch that were not running when the
+            worker died are always re-run, and never count as attempts.
+        start_method: ``"fork"``, ``"spawn"`` or ``"forkserver"``; default: the platform's.
+        init_timeout: seconds to wait for every worker to finish ``init``; ``None`` waits.
+
+    Raises:
+        ValueError: for a non-positive ``workers``, ``window`` or ``batch_size``, a negative
+            ``max_delay`` or ``retries``.
+        WorkerInitError: ``init`` raised in a worker (the worker's traceback is ``__cause__``).
+
+    Example:
+        >>> import ordpool
+        >>> with ordpool.ProcessOrderedPool(abs, workers=2) as pool:
+        ...     list(pool.imap([-3, 1, -2]))
+        [3, 1, 2]
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        workers: int | None = None,
+        *,
+        init: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+        window: int | None = None,
+        batch_size: int | None = None,
+        max_delay: float = 0.005,
+        retries: int = 0,
+        start_method: str | None = None,
+        init_timeout: float | None = None,
+    ) -> None:
+        self._engine: Engine | None = None
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        if init is not None and not callable(init):
+            raise TypeError(f"init must be callable, not {type(init).__name__}")
+        workers = usable_cores() if workers is None else workers
+        _positive("workers", workers)
+        window = max(8192, 4096 * workers) if window is None else window
+        _positive("window", window)
+        if batch_size is not None:
+            _positive("batch_size", batch_size)
+        if max_delay < 0:
+            raise ValueError(f"max_delay must be >= 0, got {max_delay!r}")
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        ctx = multiprocessing.get_context(start_method)
+        spec = cloudpickle.dumps((fn, init, tuple(initargs)))
+        self._start_method = ctx.get_start_method()
+        self._engine = Engine(
+            lambda events: ProcessTransport(ctx, spec, events),
+            workers=workers,
+            window=window,
+            batch_size=batch_size,
+            max_delay=max_delay,
+            retries=retries,
+        )
+        self._engine.start(init_timeout)
+
+    # -- streaming: enqueue / results ----------------------------------------------------------
+
+    def enqueue(self, index: int, item: Any, *, timeout: float | None = None) -> None:
+        """Submit ``item`` at ``index``. Thread-safe; blocks while the window is full.
+
+        Args:
+            index: the item's position in the output order: any int greater than the previous
+                one (gaps and values above 2**32 are fine, e.g. Kafka offsets).
+            item: the argument for ``fn``.
+            timeout: seconds to wait for room in the window; ``None`` waits as long as needed.
+
+        Raises:
+            ValueError: ``index`` is not greater than the previous index.
+            TypeError: ``index`` is not an int.
+            TimeoutError: the window stayed full for ``timeout`` seconds.
+            PoolClosed: the pool was closed or terminated.
+            BrokenPool: the pool is broken.
+            RuntimeError: an ``imap`` is running on this pool.
+        """
+        self._live().enqueue(index, item, timeout)
+
+    def results(self) -> Iterator[Result]:
+        """Yield a :class:`Result` per enqueued item, in ascending index order.
+
+        Runs until :meth:`close` was called and every item was yielded, so it is usually
+        iterated in its own consumer thread while another thread enqueues. One consumer at a
+        time.
+
+        Raises:
+            PoolClosed: the pool was terminated before every item was yielded.
+            BrokenPool: the pool broke (items already failed are yielded first).
+        """
+        engine = self._live_or_closing()
+        stream = engine.enqueue_stream()
+        return self._consume(engine, stream, _result)
+
+    # -- batch processing: imap ----------------------------------------------------------------
+
+    def imap(self, iterable: Iterable[Any], *, errors: str = "raise") -> Iterator[Any]:
+        """Apply ``fn`` to every item of ``iterable``; yield the results in input order.
+
+        The input is read lazily by a feeder thread, at most ``window`` items ahead of the
+        consumer, so an endless or blocking iterable (a Kafka consumer) works in bounded memory.
+        The pool serves many ``imap`` calls, one after another, with the same warm workers; an
+        ``imap`` cannot run while an ``enqueue``/``results`` stream is open (``RuntimeError``).
+
+        Args:
+            iterable: the items.
+            errors: what a failed item does: ``"raise"`` raises its exception at its position
+                (ending the iteration), ``"skip"`` leaves it out, ``"return"`` yields the
+                exception object in its place. An exception raised by ``iterable`` itself is
+                treated the same way, at the position where it happened, and ends the input.
+
+        Raises:
+            ValueError: unknown ``errors``.
+            RuntimeError: another stream is open on this pool.
+            PoolClosed, BrokenPool: as for :meth:`results`.
+        """
+        if errors not in _ERRORS:
+            raise ValueError(f"errors must be one of {', '.join(map(repr, _ERRORS))}, got {errors!r}")
+        engine = self._live()
+        stream = engine.open_stream("imap")
+        feeder = threading.Thread(
+            target=engine.feed_iterable, args=(stream, iterable), name="ordpool-imap-feeder", daemon=True
+        )
+        feeder.start()
+        return self._imap(engine, stream, errors)
+
+    def _imap(self, engine: Engine, stream: Stream, errors: str) -> Iterator[Any]:
+        try:
+            while True:
+                batch = engine.next_batch(stream)
+                if batch is None:
+                    return
+                values, errs = engine.decode(batch)
+                if errs is None:
+                    yield from values
+                    continue
+                for pos, value in enumerate(values):
+                    err = errs.get(pos)
+                    if err is None:
+                        yield value
+                    elif errors == "return":
+                        yield err
+                    elif errors == "raise":
+                        raise err
+        finally:
+            engine.release_stream(stream)
+
+    def map(self, iterable: Iterable[Any], *, errors: str = "raise") -> list[Any]:
+        """``list(self.imap(iterable, errors=errors))``."""
+        return list(self.imap(iterable, errors=errors))
+
+    def _consume(self, engine: Engine, stream: Stream, make: Callable[..., Any]) -> Iterator[Any]:
+        with engine._lock:
+            if stream.consumer:
+                raise RuntimeError("results() is already being iterated by another consumer")
+            stream.consumer = True
+        try:
+            yield from iter_results(engine, stream, make)
+        finally:
+            with engine._lock:
+                stream.consumer = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop accepting work; in-flight items finish and ``results()`` ends after the last.
+
+        Does not wait: use :meth:`join`, or the context manager. Calling it again is harmless.
+        """
+        if self._engine is not None:
+            self._engine.close()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the workers to stop after :meth:`close`; False if ``timeout`` passed first."""
+        if self._engine is None:
+            return True
+        if self._engine.state in (PoolState.RUNNING, PoolState.STARTING):
+            raise ValueError("join() needs close() or terminate() first")
+        return self._engine.join(timeout)
+
+    def terminate(self) -> None:
+        """Kill the workers now; unfinished items are dropped. Calling it again is harmless."""
+        if self._engine is not None:
+            self._engine.terminate()
+
+    def __enter__(self) -> ProcessOrderedPool:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.terminate()
+        else:
+            self.close()
+            self.join()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None and engine.state in (PoolState.RUNNING, PoolState.CLOSING):
+            warnings.warn(
+                f"{self!r} was garbage-collected while running; call close() or use 'with'",
+                ResourceWarning,
+                source=self,
+                stacklevel=2,
+            )
+            engine.terminate()
+
+    def __repr__(self) -> str:
+        engine = self._engine
+        if engine is None:
+            return f"<{type(self).__name__} state=uninitialised>"
+        return (
+            f"<{type(self).__name__} state={engine.state.value} workers={engine.workers} "
+            f"in_flight={engine.inflight} start_method={self._start_method}>"
+        )
+
+    # -- introspection -------------------------------------------------------------------------
+
+    @property
+    def workers(self) -> int:
+        """Number of worker processes."""
+        return self._live_or_closing().workers
+
+    @property
+    def state(self) -> str:
+        """``"running"``, ``"closing"``, ``"closed"``, ``"terminated"`` or ``"broken"``."""
+        return self._engine.state.value if self._engine is not None else "uninitialised"
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the current workers."""
+        return self._live_or_closing().worker_pids()
+
+    def _live(self) -> Engine:
+        engine = self._live_or_closing()
+        engine.check_open()
+        return engine
+
+    def _live_or_closing(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("the pool was not initialised")
+        return self._engine
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -1,0 +1,192 @@
+"""The wire: how batches, results and control messages are framed and encoded.
+
+Every message is one ``send_bytes`` frame whose first byte names its kind::
+
+    parent -> worker   TASK    b"T" bid:q nfailed:I  failed:I*nfailed  items
+                       STOP    b"S"
+    worker -> parent   READY   b"Y" pid:q
+                       INITERR b"E" pickle(exception with traceback)
+                       RESULT  b"R" bid:q seconds:d  pickle((values, errors))
+
+``items`` is either ``b"B" n:I lengths:q*n data`` when every item is ``bytes`` (the Kafka case:
+a join and an array, five times cheaper than pickling a list of bytes), or ``b"P" pickle(list)``.
+``failed`` lists positions the worker must not run (the parent already holds their error).
+``errors`` is ``None`` or ``{position: exception}``; values at those positions are ``None``.
+
+Items and results are pickled with :mod:`pickle` first (fast, C) and with :mod:`cloudpickle`
+only when that fails (lambdas, closures, local classes). An object neither can pickle fails
+alone, at its own position: the rest of its batch goes on.
+"""
+
+from __future__ import annotations
+
+import gc
+import pickle
+import struct
+from array import array
+from itertools import accumulate
+from typing import Any
+
+import cloudpickle
+
+from ._errors import wrap_exception
+
+__all__ = [
+    "INITERR",
+    "READY",
+    "RESULT",
+    "STOP",
+    "TASK",
+    "decode_items",
+    "decode_results",
+    "dumps",
+    "encode_items",
+    "encode_results",
+    "result_header",
+    "task_frame",
+]
+
+TASK, STOP, READY, INITERR, RESULT = b"T"[0], b"S"[0], b"Y"[0], b"E"[0], b"R"[0]
+STOP_FRAME = b"S"
+
+_TASK_HEAD = struct.Struct("<BqI")  # kind, bid, nfailed
+_RESULT_HEAD = struct.Struct("<Bqd")  # kind, bid, worker seconds
+_READY = struct.Struct("<Bq")  # kind, pid
+RESULT_HEAD_SIZE = _RESULT_HEAD.size
+_COUNT = struct.Struct("<I")
+_PROTO = pickle.HIGHEST_PROTOCOL
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle with the C pickler, falling back to cloudpickle (lambdas, closures)."""
+    try:
+        return pickle.dumps(obj, _PROTO)
+    except Exception:
+        return cloudpickle.dumps(obj, _PROTO)
+
+
+def loads_no_gc(data: Any) -> Any:
+    """Unpickle with the cyclic GC paused: it would triple the cost of loading containers."""
+    if gc.isenabled():
+        gc.disable()
+        try:
+            return pickle.loads(data)
+        finally:
+            gc.enable()
+    return pickle.loads(data)
+
+
+# -- items: parent -> worker -------------------------------------------------------------------
+
+
+def encode_items(items: list[Any]) -> tuple[bytes, dict[int, BaseException]]:
+    """Encode a batch of items; returns ``(data, failed)``.
+
+    ``failed`` maps the position of every item that cannot be pickled to the exception that says
+    why; those positions travel as ``None`` and the worker skips them.
+    """
+    if items and set(map(type, items)) == {bytes}:
+        lengths = array("q", map(len, items))
+        return b"".join((b"B", _COUNT.pack(len(items)), lengths.tobytes(), *items)), {}
+    try:
+        return b"P" + dumps(items), {}
+    except Exception:
+        pass
+    failed: dict[int, BaseException] = {}
+    clean = list(items)
+    for pos, item in enumerate(items):
+        try:
+            dumps(item)
+        except Exception as exc:
+            err = pickle.PicklingError(f"cannot pickle item of type {type(item).__qualname__}")
+            err.__cause__ = exc
+            failed[pos] = err
+            clean[pos] = None
+    return b"P" + dumps(clean), failed
+
+
+def decode_items(data: memoryview) -> list[Any]:
+    """Inverse of :func:`encode_items` (worker side)."""
+    if data[0] == b"B"[0]:
+        (n,) = _COUNT.unpack_from(data, 1)
+        start = 1 + _COUNT.size + 8 * n
+        lengths = array("q")
+        lengths.frombytes(data[1 + _COUNT.size : start])
+        raw = bytes(data[start:])
+        offsets = list(accumulate(lengths, initial=0))
+        return [raw[a:b] for a, b in zip(offsets, offsets[1:])]
+    return pickle.loads(data[1:])
+
+
+def task_frame(bid: int, failed: dict[int, BaseException], data: bytes) -> bytes:
+    """Frame an encoded batch as a TASK message."""
+    head = _TASK_HEAD.pack(TASK, bid, len(failed))
+    if failed:
+        return b"".join((head, array("I", sorted(failed)).tobytes(), data))
+    return head + data
+
+
+def parse_task(frame: bytes) -> tuple[int, set[int], memoryview]:
+    """Split a TASK frame into ``(bid, failed positions, items data)`` (worker side)."""
+    _, bid, nfailed = _TASK_HEAD.unpack_from(frame)
+    start = _TASK_HEAD.size
+    failed: set[int] = set()
+    if nfailed:
+        positions = array("I")
+        positions.frombytes(frame[start : start + 4 * nfailed])
+        failed = set(positions)
+        start += 4 * nfailed
+    return bid, failed, memoryview(frame)[start:]
+
+
+# -- results: worker -> parent -----------------------------------------------------------------
+
+
+def encode_results(
+    bid: int, seconds: float, values: list[Any], errors: dict[int, Any] | None
+) -> bytes:
+    """Frame a batch's results. A value that cannot be pickled becomes that item's error."""
+    head = _RESULT_HEAD.pack(RESULT, bid, seconds)
+    try:
+        return head + dumps((values, errors))
+    except Exception:
+        pass
+    errors = dict(errors or {})
+    for pos, value in enumerate(values):
+        if pos in errors:
+            continue
+        try:
+            dumps(value)
+        except Exception as exc:
+            err = pickle.PicklingError(
+                f"cannot pickle the result of type {type(value).__qualname__}: {exc}"
+            )
+            errors[pos] = wrap_exception(err)
+            values[pos] = None
+    return head + dumps((values, errors))
+
+
+def result_header(frame: bytes) -> tuple[int, float]:
+    """``(bid, worker seconds)`` of a RESULT frame, without unpickling its payload."""
+    _, bid, seconds = _RESULT_HEAD.unpack_from(frame)
+    return bid, seconds
+
+
+def decode_results(frame: bytes) -> tuple[list[Any], dict[int, BaseException] | None]:
+    """Unpickle a RESULT frame's ``(values, errors)`` (parent side, GC paused)."""
+    values, errors = loads_no_gc(memoryview(frame)[RESULT_HEAD_SIZE:])
+    return values, errors
+
+
+def ready_frame(pid: int) -> bytes:
+    return _READY.pack(READY, pid)
+
+
+def initerr_frame(exc: BaseException) -> bytes:
+    return bytes([INITERR]) + dumps(wrap_exception(exc))
+
+
+def decode_initerr(frame: bytes) -> BaseException:
+    exc = pickle.loads(memoryview(frame)[1:])
+    assert isinstance(exc, BaseException)
+    return exc

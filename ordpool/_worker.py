@@ -1,0 +1,163 @@
+"""The worker loop: runs in each worker process and owns its end of the protocol.
+
+    start -> ignore SIGINT -> unpickle (fn, init, initargs) -> state = init(*initargs)
+          -> READY (or INITERR with the traceback, then exit)
+          -> loop: TASK -> run fn over the batch -> RESULT ... until STOP or the parent is gone
+
+The worker writes ``(bid, position)`` of the item it is about to run into a two-slot shared
+array before each call. When the process dies, the parent reads it to learn which item was
+running (the one to blame, or retry) and which items of the batch never started.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+import signal
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any, Callable
+
+from . import _wire
+from ._errors import wrap_exception
+
+__all__ = ["cancelled", "run_batch", "worker_local", "worker_main"]
+
+_local: dict[str, Any] | None = None  # this process's worker_local() dict, None in the parent
+_cancel = threading.Event()  # set while the running job was asked to stop (keyed pools)
+
+
+def worker_local() -> dict[str, Any]:
+    """The dict private to the current worker process, kept for the life of the process.
+
+    Use it from task code to keep caches, decoders or connections between tasks (the executor's
+    ``initializer`` can fill it). In a process that is not an ordpool worker it raises
+    ``RuntimeError``.
+
+    Example:
+        >>> def task(x):                      # doctest: +SKIP
+        ...     cache = ordpool.worker_local().setdefault("cache", {})
+        ...     return cache.setdefault(x, expensive(x))
+    """
+    if _local is None:
+        raise RuntimeError("worker_local() is only available inside an ordpool worker process")
+    return _local
+
+
+def cancelled() -> bool:
+    """True when the job running in this worker was asked to stop (cooperative cancellation).
+
+    Long jobs should check it now and then and return early. Outside a worker it is ``False``.
+    """
+    return _cancel.is_set()
+
+
+def run_batch(
+    call: Callable[[Any], Any], items: list[Any], failed: set[int], progress: Any
+) -> tuple[list[Any], dict[int, Any] | None]:
+    """Run ``call`` over ``items``; returns ``(values, errors or None)``.
+
+    ``progress[1]`` is set to each position before its call, ``len(items)`` after the last.
+    """
+    values: list[Any] = []
+    errors: dict[int, Any] | None = None
+    append = values.append
+    for pos, item in enumerate(items):
+        progress[1] = pos
+        if failed and pos in failed:
+            append(None)
+            continue
+        try:
+            append(call(item))
+        except BaseException as exc:  # SystemExit too: it is that item's error, not ours
+            if errors is None:
+                errors = {}
+            errors[pos] = wrap_exception(exc)
+            append(None)
+    progress[1] = len(items)
+    return values, errors
+
+
+def _parent_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def worker_main(
+    task_conn: Connection,
+    result_conn: Connection,
+    spec: bytes,
+    progress_array: Any,
+    parent_pid: int,
+    inherited_fds: tuple[int, ...],
+) -> None:
+    """Entry point of a worker process (see the module docstring)."""
+    global _local
+    # Ctrl-C goes to the whole foreground process group; the parent handles it and tears the
+    # workers down. Workers printing their own KeyboardInterrupt tracebacks would be spam.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Under fork we inherit the parent's ends of other workers' pipes; holding them would keep
+    # those workers from seeing EOF when the parent dies.
+    for fd in inherited_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _local = {}
+    progress = memoryview(progress_array).cast("B").cast("q")
+    try:
+        fn, init, initargs = pickle.loads(spec)
+        if init is not None:
+            state = init(*initargs)
+            call = functools.partial(fn, state)
+        else:
+            call = fn
+    except BaseException as exc:
+        try:
+            result_conn.send_bytes(_wire.initerr_frame(exc))
+        except OSError:
+            pass
+        os._exit(3)
+    try:
+        result_conn.send_bytes(_wire.ready_frame(os.getpid()))
+        _loop(call, task_conn, result_conn, progress, parent_pid)
+    except (EOFError, OSError):
+        pass  # the parent went away: nothing to report to, exit quietly
+
+
+def _loop(
+    call: Callable[[Any], Any],
+    task_conn: Connection,
+    result_conn: Connection,
+    progress: memoryview,
+    parent_pid: int,
+) -> None:
+    perf_counter = time.perf_counter
+    while True:
+        while not task_conn.poll(1.0):
+            if not _parent_alive(parent_pid):
+                return
+        frame = task_conn.recv_bytes()
+        if frame[0] == _wire.STOP:
+            return
+        bid, failed, data = _wire.parse_task(frame)
+        start = perf_counter()
+        progress[0] = bid
+        progress[1] = 0
+        try:
+            items = _wire.decode_items(data)
+        except BaseException as exc:
+            # An item that cannot be unpickled here (a class the worker cannot import) fails
+            # the batch: position -1 means "every item".
+            payload = _wire.encode_results(bid, perf_counter() - start, [], {-1: wrap_exception(exc)})
+        else:
+            values, errors = run_batch(call, items, failed, progress)
+            payload = _wire.encode_results(bid, perf_counter() - start, values, errors)
+        result_conn.send_bytes(payload)
