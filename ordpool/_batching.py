@@ -42,26 +42,24 @@ class Batch:
         seq: position of the batch in its stream; the reorder heap key (``3``).
         stream: the stream the batch belongs to.
         indices: the user's indices of the items (``range(3000, 4000)`` or ``[5, 9, 12]``).
-        data: the encoded items, ready for the wire (see :mod:`ordpool._wire`).
+        parts: the TASK frame as a list of buffers: ``[header, *encoded items]`` (see
+            :mod:`ordpool._wire`); the items' own ``bytes`` objects when they are bytes.
         failed: items that fail without running: position in batch -> exception (an item that
             could not be pickled, or one whose worker crashed and has no retries left).
         attempts: position -> times the item was running when its worker died.
         slot: the worker slot a keyed batch must run on, or ``None`` for any worker.
-        items_at: offset of the encoded items inside ``data`` (the header before it changes
-            when a crash adds to ``failed``).
-        answered: ``data`` holds the worker's RESULT frame.
+        frame: the worker's RESULT frame once answered, else ``None``.
     """
 
     bid: int
     seq: int
     stream: Any
     indices: range | list[int]
-    data: bytes
+    parts: list[Any]
     failed: dict[int, BaseException] = field(default_factory=dict)
     attempts: dict[int, int] = field(default_factory=dict)
     slot: int | None = None
-    items_at: int = 0
-    answered: bool = False
+    frame: bytes | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -82,13 +80,12 @@ class Batcher:
         ValueError: index 11 is not greater than the previous index 12
     """
 
-    __slots__ = ("indices", "items", "last_index", "started_at")
+    __slots__ = ("indices", "items", "last_index")
 
     def __init__(self) -> None:
         self.items: list[Any] = []  # the pending items, in index order
         self.indices: list[int] = []  # their indices, strictly increasing ([10, 12])
         self.last_index: int | None = None  # the last index accepted, ever (12)
-        self.started_at = 0.0  # monotonic time of the first pending item (max_delay clock)
 
     def check(self, index: int) -> None:
         """Raise ``TypeError``/``ValueError`` unless ``index`` may come next."""

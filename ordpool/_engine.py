@@ -89,7 +89,6 @@ class Stream:
         batcher: pending items of an enqueue stream.
         feed: pending items of an imap stream (appended without the lock by its feeder).
         fed: items of an imap stream already taken into batches (its next index).
-        feed_since: monotonic time the oldest pending feed item arrived.
         consumer: whether a consumer is iterating this stream (one at a time).
     """
 
@@ -101,7 +100,6 @@ class Stream:
         "consumer",
         "fed",
         "feed",
-        "feed_since",
         "kind",
         "next_seq",
         "open_batches",
@@ -119,7 +117,6 @@ class Stream:
         self.batcher = Batcher()
         self.feed: list[Any] = []
         self.fed = 0
-        self.feed_since = 0.0
         self.consumer = False
 
     def pending(self) -> int:
@@ -178,6 +175,7 @@ class Engine:
         self._inflight = 0  # items taken into batches, not yet handed to a consumer (4096)
         self._next_bid = 0  # wire id of the next batch
         self._stream: Stream | None = None  # the open stream (only one at a time)
+        self._flusher_idle = False  # the flusher sleeps until told: wake it for a new batch
         self._init_error: BaseException | None = None
         self._broken_error: BaseException | None = None
         # counters for stats()
@@ -375,8 +373,7 @@ class Engine:
                 batcher.check(index)
             n = batcher.add(index, item)
             self.submitted += 1
-            if n == 1:
-                batcher.started_at = time.monotonic()
+            if n == 1 and self._flusher_idle:
                 self._flush.notify()
             if n < self.sizer.size:
                 return
@@ -394,17 +391,18 @@ class Engine:
         feed = stream.feed
         append = feed.append
         sizer = self.sizer
+        size = sizer.size
         try:
             for item in iterable:
                 append(item)
                 n = len(feed)
-                if n == 1:
-                    stream.feed_since = time.monotonic()
-                    with self._lock:
-                        self._flush.notify()
-                elif n >= sizer.size:
+                if n >= size:
                     if not self._take_feed(stream, block=True):
                         return
+                    size = sizer.size
+                elif n == 1 and self._flusher_idle:
+                    with self._lock:
+                        self._flush.notify()
         except BaseException as exc:  # noqa: BLE001 - it is delivered at its index
             if self._take_feed(stream, block=True, until_empty=True):
                 self._fail_at_end(stream, exc)
@@ -444,7 +442,7 @@ class Engine:
             index = stream.fed
             stream.fed += 1
             self._inflight += 1
-            batch = Batch(self._next_bid, stream.next_seq, stream, range(index, index + 1), b"")
+            batch = Batch(self._next_bid, stream.next_seq, stream, range(index, index + 1), [])
             self._next_bid += 1
             stream.next_seq += 1
             stream.open_batches += 1
@@ -471,8 +469,6 @@ class Engine:
             idx = range(stream.fed, stream.fed + n)
             stream.fed += n
             self.submitted += n
-            if feed:
-                stream.feed_since = time.monotonic()
         self._inflight += len(items)
         seq = stream.next_seq
         stream.next_seq += 1
@@ -485,9 +481,8 @@ class Engine:
         self, stream: Stream, bid: int, seq: int, indices: range | list[int], items: list[Any]
     ) -> None:
         """Pickle a batch (outside the lock) and hand it to a worker."""
-        data, failed = _wire.encode_items(items)
-        batch = Batch(bid, seq, stream, indices, _wire.task_frame(bid, failed, data), failed)
-        batch.items_at = len(batch.data) - len(data)
+        parts, failed = _wire.encode_items(items)
+        batch = Batch(bid, seq, stream, indices, [_wire.task_head(bid, failed), *parts], failed)
         with self._lock:
             if len(failed) == len(batch):
                 self._deliver_locked(batch)  # nothing to run: every item failed to pickle
@@ -500,7 +495,14 @@ class Engine:
             self._pump_locked()
 
     def _flush_loop(self) -> None:
-        """Send partial batches that waited ``max_delay`` (a lone message on a quiet stream)."""
+        """Send partial batches that waited ``max_delay`` (a lone message on a quiet stream).
+
+        The flusher polls rather than being told about every new batch: producers wake it only
+        when it sleeps idle (no stream, or nothing pending). While items flow it wakes once per
+        ``max_delay``, sees that batches were taken meanwhile, and sleeps again; it takes the
+        pending items only when none were taken for a whole ``max_delay``. A partial batch thus
+        waits between one and two ``max_delay``, and a busy stream pays nothing per batch.
+        """
         lock = self._lock
         while True:
             work = None
@@ -509,19 +511,18 @@ class Engine:
                     return
                 stream = self._stream
                 if stream is None or stream.abandoned or not stream.pending():
+                    self._flusher_idle = True
                     self._flush.wait()
+                    self._flusher_idle = False
                     continue
-                since = stream.batcher.started_at if stream.kind == "enqueue" else stream.feed_since
-                wait = since + self.max_delay - time.monotonic()
-                if wait > 0:
-                    self._flush.wait(wait)
+                taken = stream.next_seq
+                self._flush.wait(self.max_delay)
+                if self._stream is not stream or stream.next_seq != taken or not stream.pending():
                     continue
                 room = self.window - self._inflight
-                if room <= 0:
-                    self._space.wait(self.max_delay)
-                    continue
-                # (enqueue never lets batcher + in-flight exceed the window)
-                work = self._take_locked(stream, limit=room)
+                if room > 0:
+                    # (enqueue never lets batcher + in-flight exceed the window)
+                    work = self._take_locked(stream, limit=room)
             if work is not None:
                 self._encode_dispatch(*work)
 
@@ -548,7 +549,7 @@ class Engine:
 
     def _send_locked(self, slot: int, batch: Batch) -> None:
         self._slots[slot].outstanding.append(batch)
-        self.transport.send(slot, batch.data)
+        self.transport.send(slot, batch.parts)
 
     # -- events from the transport (collector thread) ------------------------------------------
 
@@ -599,7 +600,7 @@ class Engine:
                 work = self._take_locked(stream)
                 if work is not None:
                     _, bid, seq, idx, _items = work
-                    b = Batch(bid, seq, stream, idx, b"")
+                    b = Batch(bid, seq, stream, idx, [])
                     self._fail_batch_locked(b, broken)
         self._ready.notify_all()
         self._space.notify_all()
@@ -608,7 +609,7 @@ class Engine:
     def _fail_batch_locked(self, batch: Batch, error: BaseException | None) -> None:
         for pos in range(len(batch)):
             batch.failed.setdefault(pos, error or BrokenPool("the pool is broken"))
-        batch.data = b""
+        batch.parts = []
         self._deliver_locked(batch)
 
     def on_result(self, slot: int, frame: bytes) -> None:
@@ -620,8 +621,8 @@ class Engine:
                 raise AssertionError(f"worker {slot} answered batch {bid}, expected {batch.bid}")
             self.sizer.observe(len(batch), seconds)
             s.tasks += len(batch)
-            batch.data = frame
-            batch.answered = True
+            batch.frame = frame
+            batch.parts = []
             self._deliver_locked(batch)
             if self._pending:
                 self._pump_locked()
@@ -669,7 +670,7 @@ class Engine:
                         if tries > self.retries:
                             batch.failed[pos] = crashed
                     if len(batch.failed) == n:
-                        batch.data = b""
+                        batch.parts = []
                         self._deliver_locked(batch)
                         continue
                     self._reframe(batch)
@@ -688,10 +689,7 @@ class Engine:
 
     @staticmethod
     def _reframe(batch: Batch) -> None:
-        items = memoryview(batch.data)[batch.items_at :]
-        data = _wire.task_frame(batch.bid, batch.failed, bytes(items))
-        batch.items_at = len(data) - len(items)
-        batch.data = data
+        batch.parts[0] = _wire.task_head(batch.bid, batch.failed)
 
     def _deliver_locked(self, batch: Batch) -> None:
         """The batch is answered: put it in its stream's reorder buffer (or drop it)."""
@@ -742,10 +740,10 @@ class Engine:
     def decode(batch: Batch) -> tuple[list[Any], dict[int, BaseException] | None]:
         """Values and errors of an answered batch, local failures merged in."""
         n = len(batch)
-        if not batch.answered:
+        if batch.frame is None:
             return [None] * n, dict(batch.failed)
         try:
-            values, errors = _wire.decode_results(batch.data)
+            values, errors = _wire.decode_results(batch.frame)
         except BaseException as exc:  # noqa: BLE001 - becomes each item's error
             err = RuntimeError(f"could not unpickle the results of this batch: {exc!r}")
             err.__cause__ = exc

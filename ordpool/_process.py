@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import struct
 import threading
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import BaseContext
@@ -58,6 +59,34 @@ def _enlarge(conn: Connection) -> None:
         pass  # not Linux, or above /proc/sys/fs/pipe-max-size: the default size works, slower
 
 
+_IOV_MAX = 1024  # POSIX minimum for IOV_MAX is 16; Linux has 1024
+_LEN = struct.Struct("!i")
+_LEN_LONG = struct.Struct("!iQ")
+
+
+def write_frame(fd: int, parts: list[Any]) -> None:
+    """Write ``parts`` as one ``multiprocessing.connection`` frame, with ``os.writev``.
+
+    The frame reads back with ``Connection.recv_bytes`` (same length prefix), but the parent
+    never builds it in one piece: the kernel gathers the buffers, messages included.
+    """
+    size = sum(map(len, parts))
+    head = _LEN.pack(size) if size <= 0x7FFFFFFF else _LEN_LONG.pack(-1, size)
+    bufs: list[Any] = [head, *parts]
+    i, end = 0, len(bufs)
+    while i < end:
+        chunk = bufs[i : i + _IOV_MAX]
+        written = os.writev(fd, chunk)
+        if written == sum(map(len, chunk)):
+            i += len(chunk)
+            continue
+        # A partial write (a signal arrived mid-way): resume inside the buffer it stopped in.
+        while written >= len(bufs[i]):
+            written -= len(bufs[i])
+            i += 1
+        bufs[i] = memoryview(bufs[i])[written:]
+
+
 class _Worker:
     """One worker process and its plumbing."""
 
@@ -83,20 +112,20 @@ class _Worker:
         finally:
             task_r.close()
             res_w.close()
-        self.queue: SimpleQueue[bytes | None] = SimpleQueue()  # frames for the sender thread
+        self.queue: SimpleQueue[list[Any] | None] = SimpleQueue()  # frames for the sender
         self.sender = threading.Thread(
             target=self._send_loop, name=f"ordpool-sender-{slot}", daemon=True
         )
         self.sender.start()
 
     def _send_loop(self) -> None:
-        writer, get = self.writer, self.queue.get
+        fd, get = self.writer.fileno(), self.queue.get
         while True:
-            frame = get()
-            if frame is None:
+            parts = get()
+            if parts is None:
                 return
             try:
-                writer.send_bytes(frame)
+                write_frame(fd, parts)
             except OSError:
                 # The worker died; the collector reports it and the engine re-dispatches
                 # whatever this worker held, this frame included. Keep draining until told.
@@ -140,9 +169,9 @@ class ProcessTransport:
             self._retire(old)
         self._wake()
 
-    def send(self, slot: int, frame: bytes) -> None:
-        """Queue ``frame`` for the worker of ``slot``; never blocks."""
-        self._workers[slot].queue.put(frame)
+    def send(self, slot: int, parts: list[Any]) -> None:
+        """Queue a frame (a list of buffers) for the worker of ``slot``; never blocks."""
+        self._workers[slot].queue.put(parts)
 
     def pids(self) -> dict[int, int]:
         with self._lock:
@@ -164,7 +193,7 @@ class ProcessTransport:
         self._wake()
         for w in workers:
             if graceful:
-                w.queue.put(_wire.STOP_FRAME)
+                w.queue.put([_wire.STOP_FRAME])
             else:
                 w.process.terminate()
             w.queue.put(None)

@@ -43,7 +43,7 @@ __all__ = [
     "encode_items",
     "encode_results",
     "result_header",
-    "task_frame",
+    "task_head",
 ]
 
 TASK, STOP, READY, INITERR, RESULT = b"T"[0], b"S"[0], b"Y"[0], b"E"[0], b"R"[0]
@@ -79,17 +79,20 @@ def loads_no_gc(data: Any) -> Any:
 # -- items: parent -> worker -------------------------------------------------------------------
 
 
-def encode_items(items: list[Any]) -> tuple[bytes, dict[int, BaseException]]:
-    """Encode a batch of items; returns ``(data, failed)``.
+def encode_items(items: list[Any]) -> tuple[list[Any], dict[int, BaseException]]:
+    """Encode a batch of items; returns ``(parts, failed)``.
 
+    ``parts`` are buffers whose concatenation is the encoded batch. For ``bytes`` items they are
+    the items themselves: the transport hands them to ``os.writev``, so the parent never copies
+    a message (a multi-megabyte join costs page faults as well as the copy).
     ``failed`` maps the position of every item that cannot be pickled to the exception that says
     why; those positions travel as ``None`` and the worker skips them.
     """
     if items and set(map(type, items)) == {bytes}:
         lengths = array("q", map(len, items))
-        return b"".join((b"B", _COUNT.pack(len(items)), lengths.tobytes(), *items)), {}
+        return [b"B" + _COUNT.pack(len(items)) + lengths.tobytes(), *items], {}
     try:
-        return b"P" + dumps(items), {}
+        return [b"P", dumps(items)], {}
     except Exception:
         pass
     failed: dict[int, BaseException] = {}
@@ -102,7 +105,7 @@ def encode_items(items: list[Any]) -> tuple[bytes, dict[int, BaseException]]:
             err.__cause__ = exc
             failed[pos] = err
             clean[pos] = None
-    return b"P" + dumps(clean), failed
+    return [b"P", dumps(clean)], failed
 
 
 def decode_items(data: memoryview) -> list[Any]:
@@ -118,12 +121,12 @@ def decode_items(data: memoryview) -> list[Any]:
     return pickle.loads(data[1:])
 
 
-def task_frame(bid: int, failed: dict[int, BaseException], data: bytes) -> bytes:
-    """Frame an encoded batch as a TASK message."""
+def task_head(bid: int, failed: dict[int, BaseException]) -> bytes:
+    """The TASK header that goes before a batch's encoded items."""
     head = _TASK_HEAD.pack(TASK, bid, len(failed))
     if failed:
-        return b"".join((head, array("I", sorted(failed)).tobytes(), data))
-    return head + data
+        return head + array("I", sorted(failed)).tobytes()
+    return head
 
 
 def parse_task(frame: bytes) -> tuple[int, set[int], memoryview]:
