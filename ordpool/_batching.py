@@ -42,13 +42,13 @@ class Batch:
         seq: position of the batch in its stream; the reorder heap key (``3``).
         stream: the stream the batch belongs to.
         indices: the user's indices of the items (``range(3000, 4000)`` or ``[5, 9, 12]``).
-        parts: the TASK frame as a list of buffers: ``[header, *encoded items]`` (see
-            :mod:`ordpool._wire`); the items' own ``bytes`` objects when they are bytes.
+        parts: the encoded items as a list of buffers (see :mod:`ordpool._wire`): the items'
+            own ``bytes`` objects when they are bytes, so nothing is copied before the wire.
         failed: items that fail without running: position in batch -> exception (an item that
             could not be pickled, or one whose worker crashed and has no retries left).
         attempts: position -> times the item was running when its worker died.
         slot: the worker slot a keyed batch must run on, or ``None`` for any worker.
-        frame: the worker's RESULT frame once answered, else ``None``.
+        frame: the pickled results once answered, else ``None``.
     """
 
     bid: int
@@ -59,7 +59,7 @@ class Batch:
     failed: dict[int, BaseException] = field(default_factory=dict)
     attempts: dict[int, int] = field(default_factory=dict)
     slot: int | None = None
-    frame: bytes | None = None
+    frame: Any = None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -138,7 +138,7 @@ class BatchSizer:
         self,
         fixed: int | None = None,
         *,
-        target: float = 0.005,
+        target: float = 0.02,
         initial: int = 16,
         minimum: int = 1,
         maximum: int = 4096,

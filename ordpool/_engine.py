@@ -38,8 +38,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from itertools import repeat
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import psutil
 
@@ -176,6 +175,7 @@ class Engine:
         self._next_bid = 0  # wire id of the next batch
         self._stream: Stream | None = None  # the open stream (only one at a time)
         self._flusher_idle = False  # the flusher sleeps until told: wake it for a new batch
+        self._stopping = False  # close() found nothing left to run: the workers are stopping
         self._init_error: BaseException | None = None
         self._broken_error: BaseException | None = None
         # counters for stats()
@@ -276,10 +276,16 @@ class Engine:
                 return
             if stream is not None and stream.open_batches:
                 return
-            self.state = PoolState.CLOSED
+            if self._stopping:
+                return
+            self._stopping = True
+        # CLOSED only once the workers are gone, so that join() means "nothing left running".
+        self.transport.stop(graceful=True)
+        with self._lock:
+            if self.state is PoolState.CLOSING:
+                self.state = PoolState.CLOSED
             self._ready.notify_all()
             self._flush.notify_all()
-        self.transport.stop(graceful=True)
         _LIVE_ENGINES.discard(self)
 
     def check_open(self) -> None:
@@ -338,6 +344,16 @@ class Engine:
                 self._stream = None
         self._maybe_stop()
 
+    def claim_consumer(self, stream: Stream) -> None:
+        with self._lock:
+            if stream.consumer:
+                raise RuntimeError("results() is already being iterated by another consumer")
+            stream.consumer = True
+
+    def release_consumer(self, stream: Stream) -> None:
+        with self._lock:
+            stream.consumer = False
+
     # -- producer side -------------------------------------------------------------------------
 
     def enqueue(self, index: int, item: Any, timeout: float | None) -> None:
@@ -393,6 +409,16 @@ class Engine:
         sizer = self.sizer
         size = sizer.size
         try:
+            if isinstance(iterable, (list, tuple)):
+                # A sequence cannot block: feed it by slices, at C speed.
+                start, end = 0, len(iterable)
+                while start < end:
+                    feed.extend(iterable[start : start + size])
+                    start += size
+                    if not self._take_feed(stream, block=True):
+                        return
+                    size = sizer.size
+                iterable = ()
             for item in iterable:
                 append(item)
                 n = len(feed)
@@ -482,7 +508,7 @@ class Engine:
     ) -> None:
         """Pickle a batch (outside the lock) and hand it to a worker."""
         parts, failed = _wire.encode_items(items)
-        batch = Batch(bid, seq, stream, indices, [_wire.task_head(bid, failed), *parts], failed)
+        batch = Batch(bid, seq, stream, indices, parts, failed)
         with self._lock:
             if len(failed) == len(batch):
                 self._deliver_locked(batch)  # nothing to run: every item failed to pickle
@@ -549,7 +575,7 @@ class Engine:
 
     def _send_locked(self, slot: int, batch: Batch) -> None:
         self._slots[slot].outstanding.append(batch)
-        self.transport.send(slot, batch.parts)
+        self.transport.send(slot, batch.bid, tuple(batch.failed), batch.parts)
 
     # -- events from the transport (collector thread) ------------------------------------------
 
@@ -612,8 +638,7 @@ class Engine:
         batch.parts = []
         self._deliver_locked(batch)
 
-    def on_result(self, slot: int, frame: bytes) -> None:
-        bid, seconds = _wire.result_header(frame)
+    def on_result(self, slot: int, bid: int, seconds: float, payload: Any) -> None:
         with self._lock:
             s = self._slots[slot]
             batch = s.outstanding.popleft()
@@ -621,7 +646,7 @@ class Engine:
                 raise AssertionError(f"worker {slot} answered batch {bid}, expected {batch.bid}")
             self.sizer.observe(len(batch), seconds)
             s.tasks += len(batch)
-            batch.frame = frame
+            batch.frame = payload
             batch.parts = []
             self._deliver_locked(batch)
             if self._pending:
@@ -673,7 +698,6 @@ class Engine:
                         batch.parts = []
                         self._deliver_locked(batch)
                         continue
-                    self._reframe(batch)
                 requeue.append(batch)
             # Lost batches go first: later batches are queued behind them in the reorder heap.
             self._pending.extendleft(reversed(requeue))
@@ -686,10 +710,6 @@ class Engine:
             return
         with self._lock:
             self._pump_locked()
-
-    @staticmethod
-    def _reframe(batch: Batch) -> None:
-        batch.parts[0] = _wire.task_head(batch.bid, batch.failed)
 
     def _deliver_locked(self, batch: Batch) -> None:
         """The batch is answered: put it in its stream's reorder buffer (or drop it)."""
@@ -777,18 +797,3 @@ def _terminate_all() -> None:
 # Registered after multiprocessing.util's own exit hook, so it runs first (atexit is LIFO):
 # our workers are gone before multiprocessing joins its non-daemonic children.
 atexit.register(_terminate_all)
-
-
-def iter_results(engine: Engine, stream: Stream, make: Callable[[int, Any, Any], Any]) -> Iterator[Any]:
-    """Shared consumer loop: yields ``make(index, value, error)`` per item, in order."""
-    while True:
-        batch = engine.next_batch(stream)
-        if batch is None:
-            return
-        values, errors = engine.decode(batch)
-        if errors is None:
-            yield from map(make, batch.indices, values, repeat(None))
-        else:
-            get = errors.get
-            for pos, (index, value) in enumerate(zip(batch.indices, values)):
-                yield make(index, value, get(pos))

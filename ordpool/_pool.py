@@ -5,11 +5,12 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import warnings
+from itertools import chain, repeat
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import cloudpickle
 
-from ._engine import Engine, PoolState, Stream, iter_results, usable_cores
+from ._engine import Engine, PoolState, Stream, usable_cores
 from ._process import ProcessTransport
 
 __all__ = ["ProcessOrderedPool", "Result"]
@@ -43,11 +44,50 @@ class Result(NamedTuple):
         return self.value
 
 
-_make_result = Result._make
+def _imap_batches(engine: Engine, stream: Stream, errors: str) -> Iterator[list[Any]]:
+    """imap's values, a list per batch; a failed item per the ``errors`` policy."""
+    try:
+        while True:
+            batch = engine.next_batch(stream)
+            if batch is None:
+                return
+            values, errs = engine.decode(batch)
+            if errs is None:
+                yield values
+                continue
+            if errors == "return":
+                for pos, err in errs.items():
+                    values[pos] = err
+                yield values
+            elif errors == "skip":
+                yield [v for pos, v in enumerate(values) if pos not in errs]
+            else:
+                first = min(errs)
+                yield values[:first]
+                raise errs[first]
+    finally:
+        engine.release_stream(stream)
 
 
-def _result(index: int, value: Any, error: BaseException | None) -> Result:
-    return _make_result((index, value, error))
+def _result_batches(engine: Engine, stream: Stream) -> Iterator[Iterator[Result]]:
+    """results()'s Result objects, an iterator per batch (built in C with map/zip)."""
+    new = tuple.__new__
+    try:
+        while True:
+            batch = engine.next_batch(stream)
+            if batch is None:
+                return
+            values, errs = engine.decode(batch)
+            if errs is None:
+                yield map(new, repeat(Result), zip(batch.indices, values, repeat(None)))
+            else:
+                get = errs.get
+                yield (
+                    new(Result, (index, value, get(pos)))
+                    for pos, (index, value) in enumerate(zip(batch.indices, values))
+                )
+    finally:
+        engine.release_consumer(stream)
 
 
 class ProcessOrderedPool:
@@ -106,7 +146,7 @@ class ProcessOrderedPool:
             raise TypeError(f"init must be callable, not {type(init).__name__}")
         workers = usable_cores() if workers is None else workers
         _positive("workers", workers)
-        window = max(8192, 4096 * workers) if window is None else window
+        window = max(16384, 2048 * workers) if window is None else window
         _positive("window", window)
         if batch_size is not None:
             _positive("batch_size", batch_size)
@@ -161,7 +201,8 @@ class ProcessOrderedPool:
         """
         engine = self._live_or_closing()
         stream = engine.enqueue_stream()
-        return self._consume(engine, stream, _result)
+        engine.claim_consumer(stream)
+        return chain.from_iterable(_result_batches(engine, stream))
 
     # -- batch processing: imap ----------------------------------------------------------------
 
@@ -193,43 +234,13 @@ class ProcessOrderedPool:
             target=engine.feed_iterable, args=(stream, iterable), name="ordpool-imap-feeder", daemon=True
         )
         feeder.start()
-        return self._imap(engine, stream, errors)
-
-    def _imap(self, engine: Engine, stream: Stream, errors: str) -> Iterator[Any]:
-        try:
-            while True:
-                batch = engine.next_batch(stream)
-                if batch is None:
-                    return
-                values, errs = engine.decode(batch)
-                if errs is None:
-                    yield from values
-                    continue
-                for pos, value in enumerate(values):
-                    err = errs.get(pos)
-                    if err is None:
-                        yield value
-                    elif errors == "return":
-                        yield err
-                    elif errors == "raise":
-                        raise err
-        finally:
-            engine.release_stream(stream)
+        # The Python generator runs once per batch; chain() hands out the items in C.
+        return chain.from_iterable(_imap_batches(engine, stream, errors))
 
     def map(self, iterable: Iterable[Any], *, errors: str = "raise") -> list[Any]:
         """``list(self.imap(iterable, errors=errors))``."""
         return list(self.imap(iterable, errors=errors))
 
-    def _consume(self, engine: Engine, stream: Stream, make: Callable[..., Any]) -> Iterator[Any]:
-        with engine._lock:
-            if stream.consumer:
-                raise RuntimeError("results() is already being iterated by another consumer")
-            stream.consumer = True
-        try:
-            yield from iter_results(engine, stream, make)
-        finally:
-            with engine._lock:
-                stream.consumer = False
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -90,6 +90,20 @@ def _parent_alive(pid: int) -> bool:
     return True
 
 
+def attach_regions(names: tuple[str, ...]) -> list[Any]:
+    """Attach the parent's shared-memory regions (the parent creates and unlinks them)."""
+    from multiprocessing import shared_memory
+
+    regions = []
+    for name in names:
+        try:
+            shm = shared_memory.SharedMemory(name, track=False)  # type: ignore[call-arg]
+        except TypeError:  # Python < 3.13: registering again with the tracker is harmless
+            shm = shared_memory.SharedMemory(name)
+        regions.append(shm)
+    return regions
+
+
 def worker_main(
     task_conn: Connection,
     result_conn: Connection,
@@ -97,6 +111,7 @@ def worker_main(
     progress_array: Any,
     parent_pid: int,
     inherited_fds: tuple[int, ...],
+    region_names: tuple[str, ...] = (),
 ) -> None:
     """Entry point of a worker process (see the module docstring)."""
     global _local
@@ -125,11 +140,19 @@ def worker_main(
         except OSError:
             pass
         os._exit(3)
+    regions: list[Any] = []
     try:
+        regions = attach_regions(region_names)
         result_conn.send_bytes(_wire.ready_frame(os.getpid()))
-        _loop(call, task_conn, result_conn, progress, parent_pid)
+        _loop(call, task_conn, result_conn, progress, parent_pid, regions)
     except (EOFError, OSError):
         pass  # the parent went away: nothing to report to, exit quietly
+    finally:
+        for shm in regions:
+            try:
+                shm.close()
+            except BufferError:
+                pass  # a task kept a view of its input alive; the exit unmaps it anyway
 
 
 def _loop(
@@ -138,8 +161,19 @@ def _loop(
     result_conn: Connection,
     progress: memoryview,
     parent_pid: int,
+    regions: list[Any],
 ) -> None:
+    """Receive TASK frames, run them, answer with RESULT frames, until STOP.
+
+    ``regions`` are ``[task 0, task 1, result 0, result 1]``. Result regions alternate; the
+    parent copies a result out before it sends the task that could produce the next result for
+    the same region, because it never lets a worker hold more than two batches.
+    """
     perf_counter = time.perf_counter
+    task_bufs = [r.buf for r in regions[:2]]
+    result_bufs = [r.buf for r in regions[2:]]
+    capacity = min((len(b) for b in result_bufs), default=0)
+    turn = 0
     while True:
         while not task_conn.poll(1.0):
             if not _parent_alive(parent_pid):
@@ -147,17 +181,25 @@ def _loop(
         frame = task_conn.recv_bytes()
         if frame[0] == _wire.STOP:
             return
-        bid, failed, data = _wire.parse_task(frame)
+        bid, failed, region, nbytes, inline = _wire.parse_task(frame)
         start = perf_counter()
         progress[0] = bid
         progress[1] = 0
         try:
-            items = _wire.decode_items(data)
+            items = _wire.decode_items(task_bufs[region][:nbytes] if region >= 0 else inline)
         except BaseException as exc:
             # An item that cannot be unpickled here (a class the worker cannot import) fails
             # the batch: position -1 means "every item".
-            payload = _wire.encode_results(bid, perf_counter() - start, [], {-1: wrap_exception(exc)})
+            payload = _wire.encode_results([], {-1: wrap_exception(exc)})
         else:
             values, errors = run_batch(call, items, failed, progress)
-            payload = _wire.encode_results(bid, perf_counter() - start, values, errors)
-        result_conn.send_bytes(payload)
+            del items
+            payload = _wire.encode_results(values, errors)
+        seconds = perf_counter() - start
+        size = len(payload)
+        if size <= capacity:
+            result_bufs[turn][:size] = payload
+            result_conn.send_bytes(_wire.result_head(bid, seconds, turn, size))
+            turn ^= 1
+        else:
+            result_conn.send_bytes(_wire.result_head(bid, seconds, -1, size) + payload)
