@@ -3,6 +3,8 @@
 A :class:`Batch` is a contiguous run of one stream's items, in submission order. Because
 ``enqueue`` only accepts strictly increasing indices, a batch's position in its stream (``seq``)
 orders it exactly as its indices do, so the reorder stage works per batch, never per item.
+A :class:`Task` is what one worker runs: the whole batch, or, when keys route items to
+different workers, the batch's items for one worker.
 
 The classes here are used under the engine's lock (``Batcher``) or from a single thread
 (``BatchSizer``); they do no locking themselves.
@@ -10,11 +12,9 @@ The classes here are used under the engine's lock (``Batcher``) or from a single
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Batch", "BatchSizer", "Batcher", "compact_indices"]
+__all__ = ["Batch", "BatchSizer", "Batcher", "Task", "compact_indices"]
 
 
 def compact_indices(indices: list[int]) -> range | list[int]:
@@ -33,36 +33,74 @@ def compact_indices(indices: list[int]) -> range | list[int]:
     return indices
 
 
-@dataclass(eq=False)
-class Batch:
-    """One batch of a stream, from the moment it is encoded until its results are consumed.
+class Task:
+    """What one worker runs: all of a batch, or (keyed streams) the items routed to one worker.
 
     Attributes:
-        bid: engine-wide batch id, written in the wire header (``17``).
-        seq: position of the batch in its stream; the reorder heap key (``3``).
-        stream: the stream the batch belongs to.
-        indices: the user's indices of the items (``range(3000, 4000)`` or ``[5, 9, 12]``).
-        parts: the encoded items as a list of buffers (see :mod:`ordpool._wire`): the items'
-            own ``bytes`` objects when they are bytes, so nothing is copied before the wire.
-        failed: items that fail without running: position in batch -> exception (an item that
-            could not be pickled, or one whose worker crashed and has no retries left).
-        attempts: position -> times the item was running when its worker died.
-        slot: the worker slot a keyed batch must run on, or ``None`` for any worker.
+        batch: the batch the items belong to.
+        bid: engine-wide id of this task, written in the wire header (``17``).
+        slot: the worker slot the task must run on, or ``None`` for the least-loaded worker.
+        positions: positions of the task's items in the batch (``[0, 3, 4]``), or ``None`` for
+            all of them in order (the unkeyed case).
+        parts: the encoded items as buffers (see :mod:`ordpool._wire`): the items' own ``bytes``
+            objects when they are bytes, so nothing is copied before the wire.
+        failed: items that fail without running, by position in the task: an item that could not
+            be pickled, or one whose worker died too often (``{2: WorkerCrashed(...)}``).
+        attempts: position in the task -> times it was running when its worker died.
         frame: the pickled results once answered, else ``None``.
     """
 
-    bid: int
-    seq: int
-    stream: Any
-    indices: range | list[int]
-    parts: list[Any]
-    failed: dict[int, BaseException] = field(default_factory=dict)
-    attempts: dict[int, int] = field(default_factory=dict)
-    slot: int | None = None
-    frame: Any = None
+    __slots__ = ("attempts", "batch", "bid", "failed", "frame", "n", "parts", "positions", "slot")
+
+    def __init__(
+        self,
+        batch: Batch,
+        bid: int,
+        n: int,
+        parts: list[Any],
+        failed: dict[int, BaseException],
+        slot: int | None = None,
+        positions: list[int] | None = None,
+    ) -> None:
+        self.batch = batch
+        self.bid = bid
+        self.n = n  # number of items
+        self.parts = parts
+        self.failed = failed
+        self.slot = slot
+        self.positions = positions
+        self.attempts: dict[int, int] = {}
+        self.frame: Any = None
+
+    def __repr__(self) -> str:
+        return f"<Task bid={self.bid} seq={self.batch.seq} n={self.n} slot={self.slot}>"
+
+
+class Batch:
+    """A contiguous run of one stream's items: the unit of ordering.
+
+    Attributes:
+        seq: position of the batch in its stream; the reorder heap key (``3``).
+        stream: the stream the batch belongs to.
+        indices: the user's indices of the items (``range(3000, 4000)`` or ``[5, 9, 12]``).
+        tasks: the tasks carrying the items to workers (one, unless keys split the batch).
+        unanswered: tasks still running; the batch is delivered when it reaches 0.
+    """
+
+    __slots__ = ("indices", "seq", "stream", "tasks", "unanswered")
+
+    def __init__(self, seq: int, stream: Any, indices: range | list[int]) -> None:
+        self.seq = seq
+        self.stream = stream
+        self.indices = indices
+        self.tasks: list[Task] = []
+        self.unanswered = 0
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def __repr__(self) -> str:
+        return f"<Batch seq={self.seq} n={len(self)} tasks={len(self.tasks)}>"
 
 
 class Batcher:
@@ -73,18 +111,19 @@ class Batcher:
         >>> b.add(10, "a"), b.add(12, "b")
         (1, 2)
         >>> b.take()
-        ([10, 12], ['a', 'b'])
+        ([10, 12], ['a', 'b'], [])
         >>> b.add(11, "c")
         Traceback (most recent call last):
         ...
         ValueError: index 11 is not greater than the previous index 12
     """
 
-    __slots__ = ("indices", "items", "last_index")
+    __slots__ = ("indices", "items", "last_index", "slots")
 
     def __init__(self) -> None:
         self.items: list[Any] = []  # the pending items, in index order
         self.indices: list[int] = []  # their indices, strictly increasing ([10, 12])
+        self.slots: list[int] = []  # keyed streams: the worker slot of each item ([3, 0])
         self.last_index: int | None = None  # the last index accepted, ever (12)
 
     def check(self, index: int) -> None:
@@ -98,19 +137,21 @@ class Batcher:
                 f"index {index} is not greater than the previous index {self.last_index}"
             )
 
-    def add(self, index: int, item: Any) -> int:
-        """Append one item; returns the number of pending items."""
+    def add(self, index: int, item: Any, slot: int | None = None) -> int:
+        """Append one item (routed to worker ``slot`` if given); returns the pending count."""
         self.check(index)
         self.last_index = index
         self.indices.append(index)
         self.items.append(item)
+        if slot is not None:
+            self.slots.append(slot)
         return len(self.items)
 
-    def take(self) -> tuple[list[int], list[Any]]:
-        """Remove and return all pending ``(indices, items)``."""
-        indices, items = self.indices, self.items
-        self.indices, self.items = [], []
-        return indices, items
+    def take(self) -> tuple[list[int], list[Any], list[int]]:
+        """Remove and return all pending ``(indices, items, slots)``."""
+        indices, items, slots = self.indices, self.items, self.slots
+        self.indices, self.items, self.slots = [], [], []
+        return indices, items, slots
 
     def __len__(self) -> int:
         return len(self.items)
@@ -122,10 +163,12 @@ class BatchSizer:
     The aim is batches that take about ``target`` seconds of worker time: long enough that the
     parent's per-batch overhead (a few tens of microseconds: a pipe write, a thread wake-up, a
     heap push) is small per item, short enough that results flow steadily and memory stays low.
+    The default target, 20 ms, was chosen by measurement (bench/RESULTS.md): at 5 ms the
+    parent's per-batch work cost a third more CPU per message. Pass ``batch_size`` for latency.
 
     Example:
         >>> s = BatchSizer(target=0.005, initial=16, maximum=4096)
-        >>> s.observe(100, 0.001)  # 10 us per item -> 500 items take 5 ms
+        >>> s.observe(100, 0.001)  # 10 us per item: 500 items take 5 ms
         >>> s.size
         500
         >>> BatchSizer(fixed=64).size
@@ -160,7 +203,7 @@ class BatchSizer:
         weight = min(1.0, n_items / 256)
         self._cost = cost if self._cost is None else self._cost + 0.5 * weight * (cost - self._cost)
         ideal = self.target / self._cost
-        self.size = int(max(self.minimum, min(self.maximum, math.floor(ideal))))
+        self.size = int(max(self.minimum, min(self.maximum, round(ideal))))
 
     def limit(self, maximum: int) -> None:
         """Lower the ceiling (the window must hold a few batches per worker)."""

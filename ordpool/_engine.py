@@ -2,30 +2,35 @@
 
 Data flow, and which thread does what::
 
-    producer thread(s)         enqueue(index, item) / imap's feeder thread pulling the iterable
-        |  Batcher / feed list: items collect into a run   (flusher thread: max_delay timeout)
+    producer thread(s)     enqueue(stream, index, item) / imap's feeder thread pulling the input
+        |  Batcher / feed list: items collect into a run of the stream
+        |  taken when full, when a worker sits idle, or by the flusher after max_delay
         v
-    encode (pickle before commit: an unpicklable item fails here, at its index)
-        |  Batch(bid, seq) -> _pending deque
+    encode (pickle before commit: an unpicklable item fails here, at its position)
+        |  Batch(seq) carried by Task(bid): one task, or one per worker when keys route items
         v
-    _pump: least-loaded ready worker slot (or the key's slot), at most DEPTH batches per slot
-        |  transport.send(slot, frame)           (never blocks: a sender thread per worker)
+    _pump: pinned tasks to their slot, others to the least-loaded ready slot, DEPTH per slot
+        |  transport.send(slot, bid, failed, parts)      (never blocks)
         v
-    worker process / actor: fn over the batch -> RESULT frame
+    worker process / actor: fn over the task's items -> results
         |
-    transport's collector thread -> on_result / on_death / on_ready / on_init_error
-        |  stream.reorder.push(seq, batch)       (min-heap on seq: per batch, not per item)
+    transport's thread -> on_result / on_death / on_ready / on_init_error / on_retire
+        |  all tasks of a batch answered -> ordered stream: stream.reorder.push(seq, batch)
+        |                                -> callback stream: on_batch(batch) (executor futures)
         v
-    consumer thread: results() / imap: pop the next seq, unpickle (GC paused), yield in order
+    consumer thread: next_batch() pops the next seq, decode() unpickles (GC paused)
 
-Everything mutable below is guarded by ``_lock``; three conditions share it:
-``_space`` (producers waiting for the window), ``_ready`` (consumers waiting for the next batch)
-and ``_flush`` (the flusher waiting for a partial batch to age). Encoding and decoding happen
-outside the lock so a producer pickling a large batch never delays the collector.
+Everything mutable is guarded by ``_lock``; three conditions share it: ``_space`` (producers
+waiting for the window), ``_ready`` (consumers waiting for a batch; start/join waiting for a
+state) and ``_flush`` (the flusher). Pickling and unpickling happen outside the lock, so a
+producer encoding a large batch never delays the transport's thread. Callbacks of callback
+streams run outside the lock too (``_due``), because a future's callbacks run user code, which
+may call back into the pool.
 
-Failure accounting, in order: every item taken into a batch is answered exactly once, by its
-batch being pushed to its stream's reorder buffer: with values from a worker, with local
-failures (unpicklable, crashed with no retries left, pool broken), or a mix of both.
+Accounting, the invariant behind "nothing lost, nothing duplicated": every item taken into a batch
+is answered exactly once, by its batch being delivered: with values from a worker, with local
+failures (unpicklable, crashed with no retries left, pool broken), or a mix. A task whose worker
+dies is re-queued (its unstarted items never count as attempts) or failed; never both.
 """
 
 from __future__ import annotations
@@ -43,14 +48,14 @@ from typing import Any, Callable, Iterable
 import psutil
 
 from . import _wire
-from ._batching import Batch, Batcher, BatchSizer, compact_indices
+from ._batching import Batch, Batcher, BatchSizer, Task, compact_indices
 from ._errors import BrokenPool, PoolClosed, WorkerCrashed, WorkerInitError, describe_exit
 from ._reorder import ReorderBuffer
 
-__all__ = ["DEPTH", "Engine", "PoolState", "Stream", "usable_cores"]
+__all__ = ["DEPTH", "Engine", "PoolState", "Stream", "fnv1a", "usable_cores"]
 
-# Batches queued per worker: one running, one waiting in its pipe so the worker never idles
-# while its result travels back and the next batch travels out.
+# Tasks queued per worker: one running, one waiting in its pipe, so the worker never idles
+# while its result travels back and the next task travels out.
 DEPTH = 2
 
 
@@ -62,6 +67,35 @@ def usable_cores() -> int:
         return max(1, psutil.cpu_count() or os.cpu_count() or 1)
 
 
+_FNV_OFFSET, _FNV_PRIME, _MASK64 = 0xCBF29CE484222325, 0x100000001B3, (1 << 64) - 1
+
+
+def fnv1a(key: str | bytes | int) -> int:
+    """64-bit FNV-1a hash of a key: the same in every process, run and ``PYTHONHASHSEED``.
+
+    ``str`` keys hash their UTF-8 bytes, ``int`` keys their signed 8-byte little-endian form
+    (arbitrary precision ints: their minimal two's-complement bytes).
+
+    >>> fnv1a(b"")
+    14695981039346656037
+    >>> fnv1a("a") == fnv1a(b"a") == 0xAF63DC4C8601EC8C
+    True
+    """
+    if isinstance(key, str):
+        data = key.encode("utf-8")
+    elif isinstance(key, (bytes, bytearray, memoryview)):
+        data = bytes(key)
+    elif isinstance(key, int) and not isinstance(key, bool):
+        length = max(8, (key.bit_length() + 8) // 8)
+        data = key.to_bytes(length, "little", signed=True)
+    else:
+        raise TypeError(f"keys must be str, bytes or int, not {type(key).__name__}")
+    h = _FNV_OFFSET
+    for byte in data:
+        h = ((h ^ byte) * _FNV_PRIME) & _MASK64
+    return h
+
+
 class PoolState(enum.Enum):
     """Lifecycle of a pool. Changes only under the engine lock."""
 
@@ -70,25 +104,32 @@ class PoolState(enum.Enum):
     CLOSING = "closing"  # close() was called: in-flight work finishes, no new work
     CLOSED = "closed"  # all work done, workers stopped
     TERMINATED = "terminated"  # terminate(): workers killed, pending work dropped
-    BROKEN = "broken"  # a replacement worker failed to start: pending work failed
+    BROKEN = "broken"  # workers cannot be (re)started: pending work failed with BrokenPool
+
+
+_ENDED = (PoolState.CLOSED, PoolState.TERMINATED, PoolState.BROKEN)
 
 
 class Stream:
-    """One ordered stream: the enqueue/results stream, or one ``imap`` call.
+    """One stream of items through the engine: results come back in order (or to a callback).
 
     Attributes:
-        kind: ``"enqueue"`` or ``"imap"``.
-        reorder: result batches waiting for their turn.
+        kind: ``"enqueue"`` (indices given, Batcher) or ``"imap"`` (numbered, feed list).
+        keyed: items carry a worker slot (enqueue) or are ``(key, item)`` pairs (imap);
+            ``None`` until an enqueue stream's first item says.
+        on_batch: ``None`` for an ordered stream; else called as ``on_batch(batch)`` as soon as
+            a batch is answered, in any order (the executor completes futures with it).
+        reorder: answered batches waiting for their turn (ordered streams).
         next_seq: seq of the next batch this stream will create (7).
-        open_batches: batches taken from the input and not yet in ``reorder`` (3).
+        open_batches: batches taken from the input and not yet answered (3).
         closed: no more batches will be created for this stream.
         complete: every input item was taken into a batch (False when the pool broke or was
             terminated first: the consumer must not mistake that for the end of the input).
         abandoned: the consumer went away: results are dropped as they arrive.
         batcher: pending items of an enqueue stream.
         feed: pending items of an imap stream (appended without the lock by its feeder).
-        fed: items of an imap stream already taken into batches (its next index).
-        consumer: whether a consumer is iterating this stream (one at a time).
+        fed: items of an imap stream taken into batches so far (the next item's index).
+        consumer: a consumer is iterating this stream (one at a time).
     """
 
     __slots__ = (
@@ -99,14 +140,24 @@ class Stream:
         "consumer",
         "fed",
         "feed",
+        "keyed",
         "kind",
         "next_seq",
+        "on_batch",
         "open_batches",
         "reorder",
     )
 
-    def __init__(self, kind: str) -> None:
+    def __init__(
+        self,
+        kind: str,
+        *,
+        keyed: bool | None = False,
+        on_batch: Callable[[Batch], None] | None = None,
+    ) -> None:
         self.kind = kind
+        self.keyed = keyed
+        self.on_batch = on_batch
         self.reorder: ReorderBuffer[Batch] = ReorderBuffer()
         self.next_seq = 0
         self.open_batches = 0
@@ -119,20 +170,24 @@ class Stream:
         self.consumer = False
 
     def pending(self) -> int:
+        """Items waiting to be taken into a batch."""
         return len(self.batcher) if self.kind == "enqueue" else len(self.feed)
 
     def finished(self) -> bool:
+        """Nothing more will come out of this stream."""
         return self.closed and self.open_batches == 0 and not len(self.reorder)
 
 
-class _SlotState:
-    """One worker slot; the process behind it changes after a crash."""
+class _Slot:
+    """One worker slot; the process (or actor) behind it changes after a crash."""
 
-    __slots__ = ("outstanding", "pid", "ready", "started", "tasks")
+    __slots__ = ("outstanding", "pending", "pid", "ready", "retiring", "started", "tasks")
 
     def __init__(self) -> None:
-        self.outstanding: deque[Batch] = deque()  # batches sent, oldest first (being run)
+        self.outstanding: deque[Task] = deque()  # sent to the worker, oldest (running) first
+        self.pending: deque[Task] = deque()  # keyed tasks waiting for this slot
         self.ready = False  # READY received from the current process
+        self.retiring = False  # it said RETIRE: send nothing more, restart it when it exits
         self.pid = 0
         self.started = 0  # processes started for this slot (1, then 2 after a crash...)
         self.tasks = 0  # items completed by this slot
@@ -144,8 +199,8 @@ _LIVE_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
 class Engine:
     """Batching, dispatch, reordering, failure handling and lifecycle for one pool.
 
-    The transport is created by ``transport_factory(events)``; it starts workers on request and
-    reports results and deaths back through the ``on_*`` methods below.
+    The transport comes from ``transport_factory(engine)``; it starts workers when asked and
+    reports back through the ``on_*`` methods, from its own thread.
     """
 
     def __init__(
@@ -157,24 +212,28 @@ class Engine:
         batch_size: int | None,
         max_delay: float,
         retries: int,
+        depth: int = DEPTH,
     ) -> None:
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)  # producers wait for window room
-        self._ready = threading.Condition(self._lock)  # consumers wait for their next batch
+        self._ready = threading.Condition(self._lock)  # consumers, start() and join() wait
         self._flush = threading.Condition(self._lock)  # the flusher waits for a batch to age
         self.state = PoolState.STARTING
         self.workers = workers
-        self.window = window  # most items taken into batches and not yet consumed (8192)
+        self.window = window  # most items taken into batches and not yet consumed (16384)
         self.max_delay = max_delay  # seconds a partial batch may wait before it is sent (0.005)
         self.retries = retries  # times a crashed item is re-run before it fails (0)
+        self.depth = depth  # tasks a worker may hold at once (2)
         self.sizer = BatchSizer(batch_size)
-        self.sizer.limit(max(1, window // (workers * (DEPTH + 1))))
-        self._slots = [_SlotState() for _ in range(workers)]
-        self._pending: deque[Batch] = deque()  # encoded batches waiting for a free slot
-        self._inflight = 0  # items taken into batches, not yet handed to a consumer (4096)
-        self._next_bid = 0  # wire id of the next batch
-        self._stream: Stream | None = None  # the open stream (only one at a time)
-        self._flusher_idle = False  # the flusher sleeps until told: wake it for a new batch
+        self.sizer.limit(max(1, window // (workers * (depth + 1))))
+        self._slots = [_Slot() for _ in range(workers)]
+        self._pending: deque[Task] = deque()  # tasks for any slot, waiting for room
+        self._idle = 0  # ready slots holding no task: a new item is sent at once (Nagle-style)
+        self._inflight = 0  # items taken into batches, not yet consumed or delivered (4096)
+        self._next_bid = 0  # wire id of the next task
+        self._streams: list[Stream] = []  # open streams, oldest first
+        self._due: list[Batch] = []  # answered batches of callback streams, to hand over
+        self._flusher_idle = False  # the flusher sleeps until told: wake it for a new item
         self._stopping = False  # close() found nothing left to run: the workers are stopping
         self._init_error: BaseException | None = None
         self._broken_error: BaseException | None = None
@@ -185,21 +244,31 @@ class Engine:
         self.restarts = 0
         self.peak_heap = 0
         self.transport = transport_factory(self)
-        self._flusher = threading.Thread(target=self._flush_loop, name="ordpool-flusher", daemon=True)
+        self._flusher = threading.Thread(
+            target=self._flush_loop, name="ordpool-flusher", daemon=True
+        )
         _LIVE_ENGINES.add(self)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def start(self, timeout: float | None) -> None:
+    def start(self, timeout: float | None, *, raise_init_error: bool = True) -> None:
         """Start every worker and wait until all are READY.
 
+        Args:
+            timeout: seconds to wait for the workers' init; ``None`` waits.
+            raise_init_error: raise a failed init (else the engine is left BROKEN with it).
+
         Raises:
-            WorkerInitError: a worker's init raised (its traceback is ``__cause__``), or did not
-                finish within ``timeout`` seconds.
+            WorkerInitError: a worker's init raised (its traceback is ``__cause__``), died, or
+                did not finish within ``timeout`` seconds.
         """
-        for slot in range(self.workers):
-            self._slots[slot].started += 1
-            self.transport.start_worker(slot)
+        try:
+            for slot in range(self.workers):
+                self._slots[slot].started += 1
+                self.transport.start_worker(slot)
+        except BaseException:
+            self.terminate()
+            raise
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while self._init_error is None and not all(s.ready for s in self._slots):
@@ -215,35 +284,38 @@ class Engine:
                 self.state = PoolState.RUNNING
         if error is not None:
             self.terminate()
-            if isinstance(error, WorkerInitError):
+            with self._lock:
+                self.state = PoolState.BROKEN
+                self._broken_error = error
+            if raise_init_error:
                 raise error
-            raise WorkerInitError(f"worker init failed: {error!r}") from error
+            return
         self._flusher.start()
 
     def close(self) -> None:
-        """Stop intake; in-flight work finishes and open streams end. Idempotent."""
+        """Stop intake; in-flight work finishes and streams end. Idempotent."""
+        works = []
         with self._lock:
             if self.state not in (PoolState.RUNNING, PoolState.STARTING):
                 return
             self.state = PoolState.CLOSING
-            stream = self._stream
-            if stream is not None and stream.kind == "enqueue":
-                stream.closed = stream.complete = True
-                work = self._take_locked(stream)
-            else:
-                work = None
+            for stream in self._streams:
+                if stream.kind == "enqueue" and not stream.closed:
+                    stream.closed = stream.complete = True
+                    works.append(self._take_locked(stream))
             self._ready.notify_all()
             self._space.notify_all()
             self._flush.notify_all()
-        if work is not None:
-            self._encode_dispatch(*work)
+        for work in works:
+            if work is not None:
+                self._encode_dispatch(*work)
         self._maybe_stop()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until the workers have stopped; returns False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            while self.state not in (PoolState.CLOSED, PoolState.TERMINATED, PoolState.BROKEN):
+            while self.state not in _ENDED:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -253,30 +325,23 @@ class Engine:
     def terminate(self) -> None:
         """Kill the workers now; pending work is dropped and streams end. Idempotent."""
         with self._lock:
-            if self.state in (PoolState.TERMINATED, PoolState.CLOSED):
+            if self.state in _ENDED:
                 return
-            was_broken = self.state is PoolState.BROKEN
             self.state = PoolState.TERMINATED
             self._ready.notify_all()
             self._space.notify_all()
             self._flush.notify_all()
-        if not was_broken:
-            self.transport.stop(graceful=False)
+        self.transport.stop(graceful=False)
         _LIVE_ENGINES.discard(self)
 
     def _maybe_stop(self) -> None:
         """After close(): stop the workers once nothing is left to run."""
         with self._lock:
-            if self.state is not PoolState.CLOSING:
+            if self.state is not PoolState.CLOSING or self._stopping:
                 return
-            stream = self._stream
-            if stream is not None and not stream.closed:
+            if any(not s.closed or s.open_batches for s in self._streams):
                 return
-            if self._pending or any(s.outstanding for s in self._slots):
-                return
-            if stream is not None and stream.open_batches:
-                return
-            if self._stopping:
+            if self._pending or any(s.outstanding or s.pending for s in self._slots):
                 return
             self._stopping = True
         # CLOSED only once the workers are gone, so that join() means "nothing left running".
@@ -289,44 +354,45 @@ class Engine:
         _LIVE_ENGINES.discard(self)
 
     def check_open(self) -> None:
+        """Raise unless the pool takes new work."""
         state = self.state
         if state is PoolState.RUNNING:
             return
         if state is PoolState.BROKEN:
-            raise BrokenPool("the pool is broken: a replacement worker failed to start") from (
-                self._broken_error
-            )
+            raise BrokenPool(f"the pool is broken: {self._broken_error}") from self._broken_error
         raise PoolClosed(f"the pool is {state.value}: it takes no new work")
 
     # -- streams -------------------------------------------------------------------------------
 
-    def open_stream(self, kind: str) -> Stream:
+    def open_stream(
+        self,
+        kind: str,
+        *,
+        keyed: bool | None = False,
+        on_batch: Callable[[Batch], None] | None = None,
+    ) -> Stream:
+        """Open a new stream (``"enqueue"`` or ``"imap"``)."""
         with self._lock:
             self.check_open()
-            current = self._stream
-            if current is not None:
-                if current.kind == "enqueue":
-                    raise RuntimeError(
-                        "an enqueue()/results() stream is open on this pool; imap() cannot run "
-                        "until it is closed (use a second pool for a second stream)"
-                    )
-                raise RuntimeError(
-                    "another imap() is still running on this pool; finish or close it first"
-                )
-            stream = Stream(kind)
-            self._stream = stream
+            stream = Stream(kind, keyed=keyed, on_batch=on_batch)
+            self._streams.append(stream)
             return stream
 
-    def enqueue_stream(self) -> Stream:
-        """The pool's enqueue/results stream, opened on first use."""
-        stream = self._stream
-        if stream is not None and stream.kind == "enqueue":
-            return stream
+    def streams(self) -> list[Stream]:
         with self._lock:
-            stream = self._stream
-            if stream is not None and stream.kind == "enqueue":
-                return stream
-        return self.open_stream("enqueue")
+            return list(self._streams)
+
+    def close_stream(self, stream: Stream) -> None:
+        """No more items for an enqueue stream: send what is pending; it ends after them."""
+        with self._lock:
+            if stream.closed:
+                return
+            stream.closed = stream.complete = True
+            work = self._take_locked(stream)
+            self._ready.notify_all()
+        if work is not None:
+            self._encode_dispatch(*work)
+        self._maybe_stop()
 
     def release_stream(self, stream: Stream) -> None:
         """The consumer of ``stream`` is done (finished, or gave up early)."""
@@ -340,8 +406,8 @@ class Engine:
                 self._inflight -= stream.reorder.items
                 stream.reorder = ReorderBuffer()
                 self._space.notify_all()
-            if self._stream is stream:
-                self._stream = None
+            if stream in self._streams:
+                self._streams.remove(stream)
         self._maybe_stop()
 
     def claim_consumer(self, stream: Stream) -> None:
@@ -356,14 +422,15 @@ class Engine:
 
     # -- producer side -------------------------------------------------------------------------
 
-    def enqueue(self, index: int, item: Any, timeout: float | None) -> None:
-        """Add one item to the enqueue stream, waiting while the window is full."""
-        stream = self.enqueue_stream()
+    def enqueue(
+        self, stream: Stream, index: int, item: Any, slot: int | None, timeout: float | None
+    ) -> None:
+        """Add one item to an enqueue stream, waiting while the window is full."""
         deadline = None
         with self._lock:
             self.check_open()
-            if self._stream is not stream:
-                raise RuntimeError("the enqueue stream was closed")
+            if stream.closed:
+                raise PoolClosed("this stream was closed: it takes no new items")
             batcher = stream.batcher
             batcher.check(index)
             while self._inflight + len(batcher) >= self.window:
@@ -374,24 +441,25 @@ class Engine:
                         self._encode_dispatch(*work)  # type: ignore[misc]
                     finally:
                         self._lock.acquire()
-                    self.check_open()
-                    continue
-                if timeout is not None:
-                    if deadline is None:
-                        deadline = time.monotonic() + timeout
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise TimeoutError(f"the window stayed full for {timeout} seconds")
-                    self._space.wait(remaining)
                 else:
-                    self._space.wait()
+                    if timeout is not None:
+                        if deadline is None:
+                            deadline = time.monotonic() + timeout
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            raise TimeoutError(f"the window stayed full for {timeout} seconds")
+                        self._space.wait(remaining)
+                    else:
+                        self._space.wait()
                 self.check_open()
+                if stream.closed:
+                    raise PoolClosed("this stream was closed: it takes no new items")
                 batcher.check(index)
-            n = batcher.add(index, item)
+            n = batcher.add(index, item, slot)
             self.submitted += 1
-            if n == 1 and self._flusher_idle:
-                self._flush.notify()
-            if n < self.sizer.size:
+            if n < self.sizer.size and not (self._idle and not self._pending):
+                if n == 1 and self._flusher_idle:
+                    self._flush.notify()
                 return
             work = self._take_locked(stream)
         self._encode_dispatch(*work)  # type: ignore[misc]
@@ -399,9 +467,9 @@ class Engine:
     def feed_iterable(self, stream: Stream, iterable: Iterable[Any]) -> None:
         """Body of imap's feeder thread: pull the input lazily into ``stream``.
 
-        Items are appended to ``stream.feed`` without the lock (a list append is atomic, and only
-        this thread appends; takers remove from the front under the lock), so reading the input
-        costs a few tens of nanoseconds per item. An exception from the iterable becomes the
+        Items are appended to ``stream.feed`` without the lock (a list append is atomic, only
+        this thread appends, and takers remove from the front under the lock), so reading the
+        input costs tens of nanoseconds per item. An exception from the iterable becomes the
         error of the position where it happened, and the stream ends there.
         """
         feed = stream.feed
@@ -415,34 +483,35 @@ class Engine:
                 while start < end:
                     feed.extend(iterable[start : start + size])
                     start += size
-                    if not self._take_feed(stream, block=True):
+                    if not self._take_feed(stream):
                         return
                     size = sizer.size
                 iterable = ()
             for item in iterable:
                 append(item)
                 n = len(feed)
-                if n >= size:
-                    if not self._take_feed(stream, block=True):
+                if n >= size or (self._idle and not self._pending):
+                    if not self._take_feed(stream):
                         return
                     size = sizer.size
                 elif n == 1 and self._flusher_idle:
                     with self._lock:
                         self._flush.notify()
-        except BaseException as exc:  # noqa: BLE001 - it is delivered at its index
-            if self._take_feed(stream, block=True, until_empty=True):
+        except BaseException as exc:  # noqa: BLE001 - it is delivered at its position
+            if self._take_feed(stream, until_empty=True):
                 self._fail_at_end(stream, exc)
+            self._drain_due()
             self._maybe_stop()
             return
-        if not self._take_feed(stream, block=True, until_empty=True):
+        if not self._take_feed(stream, until_empty=True):
             return
         with self._lock:
             stream.closed = stream.complete = True
             self._ready.notify_all()
         self._maybe_stop()
 
-    def _take_feed(self, stream: Stream, *, block: bool, until_empty: bool = False) -> bool:
-        """Move feed items into batches (as the window allows); False if the stream is gone."""
+    def _take_feed(self, stream: Stream, *, until_empty: bool = False) -> bool:
+        """Move feed items into batches as the window allows; False if the stream is gone."""
         while True:
             with self._lock:
                 while True:
@@ -451,8 +520,6 @@ class Engine:
                     room = self.window - self._inflight
                     if room > 0:
                         break
-                    if not block:
-                        return True
                     self._space.wait()
                 work = self._take_locked(stream, limit=room)
                 more = len(stream.feed) >= (1 if until_empty else self.sizer.size)
@@ -462,28 +529,36 @@ class Engine:
                 return True
 
     def _fail_at_end(self, stream: Stream, exc: BaseException) -> None:
+        """The input raised: its error takes the next position, and the stream ends."""
         with self._lock:
             if stream.abandoned:
                 return
             index = stream.fed
             stream.fed += 1
             self._inflight += 1
-            batch = Batch(self._next_bid, stream.next_seq, stream, range(index, index + 1), [])
-            self._next_bid += 1
+            batch = Batch(stream.next_seq, stream, range(index, index + 1))
             stream.next_seq += 1
             stream.open_batches += 1
-            batch.failed[0] = exc
+            task = Task(batch, self._new_bid(), 1, [], {0: exc})
+            batch.tasks.append(task)
+            batch.unanswered = 1
             stream.closed = stream.complete = True
-            self._deliver_locked(batch)
+            self._answer_locked(task)
+
+    def _new_bid(self) -> int:
+        bid = self._next_bid
+        self._next_bid += 1
+        return bid
 
     def _take_locked(
         self, stream: Stream, limit: int | None = None
-    ) -> tuple[Stream, int, int, range | list[int], list[Any]] | None:
-        """Take the stream's pending items as one batch (seq assigned here, in order)."""
+    ) -> tuple[Batch, list[Any], list[int]] | None:
+        """Take the stream's pending items as the next batch (its seq is assigned here)."""
+        slots: list[int] = []
         if stream.kind == "enqueue":
             if not len(stream.batcher):
                 return None
-            indices, items = stream.batcher.take()
+            indices, items, slots = stream.batcher.take()
             idx: range | list[int] = compact_indices(indices)
         else:
             feed = stream.feed
@@ -496,174 +571,215 @@ class Engine:
             stream.fed += n
             self.submitted += n
         self._inflight += len(items)
-        seq = stream.next_seq
+        batch = Batch(stream.next_seq, stream, idx)
         stream.next_seq += 1
         stream.open_batches += 1
-        bid = self._next_bid
-        self._next_bid += 1
-        return stream, bid, seq, idx, items
+        return batch, items, slots
 
-    def _encode_dispatch(
-        self, stream: Stream, bid: int, seq: int, indices: range | list[int], items: list[Any]
-    ) -> None:
-        """Pickle a batch (outside the lock) and hand it to a worker."""
-        parts, failed = _wire.encode_items(items)
-        batch = Batch(bid, seq, stream, indices, parts, failed)
+    def _encode_dispatch(self, batch: Batch, items: list[Any], slots: list[int]) -> None:
+        """Pickle a batch's tasks (outside the lock) and queue them for the workers."""
+        stream = batch.stream
+        if stream.keyed:
+            if stream.kind == "imap":
+                # (key, item) pairs: route by the key's stable hash
+                slots = [fnv1a(key) % self.workers for key, _ in items]
+                items = [item for _, item in items]
+            groups: dict[int, list[int]] = {}
+            for pos, slot in enumerate(slots):
+                groups.setdefault(slot, []).append(pos)
+            encoded = []
+            for slot, positions in groups.items():
+                parts, failed = _wire.encode_items([items[p] for p in positions])
+                encoded.append((slot, positions if len(groups) > 1 else None, parts, failed))
+        else:
+            parts, failed = _wire.encode_items(items)
+            encoded = [(None, None, parts, failed)]
         with self._lock:
-            if len(failed) == len(batch):
-                self._deliver_locked(batch)  # nothing to run: every item failed to pickle
-                return
+            for slot, positions, parts, failed in encoded:
+                n = len(positions) if positions is not None else len(items)
+                task = Task(batch, self._new_bid(), n, parts, failed, slot, positions)
+                batch.tasks.append(task)
+            batch.unanswered = len(batch.tasks)
             if self.state in (PoolState.TERMINATED, PoolState.BROKEN):
                 if self.state is PoolState.BROKEN:
-                    self._fail_batch_locked(batch, self._broken_error)
-                return
-            self._pending.append(batch)
-            self._pump_locked()
+                    for task in batch.tasks:
+                        self._fail_task_locked(task, self._broken_error)
+            else:
+                for task in batch.tasks:
+                    if len(task.failed) == task.n:
+                        self._answer_locked(task)  # nothing to run: every item failed to pickle
+                    elif task.slot is None:
+                        self._pending.append(task)
+                    else:
+                        self._slots[task.slot].pending.append(task)
+                self._pump_locked()
+        self._drain_due()
 
     def _flush_loop(self) -> None:
         """Send partial batches that waited ``max_delay`` (a lone message on a quiet stream).
 
         The flusher polls rather than being told about every new batch: producers wake it only
-        when it sleeps idle (no stream, or nothing pending). While items flow it wakes once per
+        when it sleeps idle (nothing pending anywhere). While items flow it wakes once per
         ``max_delay``, sees that batches were taken meanwhile, and sleeps again; it takes the
         pending items only when none were taken for a whole ``max_delay``. A partial batch thus
         waits between one and two ``max_delay``, and a busy stream pays nothing per batch.
         """
-        lock = self._lock
         while True:
-            work = None
-            with lock:
-                if self.state in (PoolState.CLOSED, PoolState.TERMINATED, PoolState.BROKEN):
+            works = []
+            with self._lock:
+                if self.state in _ENDED:
                     return
-                stream = self._stream
-                if stream is None or stream.abandoned or not stream.pending():
+                waiting = [
+                    (s, s.next_seq) for s in self._streams if not s.abandoned and s.pending()
+                ]
+                if not waiting:
                     self._flusher_idle = True
                     self._flush.wait()
                     self._flusher_idle = False
                     continue
-                taken = stream.next_seq
                 self._flush.wait(self.max_delay)
-                if self._stream is not stream or stream.next_seq != taken or not stream.pending():
-                    continue
-                room = self.window - self._inflight
-                if room > 0:
+                for stream, taken in waiting:
+                    if stream.next_seq != taken or not stream.pending() or stream.abandoned:
+                        continue
+                    room = self.window - self._inflight
+                    if room <= 0:
+                        break
                     # (enqueue never lets batcher + in-flight exceed the window)
                     work = self._take_locked(stream, limit=room)
-            if work is not None:
+                    if work is not None:
+                        works.append(work)
+            for work in works:
                 self._encode_dispatch(*work)
 
     # -- dispatch ------------------------------------------------------------------------------
 
     def _pump_locked(self) -> None:
-        """Send pending batches to ready slots with room, least loaded first."""
+        """Send queued tasks: a slot's own (keyed) tasks first, then any task, least loaded
+        slot first, at most ``depth`` per slot."""
+        depth = self.depth
+        for i, s in enumerate(self._slots):
+            while s.pending and s.ready and not s.retiring and len(s.outstanding) < depth:
+                self._send_locked(i, s.pending.popleft())
         pending = self._pending
         while pending:
-            slot = self._pick()
-            if slot < 0:
-                return
-            self._send_locked(slot, pending.popleft())
+            best, load = -1, depth
+            for i, s in enumerate(self._slots):
+                n = len(s.outstanding)
+                if n < load and s.ready and not s.retiring:
+                    best, load = i, n
+                    if n == 0:
+                        break
+            if best < 0:
+                break
+            self._send_locked(best, pending.popleft())
+        self._idle = sum(1 for s in self._slots if s.ready and not s.retiring and not s.outstanding)
 
-    def _pick(self) -> int:
-        best, load = -1, DEPTH
-        for i, s in enumerate(self._slots):
-            n = len(s.outstanding)
-            if s.ready and n < load:
-                best, load = i, n
-                if n == 0:
-                    break
-        return best
+    def _send_locked(self, slot: int, task: Task) -> None:
+        self._slots[slot].outstanding.append(task)
+        self.transport.send(slot, task.bid, tuple(task.failed), task.parts)
 
-    def _send_locked(self, slot: int, batch: Batch) -> None:
-        self._slots[slot].outstanding.append(batch)
-        self.transport.send(slot, batch.bid, tuple(batch.failed), batch.parts)
-
-    # -- events from the transport (collector thread) ------------------------------------------
+    # -- events from the transport (its thread) ------------------------------------------------
 
     def on_ready(self, slot: int, pid: int) -> None:
         with self._lock:
             s = self._slots[slot]
             s.ready = True
+            s.retiring = False
             s.pid = pid
             self._ready.notify_all()
             self._pump_locked()
 
+    def on_retire(self, slot: int) -> None:
+        with self._lock:
+            self._slots[slot].retiring = True
+            self._idle = sum(
+                1 for s in self._slots if s.ready and not s.retiring and not s.outstanding
+            )
+
     def on_init_error(self, slot: int, exc: BaseException) -> None:
+        err = WorkerInitError(f"worker init raised {type(exc).__name__}: {exc}")
+        err.__cause__ = exc
         with self._lock:
             if self.state is PoolState.STARTING:
                 if self._init_error is None:
-                    err = WorkerInitError(f"worker init raised {type(exc).__name__}: {exc}")
-                    err.__cause__ = exc
                     self._init_error = err
                 self._ready.notify_all()
                 return
-            if self.state in (PoolState.TERMINATED, PoolState.CLOSED, PoolState.BROKEN):
+            if self.state in _ENDED:
                 return
-            err = WorkerInitError(
-                f"a replacement worker's init raised {type(exc).__name__}: {exc}"
-            )
-            err.__cause__ = exc
             self._break_locked(err)
+        self._drain_due()
         self.transport.stop(graceful=False)
 
     def _break_locked(self, error: BaseException) -> None:
-        """Fail everything pending and refuse new work (the pool cannot run tasks any more)."""
+        """Fail everything pending and refuse new work: workers cannot be (re)started."""
         self.state = PoolState.BROKEN
         self._broken_error = error
-        broken = BrokenPool(f"the pool is broken: {error}")
-        broken.__cause__ = error
         lost = list(self._pending)
         self._pending.clear()
         for s in self._slots:
             lost.extend(s.outstanding)
+            lost.extend(s.pending)
             s.outstanding.clear()
+            s.pending.clear()
             s.ready = False
-        for batch in sorted(lost, key=lambda b: b.bid):
-            self._fail_batch_locked(batch, broken)
-        stream = self._stream
-        if stream is not None:
+        for task in sorted(lost, key=lambda t: t.bid):
+            self._fail_task_locked(task, error)
+        for stream in self._streams:
             stream.closed = True
             if stream.kind == "enqueue" and len(stream.batcher):
-                work = self._take_locked(stream)
-                if work is not None:
-                    _, bid, seq, idx, _items = work
-                    b = Batch(bid, seq, stream, idx, [])
-                    self._fail_batch_locked(b, broken)
+                batch, items, _ = self._take_locked(stream)  # type: ignore[misc]
+                task = Task(batch, self._new_bid(), len(items), [], {})
+                batch.tasks.append(task)
+                batch.unanswered = 1
+                self._fail_task_locked(task, error)
         self._ready.notify_all()
         self._space.notify_all()
         self._flush.notify_all()
+        _LIVE_ENGINES.discard(self)
 
-    def _fail_batch_locked(self, batch: Batch, error: BaseException | None) -> None:
-        for pos in range(len(batch)):
-            batch.failed.setdefault(pos, error or BrokenPool("the pool is broken"))
-        batch.parts = []
-        self._deliver_locked(batch)
+    def _fail_task_locked(self, task: Task, error: BaseException | None) -> None:
+        broken = BrokenPool(f"the pool is broken: {error}")
+        broken.__cause__ = error
+        for pos in range(task.n):
+            task.failed.setdefault(pos, broken)
+        task.parts = []
+        self._answer_locked(task)
 
     def on_result(self, slot: int, bid: int, seconds: float, payload: Any) -> None:
         with self._lock:
             s = self._slots[slot]
-            batch = s.outstanding.popleft()
-            if batch.bid != bid:  # pragma: no cover - a protocol bug, never a user error
-                raise AssertionError(f"worker {slot} answered batch {bid}, expected {batch.bid}")
-            self.sizer.observe(len(batch), seconds)
-            s.tasks += len(batch)
-            batch.frame = payload
-            batch.parts = []
-            self._deliver_locked(batch)
-            if self._pending:
-                self._pump_locked()
-            stopping = self.state is PoolState.CLOSING
-        if stopping:
+            task = s.outstanding.popleft()
+            if task.bid != bid:  # pragma: no cover - a protocol bug, never a user error
+                raise AssertionError(f"worker {slot} answered task {bid}, expected {task.bid}")
+            self.sizer.observe(task.n, seconds)
+            s.tasks += task.n
+            task.frame = payload
+            task.parts = []
+            self._answer_locked(task)
+            self._pump_locked()
+            closing = self.state is PoolState.CLOSING
+        if self._due:
+            self._drain_due()
+        if closing:
             self._maybe_stop()
 
-    def on_death(self, slot: int, exitcode: int | None, pid: int, progress: tuple[int, int]) -> None:
+    def on_death(
+        self, slot: int, exitcode: int | None, pid: int, progress: tuple[int, int]
+    ) -> None:
         with self._lock:
             s = self._slots[slot]
             lost = list(s.outstanding)
             s.outstanding.clear()
             was_ready, s.ready = s.ready, False
-            if not was_ready and self.state in (PoolState.STARTING, PoolState.RUNNING, PoolState.CLOSING):
-                # It died in init (os._exit, a signal): restarting it would loop forever.
-                err = WorkerInitError(f"worker process {pid} died during init ({describe_exit(exitcode)})")
+            retired, s.retiring = s.retiring, False
+            if self.state not in (PoolState.STARTING, PoolState.RUNNING, PoolState.CLOSING):
+                return
+            if not was_ready and not retired:
+                # It died in init (os._exit, a signal): restarting would loop forever.
+                err = WorkerInitError(
+                    f"worker process {pid} died during init ({describe_exit(exitcode)})"
+                )
                 if self.state is PoolState.STARTING:
                     self._init_error = self._init_error or err
                     self._ready.notify_all()
@@ -673,66 +789,105 @@ class Engine:
                 broke = True
             else:
                 broke = False
-            if broke or self.state not in (PoolState.RUNNING, PoolState.CLOSING):
-                return
-            self.restarts += 1
-            crashed = WorkerCrashed(
-                f"worker process {pid} died ({describe_exit(exitcode)}) while running this item",
-                exitcode=exitcode,
-                pid=pid,
-            )
-            running_bid, position = progress
-            requeue = []
-            for i, batch in enumerate(lost):
-                if i == 0 and batch.bid == running_bid:
-                    n = len(batch)
-                    blamed = [position] if 0 <= position < n else range(n)
-                    for pos in blamed:
-                        if pos in batch.failed:
-                            continue
-                        tries = batch.attempts.get(pos, 0) + 1
-                        batch.attempts[pos] = tries
-                        if tries > self.retries:
-                            batch.failed[pos] = crashed
-                    if len(batch.failed) == n:
-                        batch.parts = []
-                        self._deliver_locked(batch)
-                        continue
-                requeue.append(batch)
-            # Lost batches go first: later batches are queued behind them in the reorder heap.
-            self._pending.extendleft(reversed(requeue))
-            s.started += 1
+                if not retired:
+                    self.restarts += 1
+                    self._requeue_lost_locked(lost, exitcode, pid, progress)
+                else:
+                    self._pending.extendleft(reversed(lost))
+                s.started += 1
+        if broke:
+            self._drain_due()
+            self.transport.stop(graceful=False)
+            return
         try:
             self.transport.start_worker(slot)
         except BaseException as exc:  # noqa: BLE001 - a start failure breaks the pool
             with self._lock:
                 self._break_locked(exc)
-            return
-        with self._lock:
-            self._pump_locked()
+        self._drain_due()
 
-    def _deliver_locked(self, batch: Batch) -> None:
-        """The batch is answered: put it in its stream's reorder buffer (or drop it)."""
-        stream = batch.stream
-        stream.open_batches -= 1
-        n = len(batch)
-        failures = len(batch.failed)
+    def _requeue_lost_locked(
+        self, lost: list[Task], exitcode: int | None, pid: int, progress: tuple[int, int]
+    ) -> None:
+        """A worker died holding ``lost``: blame the running item, re-queue the rest."""
+        crashed = WorkerCrashed(
+            f"worker process {pid} died ({describe_exit(exitcode)}) while running this item",
+            exitcode=exitcode,
+            pid=pid,
+        )
+        running_bid, position = progress
+        requeue_any, requeue_pinned = [], []
+        for i, task in enumerate(lost):
+            if i == 0 and task.bid == running_bid:
+                n = task.n
+                # position == n: it died after running every item (sending the results)
+                blamed = [position] if 0 <= position < n else range(n)
+                for pos in blamed:
+                    if pos in task.failed:
+                        continue
+                    tries = task.attempts.get(pos, 0) + 1
+                    task.attempts[pos] = tries
+                    if tries > self.retries:
+                        task.failed[pos] = crashed
+                if len(task.failed) == task.n:
+                    task.parts = []
+                    self._answer_locked(task)
+                    continue
+            (requeue_any if task.slot is None else requeue_pinned).append(task)
+        # Lost tasks go first: their items come before everything queued after them.
+        self._pending.extendleft(reversed(requeue_any))
+        for task in reversed(requeue_pinned):
+            self._slots[task.slot].pending.appendleft(task)  # type: ignore[index]
+
+    def _answer_locked(self, task: Task) -> None:
+        """One task is answered; deliver its batch when it was the last."""
+        n = task.n
+        failures = len(task.failed)
         self.failed += failures
         self.completed += n - failures
+        batch = task.batch
+        batch.unanswered -= 1
+        if batch.unanswered:
+            return
+        stream = batch.stream
+        stream.open_batches -= 1
+        size = len(batch)
         if stream.abandoned:
-            self._inflight -= n
+            self._inflight -= size
             self._space.notify_all()
             return
-        stream.reorder.push(batch.seq, batch, n)
+        if stream.on_batch is not None:
+            self._inflight -= size
+            self._due.append(batch)
+            self._space.notify_all()
+            if stream.closed and not stream.open_batches:
+                self._ready.notify_all()
+            return
+        stream.reorder.push(batch.seq, batch, size)
         if stream.reorder.items > self.peak_heap:
             self.peak_heap = stream.reorder.items
-        if batch.seq == stream.reorder.next_seq or stream.finished() or stream.closed:
+        if batch.seq == stream.reorder.next_seq or stream.closed:
             self._ready.notify_all()
+
+    def _drain_due(self) -> None:
+        """Hand answered batches to their streams' callbacks, outside the lock."""
+        while self._due:
+            with self._lock:
+                due, self._due = self._due, []
+            for batch in due:
+                batch.stream.on_batch(batch)
 
     # -- consumer side -------------------------------------------------------------------------
 
     def next_batch(self, stream: Stream, timeout: float | None = None) -> Batch | None:
-        """The stream's next batch in order; ``None`` when the stream has ended."""
+        """The stream's next batch in order; ``None`` when the stream has ended.
+
+        Raises:
+            PoolClosed: the pool was terminated before the stream's input was processed.
+            BrokenPool: the pool broke before that.
+            TimeoutError: nothing arrived within ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while True:
                 batch = stream.reorder.pop()
@@ -746,37 +901,56 @@ class Engine:
                     return None
                 if self.state is PoolState.TERMINATED:
                     self._raise_truncated()
-                if not self._ready.wait(timeout):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"no result within {timeout} seconds")
+                self._ready.wait(remaining)
 
     def _raise_truncated(self) -> None:
         if self.state is PoolState.BROKEN:
-            raise BrokenPool("the pool broke before this stream's input was fully processed") from (
-                self._broken_error
-            )
-        raise PoolClosed("the pool was terminated before this stream's input was fully processed")
+            raise BrokenPool(
+                f"the pool broke before this stream's input was processed: {self._broken_error}"
+            ) from self._broken_error
+        raise PoolClosed("the pool was terminated before this stream's input was processed")
 
     @staticmethod
     def decode(batch: Batch) -> tuple[list[Any], dict[int, BaseException] | None]:
-        """Values and errors of an answered batch, local failures merged in."""
-        n = len(batch)
-        if batch.frame is None:
-            return [None] * n, dict(batch.failed)
-        try:
-            values, errors = _wire.decode_results(batch.frame)
-        except BaseException as exc:  # noqa: BLE001 - becomes each item's error
-            err = RuntimeError(f"could not unpickle the results of this batch: {exc!r}")
-            err.__cause__ = exc
-            return [None] * n, {pos: err for pos in range(n)}
-        if errors:
-            if -1 in errors:
-                every = errors[-1]
-                errors = {pos: every for pos in range(n)}
-        if batch.failed:
-            errors = {**(errors or {}), **batch.failed}
+        """Values and errors (by position in the batch) of an answered batch."""
+        tasks = batch.tasks
+        if len(tasks) == 1 and tasks[0].positions is None:
+            return _decode_task(tasks[0])
+        values: list[Any] = [None] * len(batch)
+        errors: dict[int, BaseException] = {}
+        for task in tasks:
+            task_values, task_errors = _decode_task(task)
+            positions = task.positions
+            if positions is None:
+                positions = list(range(task.n))
+            for pos, value in zip(positions, task_values):
+                values[pos] = value
+            if task_errors:
+                for pos, err in task_errors.items():
+                    errors[positions[pos]] = err
         return values, errors or None
 
-    # -- introspection -------------------------------------------------------------------------
+    # -- control and introspection -------------------------------------------------------------
+
+    def cancel_running(self, task: Task, position: int) -> bool:
+        """Ask the worker running ``task`` to stop its item at ``position`` (cooperatively)."""
+        with self._lock:
+            for i, s in enumerate(self._slots):
+                if s.outstanding and s.outstanding[0] is task:
+                    slot = i
+                    break
+            else:
+                return False
+        self.transport.cancel(slot, task.bid, position)
+        return True
+
+    def slot_snapshot(self) -> list[tuple[int, int, int, bool]]:
+        """``(pid, tasks held, items done, busy)`` per slot."""
+        with self._lock:
+            return [(s.pid, len(s.outstanding), s.tasks, bool(s.outstanding)) for s in self._slots]
 
     def worker_pids(self) -> list[int]:
         return sorted(self.transport.pids().values())
@@ -784,6 +958,26 @@ class Engine:
     @property
     def inflight(self) -> int:
         return self._inflight
+
+
+def _decode_task(task: Task) -> tuple[list[Any], dict[int, BaseException] | None]:
+    """Values and errors (by position in the task) of an answered task, local failures merged."""
+    n = task.n
+    if task.frame is None:
+        return [None] * n, dict(task.failed)
+    try:
+        values, errors = _wire.decode_results(task.frame)
+    except BaseException as exc:  # noqa: BLE001 - becomes each item's error
+        err = RuntimeError(f"could not unpickle the results of this batch: {exc!r}")
+        err.__cause__ = exc
+        return [None] * n, {pos: err for pos in range(n)}
+    if errors and -1 in errors:
+        every = errors[-1]
+        values = [None] * n
+        errors = {pos: every for pos in range(n)}
+    if task.failed:
+        errors = {**(errors or {}), **task.failed}
+    return values, errors or None
 
 
 def _terminate_all() -> None:

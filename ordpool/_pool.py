@@ -8,10 +8,9 @@ import warnings
 from itertools import chain, repeat
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
-import cloudpickle
-
-from ._engine import Engine, PoolState, Stream, usable_cores
+from ._engine import Engine, PoolState, Stream, fnv1a, usable_cores
 from ._process import ProcessTransport
+from ._worker import worker_spec
 
 __all__ = ["ProcessOrderedPool", "Result"]
 
@@ -112,6 +111,11 @@ class ProcessOrderedPool:
             worker died are always re-run, and never count as attempts.
         start_method: ``"fork"``, ``"spawn"`` or ``"forkserver"``; default: the platform's.
         init_timeout: seconds to wait for every worker to finish ``init``; ``None`` waits.
+        backend: ``"process"`` (local worker processes) or ``"ray"`` (Ray actors, see
+            :mod:`ordpool._ray`; needs ``pip install ordpool[ray]``).
+        ray_address: Ray cluster to connect to (``"auto"``, ``"ray://host:10001"``); ``None``
+            connects to a running local instance or starts one.
+        ray_options: extra options for the Ray backend (see :func:`ordpool._ray.transport_factory`).
 
     Raises:
         ValueError: for a non-positive ``workers``, ``window`` or ``batch_size``, a negative
@@ -138,6 +142,9 @@ class ProcessOrderedPool:
         retries: int = 0,
         start_method: str | None = None,
         init_timeout: float | None = None,
+        backend: str = "process",
+        ray_address: str | None = None,
+        ray_options: dict[str, Any] | None = None,
     ) -> None:
         self._engine: Engine | None = None
         if not callable(fn):
@@ -154,11 +161,29 @@ class ProcessOrderedPool:
             raise ValueError(f"max_delay must be >= 0, got {max_delay!r}")
         if not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-        ctx = multiprocessing.get_context(start_method)
-        spec = cloudpickle.dumps((fn, init, tuple(initargs)))
-        self._start_method = ctx.get_start_method()
+        spec = worker_spec(fn, init, initargs)
+        self._stream: Stream | None = None  # the enqueue/results stream, opened on first use
+        self._stream_lock = threading.Lock()
+        if backend == "process":
+            ctx = multiprocessing.get_context(start_method)
+            self._start_method = ctx.get_start_method()
+
+            def factory(events: Any) -> Any:
+                return ProcessTransport(ctx, spec, events)
+
+        elif backend == "ray":
+            if start_method is not None:
+                raise ValueError("start_method applies to backend='process' only")
+            from ._ray import transport_factory  # imports ray: only when asked for
+
+            self._start_method = "ray"
+            factory = transport_factory(spec, address=ray_address, options=ray_options or {})
+        else:
+            raise ValueError(f"backend must be 'process' or 'ray', got {backend!r}")
+        if backend != "ray" and (ray_address is not None or ray_options):
+            raise ValueError("ray_address and ray_options apply to backend='ray' only")
         self._engine = Engine(
-            lambda events: ProcessTransport(ctx, spec, events),
+            factory,
             workers=workers,
             window=window,
             batch_size=batch_size,
@@ -169,24 +194,43 @@ class ProcessOrderedPool:
 
     # -- streaming: enqueue / results ----------------------------------------------------------
 
-    def enqueue(self, index: int, item: Any, *, timeout: float | None = None) -> None:
+    def enqueue(
+        self, index: int, item: Any, *, key: Any = None, timeout: float | None = None
+    ) -> None:
         """Submit ``item`` at ``index``. Thread-safe; blocks while the window is full.
 
         Args:
             index: the item's position in the output order: any int greater than the previous
                 one (gaps and values above 2**32 are fine, e.g. Kafka offsets).
             item: the argument for ``fn``.
+            key: route the item to the worker its key hashes to (``str``, ``bytes`` or ``int``;
+                a stable FNV-1a hash), so items of one key run one at a time, in order, in the
+                same worker and its state. Either every item of the stream has a key or none.
+                Results still come out in global index order. A hot key loads one worker.
             timeout: seconds to wait for room in the window; ``None`` waits as long as needed.
 
         Raises:
-            ValueError: ``index`` is not greater than the previous index.
-            TypeError: ``index`` is not an int.
+            ValueError: ``index`` is not greater than the previous index, or ``key`` is given
+                for some items of the stream and not others.
+            TypeError: ``index`` is not an int, or ``key`` is not str, bytes or int.
             TimeoutError: the window stayed full for ``timeout`` seconds.
             PoolClosed: the pool was closed or terminated.
             BrokenPool: the pool is broken.
             RuntimeError: an ``imap`` is running on this pool.
         """
-        self._live().enqueue(index, item, timeout)
+        engine = self._live()
+        stream = self._enqueue_stream(engine, keyed=key is not None)
+        if stream.keyed is None:  # results() opened it: the first item decides
+            with self._stream_lock:
+                if stream.keyed is None:
+                    stream.keyed = key is not None
+        if stream.keyed != (key is not None):
+            raise ValueError(
+                "give a key for every item of the stream or for none "
+                f"(this stream is {'keyed' if stream.keyed else 'unkeyed'})"
+            )
+        slot = fnv1a(key) % engine.workers if key is not None else None
+        engine.enqueue(stream, index, item, slot, timeout)
 
     def results(self) -> Iterator[Result]:
         """Yield a :class:`Result` per enqueued item, in ascending index order.
@@ -200,7 +244,7 @@ class ProcessOrderedPool:
             BrokenPool: the pool broke (items already failed are yielded first).
         """
         engine = self._live_or_closing()
-        stream = engine.enqueue_stream()
+        stream = self._enqueue_stream(engine, keyed=None)
         engine.claim_consumer(stream)
         return chain.from_iterable(_result_batches(engine, stream))
 
@@ -226,10 +270,42 @@ class ProcessOrderedPool:
             RuntimeError: another stream is open on this pool.
             PoolClosed, BrokenPool: as for :meth:`results`.
         """
+        return self._start_imap(iterable, errors, keyed=False)
+
+    def imap_keyed(self, pairs: Iterable[tuple[Any, Any]], *, errors: str = "raise") -> Iterator[Any]:
+        """Like :meth:`imap` over ``(key, item)`` pairs: each item runs on its key's worker.
+
+        Items with the same key run one at a time, in input order, in the same worker process,
+        so per-key state can live in the worker's state (sessions, per-user counters). Results
+        come out in input order. A hot key loads one worker: throughput is bounded by the
+        busiest key's worker.
+
+        Example:
+            >>> def count(state, event):
+            ...     state[event] = state.get(event, 0) + 1
+            ...     return state[event]
+            >>> import ordpool
+            >>> with ordpool.ProcessOrderedPool(count, 2, init=dict) as pool:
+            ...     list(pool.imap_keyed([("ann", "ann"), ("bob", "bob"), ("ann", "ann")]))
+            [1, 1, 2]
+        """
+        return self._start_imap(pairs, errors, keyed=True)
+
+    def _start_imap(self, iterable: Iterable[Any], errors: str, *, keyed: bool) -> Iterator[Any]:
         if errors not in _ERRORS:
             raise ValueError(f"errors must be one of {', '.join(map(repr, _ERRORS))}, got {errors!r}")
         engine = self._live()
-        stream = engine.open_stream("imap")
+        with self._stream_lock:
+            for other in engine.streams():
+                if other is self._stream:
+                    raise RuntimeError(
+                        "an enqueue()/results() stream is open on this pool; imap() cannot run "
+                        "until it is closed (use a second pool for a second stream)"
+                    )
+                raise RuntimeError(
+                    "another imap() is still running on this pool; finish or close it first"
+                )
+            stream = engine.open_stream("imap", keyed=keyed)
         feeder = threading.Thread(
             target=engine.feed_iterable, args=(stream, iterable), name="ordpool-imap-feeder", daemon=True
         )
@@ -310,6 +386,21 @@ class ProcessOrderedPool:
     def worker_pids(self) -> list[int]:
         """Process ids of the current workers."""
         return self._live_or_closing().worker_pids()
+
+    def _enqueue_stream(self, engine: Engine, keyed: bool | None) -> Stream:
+        """The pool's enqueue/results stream, opened on first use (keyed if its first item is)."""
+        stream = self._stream
+        if stream is not None:
+            return stream
+        with self._stream_lock:
+            if self._stream is None:
+                if engine.streams():
+                    raise RuntimeError(
+                        "an imap() is running on this pool; enqueue() and results() can be used "
+                        "once it has finished"
+                    )
+                self._stream = engine.open_stream("enqueue", keyed=keyed)
+            return self._stream
 
     def _live(self) -> Engine:
         engine = self._live_or_closing()

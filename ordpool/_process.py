@@ -62,6 +62,7 @@ class TransportEvents(Protocol):
 
     def on_ready(self, slot: int, pid: int) -> None: ...
     def on_init_error(self, slot: int, exc: BaseException) -> None: ...
+    def on_retire(self, slot: int) -> None: ...
     def on_result(self, slot: int, bid: int, seconds: float, payload: Any) -> None: ...
     def on_death(
         self, slot: int, exitcode: int | None, pid: int, progress: tuple[int, int]
@@ -126,8 +127,9 @@ class _Worker:
             shared_memory.SharedMemory(create=True, size=REGION_SIZE) for _ in range(4)
         ]
         self.result_views = [r.buf for r in self.regions[2:]]
-        self.progress = ctx.RawArray("q", 2)  # type: ignore[attr-defined]  # (bid, position)
-        self.progress[0] = -1
+        # [bid running, position running, bid to cancel, position to cancel] (see _worker)
+        self.progress = ctx.RawArray("q", 4)  # type: ignore[attr-defined]
+        self.progress[0] = self.progress[2] = -1
         _PARENT_FDS.update((self.writer.fileno(), self.reader.fileno()))
         inherited = tuple(_PARENT_FDS) if ctx.get_start_method() == "fork" else ()
         self.process = ctx.Process(  # type: ignore[attr-defined]
@@ -262,6 +264,16 @@ class ProcessTransport:
         with self._lock:
             return {s: w.process.pid for s, w in self._workers.items() if w.process.pid}
 
+    def cancel(self, slot: int | None, bid: int, position: int = -1) -> None:
+        """Ask the running item ``(bid, position)`` of ``slot`` to stop (``ordpool.cancelled()``);
+        ``slot=None, bid=-2`` asks every worker's running item."""
+        with self._lock:
+            workers = list(self._workers.values()) if slot is None else [self._workers.get(slot)]
+        for w in workers:
+            if w is not None and not w.closed:
+                w.progress[3] = position
+                w.progress[2] = bid
+
     def kill(self, slot: int) -> None:
         """SIGKILL one worker (tests, stuck jobs); its death is reported as usual."""
         with self._lock:
@@ -377,6 +389,8 @@ class ProcessTransport:
             events.on_ready(worker.slot, worker.process.pid)
         elif kind == _wire.INITERR:
             events.on_init_error(worker.slot, _wire.decode_initerr(frame))
+        elif kind == _wire.RETIRE:
+            events.on_retire(worker.slot)
         return True
 
     def _bury(self, worker: _Worker, events: TransportEvents) -> None:

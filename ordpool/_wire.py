@@ -7,6 +7,7 @@ kind::
                        STOP    b"S"
     worker -> parent   READY   b"Y" pid:q
                        INITERR b"E" pickle(exception with traceback)
+                       RETIRE  b"Q"   (max_tasks_per_child reached: the next RESULT is the last)
                        RESULT  b"R" bid:q seconds:d region:i nbytes:q  [pickle((values, errors))]
 
 The payload (``items`` or the pickled results) lies in shared-memory region ``region`` of that
@@ -40,6 +41,7 @@ __all__ = [
     "INITERR",
     "READY",
     "RESULT",
+    "RETIRE",
     "STOP",
     "TASK",
     "decode_items",
@@ -53,8 +55,9 @@ __all__ = [
     "task_head",
 ]
 
-TASK, STOP, READY, INITERR, RESULT = b"T"[0], b"S"[0], b"Y"[0], b"E"[0], b"R"[0]
+TASK, STOP, READY, INITERR, RESULT, RETIRE = (b"T"[0], b"S"[0], b"Y"[0], b"E"[0], b"R"[0], b"Q"[0])
 STOP_FRAME = b"S"
+RETIRE_FRAME = b"Q"
 
 _TASK_HEAD = struct.Struct("<BqIiq")  # kind, bid, nfailed, region, nbytes
 _RESULT_HEAD = struct.Struct("<Bqdiq")  # kind, bid, worker seconds, region, nbytes

@@ -15,7 +15,6 @@ import functools
 import os
 import pickle
 import signal
-import threading
 import time
 from multiprocessing.connection import Connection
 from typing import Any, Callable
@@ -23,10 +22,13 @@ from typing import Any, Callable
 from . import _wire
 from ._errors import wrap_exception
 
-__all__ = ["cancelled", "run_batch", "worker_local", "worker_main"]
+__all__ = ["cancelled", "run_batch", "worker_local", "worker_main", "worker_spec"]
 
 _local: dict[str, Any] | None = None  # this process's worker_local() dict, None in the parent
-_cancel = threading.Event()  # set while the running job was asked to stop (keyed pools)
+# Shared with the parent: [bid running, position running, bid to cancel, position to cancel].
+# The parent writes the last two to cancel a running item (-1: every item of that bid; a cancel
+# bid of -2: everything, the pool is stopping).
+_progress: Any = None
 
 
 def worker_local() -> dict[str, Any]:
@@ -49,9 +51,21 @@ def worker_local() -> dict[str, Any]:
 def cancelled() -> bool:
     """True when the job running in this worker was asked to stop (cooperative cancellation).
 
-    Long jobs should check it now and then and return early. Outside a worker it is ``False``.
+    Long jobs should check it now and then and return early: ``Future.cancel()`` on a running
+    job, or a keyed pool's ``stop()``, sets it. Outside a worker it is always ``False``.
+
+    Example:
+        >>> def crunch(chunks):                  # doctest: +SKIP
+        ...     for chunk in chunks:
+        ...         if ordpool.cancelled():
+        ...             return None
+        ...         work(chunk)
     """
-    return _cancel.is_set()
+    p = _progress
+    if p is None:
+        return False
+    bid = p[2]
+    return bid == -2 or (bid == p[0] and p[3] in (-1, p[1]))
 
 
 def run_batch(
@@ -90,6 +104,18 @@ def _parent_alive(pid: int) -> bool:
     return True
 
 
+def worker_spec(
+    fn: Callable[..., Any],
+    init: Callable[..., Any] | None = None,
+    initargs: tuple[Any, ...] = (),
+    max_tasks: int | None = None,
+) -> bytes:
+    """What a worker needs to start, cloudpickled (lambdas and closures travel too)."""
+    import cloudpickle
+
+    return cloudpickle.dumps((fn, init, tuple(initargs), max_tasks))
+
+
 def attach_regions(names: tuple[str, ...]) -> list[Any]:
     """Attach the parent's shared-memory regions (the parent creates and unlinks them)."""
     from multiprocessing import shared_memory
@@ -114,7 +140,7 @@ def worker_main(
     region_names: tuple[str, ...] = (),
 ) -> None:
     """Entry point of a worker process (see the module docstring)."""
-    global _local
+    global _local, _progress
     # Ctrl-C goes to the whole foreground process group; the parent handles it and tears the
     # workers down. Workers printing their own KeyboardInterrupt tracebacks would be spam.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -126,9 +152,9 @@ def worker_main(
         except OSError:
             pass
     _local = {}
-    progress = memoryview(progress_array).cast("B").cast("q")
+    progress = _progress = memoryview(progress_array).cast("B").cast("q")
     try:
-        fn, init, initargs = pickle.loads(spec)
+        fn, init, initargs, max_tasks = pickle.loads(spec)
         if init is not None:
             state = init(*initargs)
             call = functools.partial(fn, state)
@@ -144,7 +170,7 @@ def worker_main(
     try:
         regions = attach_regions(region_names)
         result_conn.send_bytes(_wire.ready_frame(os.getpid()))
-        _loop(call, task_conn, result_conn, progress, parent_pid, regions)
+        _loop(call, task_conn, result_conn, progress, parent_pid, regions, max_tasks)
     except (EOFError, OSError):
         pass  # the parent went away: nothing to report to, exit quietly
     finally:
@@ -162,6 +188,7 @@ def _loop(
     progress: memoryview,
     parent_pid: int,
     regions: list[Any],
+    max_tasks: int | None = None,
 ) -> None:
     """Receive TASK frames, run them, answer with RESULT frames, until STOP.
 
@@ -174,6 +201,7 @@ def _loop(
     result_bufs = [r.buf for r in regions[2:]]
     capacity = min((len(b) for b in result_bufs), default=0)
     turn = 0
+    done = 0  # items run by this process (max_tasks_per_child)
     while True:
         while not task_conn.poll(1.0):
             if not _parent_alive(parent_pid):
@@ -193,9 +221,14 @@ def _loop(
             payload = _wire.encode_results([], {-1: wrap_exception(exc)})
         else:
             values, errors = run_batch(call, items, failed, progress)
+            done += len(items)
             del items
             payload = _wire.encode_results(values, errors)
         seconds = perf_counter() - start
+        retire = max_tasks is not None and done >= max_tasks
+        if retire:
+            # Said before the result, so the parent sends nothing more to this process.
+            result_conn.send_bytes(_wire.RETIRE_FRAME)
         size = len(payload)
         if size <= capacity:
             result_bufs[turn][:size] = payload
@@ -203,3 +236,5 @@ def _loop(
             turn ^= 1
         else:
             result_conn.send_bytes(_wire.result_head(bid, seconds, -1, size) + payload)
+        if retire:
+            return
