@@ -4,11 +4,15 @@ Public API (everything else is private)::
 
     ProcessOrderedPool   worker processes; results in index order (imap, enqueue/results)
     Result               one item's outcome: index, value, error, get()
+    KeyedPool, submit    per-key serial jobs returning futures (and a library-wide default pool)
+    PoolStats, WorkerStats   frozen snapshots returned by every pool's stats()
     worker_local         a dict private to the current worker process
     cancelled            cooperative cancellation flag for long jobs
-    OrdpoolError, BrokenPool, WorkerCrashed, WorkerInitError, PoolClosed, RemoteTraceback
+    OrdpoolError, BrokenPool, WorkerCrashed, WorkerInitError, PoolClosed, QueueFull,
+    RemoteTraceback      the error model
 """
 
+from ._engine import fnv1a
 from ._errors import (
     BrokenPool,
     OrdpoolError,
@@ -17,21 +21,30 @@ from ._errors import (
     WorkerCrashed,
     WorkerInitError,
 )
+from ._keyed import KeyedPool, QueueFull, default_pool, submit
 from ._pool import ProcessOrderedPool, Result
+from ._stats import PoolStats, WorkerStats
 from ._worker import cancelled, worker_local
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BrokenPool",
+    "KeyedPool",
     "OrdpoolError",
     "PoolClosed",
+    "PoolStats",
     "ProcessOrderedPool",
+    "QueueFull",
     "RemoteTraceback",
     "Result",
     "WorkerCrashed",
     "WorkerInitError",
+    "WorkerStats",
     "__version__",
     "cancelled",
+    "default_pool",
+    "fnv1a",
+    "submit",
     "worker_local",
 ]

@@ -210,4 +210,3 @@ class BatchSizer:
         self.maximum = max(self.minimum, maximum)
         if self.fixed is None:
             self.size = min(self.size, self.maximum)
-

@@ -51,6 +51,7 @@ from . import _wire
 from ._batching import Batch, Batcher, BatchSizer, Task, compact_indices
 from ._errors import BrokenPool, PoolClosed, WorkerCrashed, WorkerInitError, describe_exit
 from ._reorder import ReorderBuffer
+from ._stats import PoolStats, WorkerStats, worker_usage
 
 __all__ = ["DEPTH", "Engine", "PoolState", "Stream", "fnv1a", "usable_cores"]
 
@@ -119,6 +120,13 @@ class Stream:
             ``None`` until an enqueue stream's first item says.
         on_batch: ``None`` for an ordered stream; else called as ``on_batch(batch)`` as soon as
             a batch is answered, in any order (the executor completes futures with it).
+        on_send: called as ``on_send(task)`` under the engine lock just before a task goes to
+            a worker; it may add positions to ``task.failed`` (futures cancelled meanwhile).
+        queued_seq: seq of the next batch to queue for the workers. Batches are encoded outside
+            the lock, by whichever thread took them, so they can finish encoding out of order;
+            they are queued strictly in seq order (``parked`` holds early ones) so that a key's
+            items reach its worker in submission order.
+        parked: encoded batches waiting for an earlier one to be queued ({9: <Batch>}).
         reorder: answered batches waiting for their turn (ordered streams).
         next_seq: seq of the next batch this stream will create (7).
         open_batches: batches taken from the input and not yet answered (3).
@@ -144,7 +152,10 @@ class Stream:
         "kind",
         "next_seq",
         "on_batch",
+        "on_send",
         "open_batches",
+        "parked",
+        "queued_seq",
         "reorder",
     )
 
@@ -158,6 +169,9 @@ class Stream:
         self.kind = kind
         self.keyed = keyed
         self.on_batch = on_batch
+        self.on_send: Callable[[Task], None] | None = None
+        self.queued_seq = 0
+        self.parked: dict[int, Batch] = {}
         self.reorder: ReorderBuffer[Batch] = ReorderBuffer()
         self.next_seq = 0
         self.open_batches = 0
@@ -194,6 +208,8 @@ class _Slot:
 
 
 _LIVE_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+# (slot or None, positions in the batch or None for all, encoded parts, failed positions)
+_Encoded = tuple[int | None, list[int] | None, list[Any], dict[int, BaseException]]
 
 
 class Engine:
@@ -472,34 +488,20 @@ class Engine:
         input costs tens of nanoseconds per item. An exception from the iterable becomes the
         error of the position where it happened, and the stream ends there.
         """
-        feed = stream.feed
-        append = feed.append
-        sizer = self.sizer
-        size = sizer.size
         try:
-            if isinstance(iterable, (list, tuple)):
-                # A sequence cannot block: feed it by slices, at C speed.
-                start, end = 0, len(iterable)
-                while start < end:
-                    feed.extend(iterable[start : start + size])
-                    start += size
-                    if not self._take_feed(stream):
-                        return
-                    size = sizer.size
-                iterable = ()
-            for item in iterable:
-                append(item)
-                n = len(feed)
-                if n >= size or (self._idle and not self._pending):
-                    if not self._take_feed(stream):
-                        return
-                    size = sizer.size
-                elif n == 1 and self._flusher_idle:
-                    with self._lock:
-                        self._flush.notify()
-        except BaseException as exc:  # noqa: BLE001 - it is delivered at its position
+            outcome = self._feed(stream, iterable)
+        except BaseException as exc:  # a bug of ours: fail loudly, not silently
+            with self._lock:
+                if self.state not in _ENDED:
+                    self._break_locked(exc)
+            self._drain_due()
+            self.transport.stop(graceful=False)
+            return
+        if outcome is False:
+            return
+        if outcome is not True:  # the input raised: its error takes the next position
             if self._take_feed(stream, until_empty=True):
-                self._fail_at_end(stream, exc)
+                self._fail_at_end(stream, outcome)
             self._drain_due()
             self._maybe_stop()
             return
@@ -509,6 +511,45 @@ class Engine:
             stream.closed = stream.complete = True
             self._ready.notify_all()
         self._maybe_stop()
+
+    def _feed(self, stream: Stream, iterable: Iterable[Any]) -> bool | BaseException:
+        """Pull ``iterable`` into the feed: True at its end, False if the stream went away, or
+        the exception the input raised. Exceptions of the engine itself propagate."""
+        feed = stream.feed
+        append = feed.append
+        sizer = self.sizer
+        size = sizer.size
+        if isinstance(iterable, (list, tuple)):
+            # A sequence cannot block: feed it by slices, at C speed.
+            start, end = 0, len(iterable)
+            while start < end:
+                feed.extend(iterable[start : start + size])
+                start += size
+                if not self._take_feed(stream):
+                    return False
+                size = sizer.size
+            return True
+        it = iter(iterable)
+        while True:
+            # The loop is in its own try so that only the input's exceptions count as the
+            # input's: anything raised by _take_feed is ours and must not end the stream
+            # looking like data.
+            try:
+                for item in it:
+                    append(item)
+                    n = len(feed)
+                    if n >= size or (self._idle and not self._pending):
+                        break
+                    if n == 1 and self._flusher_idle:
+                        with self._lock:
+                            self._flush.notify()
+                else:
+                    return True
+            except BaseException as exc:  # delivered at its position
+                return exc
+            if not self._take_feed(stream):
+                return False
+            size = sizer.size
 
     def _take_feed(self, stream: Stream, *, until_empty: bool = False) -> bool:
         """Move feed items into batches as the window allows; False if the stream is gone."""
@@ -543,7 +584,7 @@ class Engine:
             batch.tasks.append(task)
             batch.unanswered = 1
             stream.closed = stream.complete = True
-            self._answer_locked(task)
+            self._queue_in_order_locked(batch)
 
     def _new_bid(self) -> int:
         bid = self._next_bid
@@ -587,7 +628,7 @@ class Engine:
             groups: dict[int, list[int]] = {}
             for pos, slot in enumerate(slots):
                 groups.setdefault(slot, []).append(pos)
-            encoded = []
+            encoded: list[_Encoded] = []
             for slot, positions in groups.items():
                 parts, failed = _wire.encode_items([items[p] for p in positions])
                 encoded.append((slot, positions if len(groups) > 1 else None, parts, failed))
@@ -595,25 +636,40 @@ class Engine:
             parts, failed = _wire.encode_items(items)
             encoded = [(None, None, parts, failed)]
         with self._lock:
-            for slot, positions, parts, failed in encoded:
-                n = len(positions) if positions is not None else len(items)
-                task = Task(batch, self._new_bid(), n, parts, failed, slot, positions)
+            for task_slot, task_positions, task_parts, task_failed in encoded:
+                n = len(task_positions) if task_positions is not None else len(items)
+                task = Task(
+                    batch, self._new_bid(), n, task_parts, task_failed, task_slot, task_positions
+                )
                 batch.tasks.append(task)
             batch.unanswered = len(batch.tasks)
-            if self.state in (PoolState.TERMINATED, PoolState.BROKEN):
-                if self.state is PoolState.BROKEN:
-                    for task in batch.tasks:
-                        self._fail_task_locked(task, self._broken_error)
-            else:
-                for task in batch.tasks:
-                    if len(task.failed) == task.n:
-                        self._answer_locked(task)  # nothing to run: every item failed to pickle
-                    elif task.slot is None:
-                        self._pending.append(task)
-                    else:
-                        self._slots[task.slot].pending.append(task)
-                self._pump_locked()
+            self._queue_in_order_locked(batch)
+            self._pump_locked()
         self._drain_due()
+
+    def _queue_in_order_locked(self, batch: Batch) -> None:
+        """Queue an encoded batch's tasks for the workers, in the stream's seq order."""
+        stream = batch.stream
+        if batch.seq != stream.queued_seq:
+            stream.parked[batch.seq] = batch  # an earlier batch is still being encoded
+            return
+        while True:
+            stream.queued_seq += 1
+            for task in batch.tasks:
+                if self.state is PoolState.BROKEN:
+                    self._fail_task_locked(task, self._broken_error)
+                elif self.state is PoolState.TERMINATED:
+                    pass  # dropped: terminate() ends every stream
+                elif len(task.failed) == task.n:
+                    self._answer_locked(task)  # nothing to run: every item failed already
+                elif task.slot is None:
+                    self._pending.append(task)
+                else:
+                    self._slots[task.slot].pending.append(task)
+            next_batch = stream.parked.pop(stream.queued_seq, None)
+            if next_batch is None:
+                return
+            batch = next_batch
 
     def _flush_loop(self) -> None:
         """Send partial batches that waited ``max_delay`` (a lone message on a quiet stream).
@@ -675,6 +731,13 @@ class Engine:
         self._idle = sum(1 for s in self._slots if s.ready and not s.retiring and not s.outstanding)
 
     def _send_locked(self, slot: int, task: Task) -> None:
+        on_send = task.batch.stream.on_send
+        if on_send is not None:
+            on_send(task)
+            if len(task.failed) == task.n:  # every item was cancelled meanwhile
+                task.parts = []
+                self._answer_locked(task)
+                return
         self._slots[slot].outstanding.append(task)
         self.transport.send(slot, task.bid, tuple(task.failed), task.parts)
 
@@ -688,6 +751,7 @@ class Engine:
             s.pid = pid
             self._ready.notify_all()
             self._pump_locked()
+        self._drain_due()
 
     def on_retire(self, slot: int) -> None:
         with self._lock:
@@ -746,7 +810,11 @@ class Engine:
         task.parts = []
         self._answer_locked(task)
 
-    def on_result(self, slot: int, bid: int, seconds: float, payload: Any) -> None:
+    def on_result(
+        self, slot: int, bid: int, seconds: float, payload: Any, nerrors: int = 0
+    ) -> None:
+        """A task's results arrived (``nerrors``: items that failed in the worker;
+        ``_wire.ALL_FAILED``: all of them)."""
         with self._lock:
             s = self._slots[slot]
             task = s.outstanding.popleft()
@@ -756,7 +824,7 @@ class Engine:
             s.tasks += task.n
             task.frame = payload
             task.parts = []
-            self._answer_locked(task)
+            self._answer_locked(task, nerrors)
             self._pump_locked()
             closing = self.state is PoolState.CLOSING
         if self._due:
@@ -801,7 +869,7 @@ class Engine:
             return
         try:
             self.transport.start_worker(slot)
-        except BaseException as exc:  # noqa: BLE001 - a start failure breaks the pool
+        except BaseException as exc:  # a start failure breaks the pool
             with self._lock:
                 self._break_locked(exc)
         self._drain_due()
@@ -816,12 +884,19 @@ class Engine:
             pid=pid,
         )
         running_bid, position = progress
-        requeue_any, requeue_pinned = [], []
+        requeue_any: list[Task] = []
+        requeue_pinned: list[Task] = []
         for i, task in enumerate(lost):
             if i == 0 and task.bid == running_bid:
                 n = task.n
-                # position == n: it died after running every item (sending the results)
-                blamed = [position] if 0 <= position < n else range(n)
+                if position == n and -1 not in task.attempts:
+                    # It died after running every item, while sending the results: no item
+                    # is to blame (a kill from outside, an OOM). Run the task again, once.
+                    task.attempts[-1] = 1
+                    blamed: Iterable[int] = ()
+                else:
+                    # position -1 (unknown, e.g. a lost Ray actor) or n again: all of them
+                    blamed = [position] if 0 <= position < n else range(n)
                 for pos in blamed:
                     if pos in task.failed:
                         continue
@@ -839,10 +914,13 @@ class Engine:
         for task in reversed(requeue_pinned):
             self._slots[task.slot].pending.appendleft(task)  # type: ignore[index]
 
-    def _answer_locked(self, task: Task) -> None:
+    def _answer_locked(self, task: Task, worker_errors: int = 0) -> None:
         """One task is answered; deliver its batch when it was the last."""
         n = task.n
-        failures = len(task.failed)
+        if worker_errors == _wire.ALL_FAILED:
+            failures = n
+        else:
+            failures = len(task.failed) + worker_errors
         self.failed += failures
         self.completed += n - failures
         batch = task.batch
@@ -947,10 +1025,23 @@ class Engine:
         self.transport.cancel(slot, task.bid, position)
         return True
 
-    def slot_snapshot(self) -> list[tuple[int, int, int, bool]]:
-        """``(pid, tasks held, items done, busy)`` per slot."""
+    def stats(self) -> PoolStats:
+        """A :class:`~ordpool.PoolStats` snapshot (per-worker CPU and RSS from psutil)."""
         with self._lock:
-            return [(s.pid, len(s.outstanding), s.tasks, bool(s.outstanding)) for s in self._slots]
+            slots = [
+                (s.pid if s.ready else None, bool(s.outstanding), s.tasks, s.started)
+                for s in self._slots
+            ]
+            counters = (self.submitted, self.completed, self.failed, self._inflight)
+            in_heap = sum(s.reorder.items for s in self._streams)
+            busy = sum(1 for s in self._slots if s.outstanding)
+            idle = sum(1 for s in self._slots if s.ready and not s.outstanding)
+            restarts, peak = self.restarts, self.peak_heap
+        workers = tuple(
+            WorkerStats(i, pid, is_busy, done, started, *worker_usage(pid))
+            for i, (pid, is_busy, done, started) in enumerate(slots)
+        )
+        return PoolStats(*counters, in_heap, peak, busy, idle, restarts, workers)
 
     def worker_pids(self) -> list[int]:
         return sorted(self.transport.pids().values())
@@ -967,7 +1058,7 @@ def _decode_task(task: Task) -> tuple[list[Any], dict[int, BaseException] | None
         return [None] * n, dict(task.failed)
     try:
         values, errors = _wire.decode_results(task.frame)
-    except BaseException as exc:  # noqa: BLE001 - becomes each item's error
+    except BaseException as exc:  # becomes each item's error
         err = RuntimeError(f"could not unpickle the results of this batch: {exc!r}")
         err.__cause__ = exc
         return [None] * n, {pos: err for pos in range(n)}
@@ -984,7 +1075,7 @@ def _terminate_all() -> None:
     for engine in list(_LIVE_ENGINES):
         try:
             engine.terminate()
-        except Exception:  # noqa: BLE001, S110 - interpreter exit: nothing to report to
+        except Exception:  # interpreter exit: nothing to report to
             pass
 
 

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from ._engine import Engine, PoolState, Stream, fnv1a, usable_cores
 from ._process import ProcessTransport
+from ._stats import PoolStats
 from ._worker import worker_spec
 
 __all__ = ["ProcessOrderedPool", "Result"]
@@ -27,7 +28,7 @@ class Result(NamedTuple):
             traceback as ``__cause__``; a dead worker gives :class:`~ordpool.WorkerCrashed`.
     """
 
-    index: int
+    index: int  # type: ignore[assignment]  # the issue's name; shadows tuple.index on purpose
     value: Any
     error: BaseException | None
 
@@ -168,8 +169,10 @@ class ProcessOrderedPool:
             ctx = multiprocessing.get_context(start_method)
             self._start_method = ctx.get_start_method()
 
-            def factory(events: Any) -> Any:
+            def process_factory(events: Any) -> Any:
                 return ProcessTransport(ctx, spec, events)
+
+            factory: Callable[[Any], Any] = process_factory
 
         elif backend == "ray":
             if start_method is not None:
@@ -272,7 +275,9 @@ class ProcessOrderedPool:
         """
         return self._start_imap(iterable, errors, keyed=False)
 
-    def imap_keyed(self, pairs: Iterable[tuple[Any, Any]], *, errors: str = "raise") -> Iterator[Any]:
+    def imap_keyed(
+        self, pairs: Iterable[tuple[Any, Any]], *, errors: str = "raise"
+    ) -> Iterator[Any]:
         """Like :meth:`imap` over ``(key, item)`` pairs: each item runs on its key's worker.
 
         Items with the same key run one at a time, in input order, in the same worker process,
@@ -293,7 +298,9 @@ class ProcessOrderedPool:
 
     def _start_imap(self, iterable: Iterable[Any], errors: str, *, keyed: bool) -> Iterator[Any]:
         if errors not in _ERRORS:
-            raise ValueError(f"errors must be one of {', '.join(map(repr, _ERRORS))}, got {errors!r}")
+            raise ValueError(
+                f"errors must be one of {', '.join(map(repr, _ERRORS))}, got {errors!r}"
+            )
         engine = self._live()
         with self._stream_lock:
             for other in engine.streams():
@@ -307,7 +314,10 @@ class ProcessOrderedPool:
                 )
             stream = engine.open_stream("imap", keyed=keyed)
         feeder = threading.Thread(
-            target=engine.feed_iterable, args=(stream, iterable), name="ordpool-imap-feeder", daemon=True
+            target=engine.feed_iterable,
+            args=(stream, iterable),
+            name="ordpool-imap-feeder",
+            daemon=True,
         )
         feeder.start()
         # The Python generator runs once per batch; chain() hands out the items in C.
@@ -316,7 +326,6 @@ class ProcessOrderedPool:
     def map(self, iterable: Iterable[Any], *, errors: str = "raise") -> list[Any]:
         """``list(self.imap(iterable, errors=errors))``."""
         return list(self.imap(iterable, errors=errors))
-
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -382,6 +391,10 @@ class ProcessOrderedPool:
     def state(self) -> str:
         """``"running"``, ``"closing"``, ``"closed"``, ``"terminated"`` or ``"broken"``."""
         return self._engine.state.value if self._engine is not None else "uninitialised"
+
+    def stats(self) -> PoolStats:
+        """A frozen snapshot of the pool's counters and workers (:class:`~ordpool.PoolStats`)."""
+        return self._live_or_closing().stats()
 
     def worker_pids(self) -> list[int]:
         """Process ids of the current workers."""

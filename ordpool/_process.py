@@ -52,6 +52,7 @@ __all__ = ["REGION_SIZE", "ProcessTransport", "TransportEvents", "write_frame"]
 _PARENT_FDS: set[int] = set()
 _PIPE_SIZE = 1 << 20
 REGION_SIZE = 8 << 20  # bytes per shared-memory region; pages are only used once touched
+_CONTROL_SIZE = 64
 _IOV_MAX = 1024  # Linux's IOV_MAX
 _LEN = struct.Struct("!i")
 _LEN_LONG = struct.Struct("!iQ")
@@ -63,7 +64,9 @@ class TransportEvents(Protocol):
     def on_ready(self, slot: int, pid: int) -> None: ...
     def on_init_error(self, slot: int, exc: BaseException) -> None: ...
     def on_retire(self, slot: int) -> None: ...
-    def on_result(self, slot: int, bid: int, seconds: float, payload: Any) -> None: ...
+    def on_result(
+        self, slot: int, bid: int, seconds: float, payload: Any, nerrors: int = 0
+    ) -> None: ...
     def on_death(
         self, slot: int, exitcode: int | None, pid: int, progress: tuple[int, int]
     ) -> None: ...
@@ -90,6 +93,12 @@ def write_frame(fd: int, parts: list[Any]) -> None:
             written -= len(bufs[i])
             i += 1
         bufs[i] = memoryview(bufs[i])[written:]
+
+
+def _buf(shm: shared_memory.SharedMemory) -> memoryview:
+    buf = shm.buf
+    assert buf is not None  # None only after close()
+    return buf
 
 
 def _enlarge(conn: Connection) -> None:
@@ -122,27 +131,19 @@ class _Worker:
         self.reader, res_w = ctx.Pipe(duplex=False)  # parent reads READY/RESULT frames
         _enlarge(self.writer)
         _enlarge(self.reader)
-        # [task 0, task 1, result 0, result 1]; created (and unlinked) by the parent
-        self.regions = [
-            shared_memory.SharedMemory(create=True, size=REGION_SIZE) for _ in range(4)
-        ]
-        self.result_views = [r.buf for r in self.regions[2:]]
-        # [bid running, position running, bid to cancel, position to cancel] (see _worker)
-        self.progress = ctx.RawArray("q", 4)  # type: ignore[attr-defined]
+        # [task 0, task 1, result 0, result 1, control]; created (and unlinked) by the parent.
+        # control holds four int64: [bid running, position running, bid to cancel, position to
+        # cancel] (see _worker.cancelled).
+        self.regions = [shared_memory.SharedMemory(create=True, size=REGION_SIZE) for _ in range(4)]
+        self.regions.append(shared_memory.SharedMemory(create=True, size=_CONTROL_SIZE))
+        self.result_views: list[memoryview] = [_buf(r) for r in self.regions[2:4]]
+        self.progress = _buf(self.regions[4]).cast("q")
         self.progress[0] = self.progress[2] = -1
         _PARENT_FDS.update((self.writer.fileno(), self.reader.fileno()))
         inherited = tuple(_PARENT_FDS) if ctx.get_start_method() == "fork" else ()
         self.process = ctx.Process(  # type: ignore[attr-defined]
             target=worker_main,
-            args=(
-                task_r,
-                res_w,
-                spec,
-                self.progress,
-                os.getpid(),
-                inherited,
-                tuple(r.name for r in self.regions),
-            ),
+            args=(task_r, res_w, spec, os.getpid(), inherited, tuple(r.name for r in self.regions)),
             name=f"ordpool-worker-{slot}",
         )
         try:
@@ -161,7 +162,7 @@ class _Worker:
 
     def _send_loop(self) -> None:
         fd, get = self.writer.fileno(), self.queue.get
-        views = [r.buf for r in self.regions[:2]]
+        views = [_buf(r) for r in self.regions[:2]]
         capacity = REGION_SIZE
         turn = 0
         task_head = _wire.task_head
@@ -188,12 +189,13 @@ class _Worker:
             except ValueError:
                 return  # regions released by close(): the worker is gone
 
-    def result_payload(self, frame: bytes) -> tuple[int, float, Any]:
-        """``(bid, seconds, payload)`` of a RESULT frame, the payload copied out of its region."""
-        bid, seconds, region, nbytes = _wire.parse_result(frame)
+    def result_payload(self, frame: bytes) -> tuple[int, float, Any, int]:
+        """``(bid, seconds, payload, nerrors)`` of a RESULT frame, the payload copied out of
+        its region."""
+        bid, seconds, region, nbytes, nerrors = _wire.parse_result(frame)
         if region >= 0:
-            return bid, seconds, bytes(self.result_views[region][:nbytes])
-        return bid, seconds, memoryview(frame)[_wire.RESULT_HEAD_SIZE :]
+            return bid, seconds, bytes(self.result_views[region][:nbytes]), nerrors
+        return bid, seconds, memoryview(frame)[_wire.RESULT_HEAD_SIZE :], nerrors
 
     def close(self) -> None:
         """Release pipes and shared memory (the process has exited or been killed)."""
@@ -207,6 +209,7 @@ class _Worker:
                 pass
             conn.close()
         self.result_views = []
+        self.progress.release()
         for shm in self.regions:
             try:
                 shm.close()
@@ -256,9 +259,16 @@ class ProcessTransport:
             return
         self._wake()
 
-    def send(self, slot: int, bid: int, failed: dict[int, BaseException], parts: list[Any]) -> None:
-        """Queue a batch for the worker of ``slot``; never blocks."""
-        self._workers[slot].queue.put((bid, failed, parts))
+    def send(self, slot: int, bid: int, failed: tuple[int, ...], parts: list[Any]) -> None:
+        """Queue a task for the worker of ``slot``; never blocks.
+
+        If that worker has just died (the collector removes it before reporting the death),
+        the task is dropped here: the engine already counts it as held by that worker and
+        re-queues it when the death is reported.
+        """
+        worker = self._workers.get(slot)
+        if worker is not None:
+            worker.queue.put((bid, failed, parts))
 
     def pids(self) -> dict[int, int]:
         with self._lock:
@@ -341,7 +351,9 @@ class ProcessTransport:
                         for slot, w in current.items():
                             if slot not in watched:
                                 selector.register(w.reader, selectors.EVENT_READ, (w, False))
-                                selector.register(w.process.sentinel, selectors.EVENT_READ, (w, True))
+                                selector.register(
+                                    w.process.sentinel, selectors.EVENT_READ, (w, True)
+                                )
                                 watched[slot] = w
                 ready = selector.select()
                 dead = []
@@ -383,8 +395,8 @@ class ProcessTransport:
             return False
         kind = frame[0]
         if kind == _wire.RESULT:
-            bid, seconds, payload = worker.result_payload(frame)
-            events.on_result(worker.slot, bid, seconds, payload)
+            bid, seconds, payload, nerrors = worker.result_payload(frame)
+            events.on_result(worker.slot, bid, seconds, payload, nerrors)
         elif kind == _wire.READY:
             events.on_ready(worker.slot, worker.process.pid)
         elif kind == _wire.INITERR:
@@ -407,7 +419,7 @@ class ProcessTransport:
             if self._workers.get(worker.slot) is not worker or self._closing:
                 return  # shutting down: not a crash
             del self._workers[worker.slot]
-        progress = (worker.progress[0], worker.progress[1])
+        progress = (worker.progress[0], worker.progress[1]) if not worker.closed else (-1, -1)
         worker.queue.put(None)
         pid = worker.process.pid or 0
         exitcode = worker.process.exitcode

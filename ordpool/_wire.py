@@ -8,7 +8,8 @@ kind::
     worker -> parent   READY   b"Y" pid:q
                        INITERR b"E" pickle(exception with traceback)
                        RETIRE  b"Q"   (max_tasks_per_child reached: the next RESULT is the last)
-                       RESULT  b"R" bid:q seconds:d region:i nbytes:q  [pickle((values, errors))]
+                       RESULT  b"R" bid:q seconds:d region:i nbytes:q nerrors:I
+                                                                [pickle((values, errors))]
 
 The payload (``items`` or the pickled results) lies in shared-memory region ``region`` of that
 worker when it fits there (a copy into shared memory costs a tenth of a pipe write per byte), or
@@ -30,7 +31,7 @@ import gc
 import pickle
 import struct
 from array import array
-from itertools import accumulate
+from itertools import accumulate, pairwise
 from typing import Any
 
 import cloudpickle
@@ -38,6 +39,7 @@ import cloudpickle
 from ._errors import wrap_exception
 
 __all__ = [
+    "ALL_FAILED",
     "INITERR",
     "READY",
     "RESULT",
@@ -57,10 +59,11 @@ __all__ = [
 
 TASK, STOP, READY, INITERR, RESULT, RETIRE = (b"T"[0], b"S"[0], b"Y"[0], b"E"[0], b"R"[0], b"Q"[0])
 STOP_FRAME = b"S"
+ALL_FAILED = 0xFFFFFFFF  # RESULT nerrors: every item failed (its batch could not be decoded)
 RETIRE_FRAME = b"Q"
 
 _TASK_HEAD = struct.Struct("<BqIiq")  # kind, bid, nfailed, region, nbytes
-_RESULT_HEAD = struct.Struct("<Bqdiq")  # kind, bid, worker seconds, region, nbytes
+_RESULT_HEAD = struct.Struct("<BqdiqI")  # kind, bid, worker seconds, region, nbytes, nerrors
 _READY = struct.Struct("<Bq")  # kind, pid
 RESULT_HEAD_SIZE = _RESULT_HEAD.size
 _COUNT = struct.Struct("<I")
@@ -126,8 +129,7 @@ def decode_items(data: memoryview) -> list[Any]:
         lengths = array("q")
         lengths.frombytes(data[1 + _COUNT.size : start])
         raw = bytes(data[start:])
-        offsets = list(accumulate(lengths, initial=0))
-        return [raw[a:b] for a, b in zip(offsets, offsets[1:])]
+        return [raw[a:b] for a, b in pairwise(accumulate(lengths, initial=0))]
     return pickle.loads(data[1:])
 
 
@@ -176,14 +178,15 @@ def encode_results(values: list[Any], errors: dict[int, Any] | None) -> bytes:
     return dumps((values, errors))
 
 
-def result_head(bid: int, seconds: float, region: int, nbytes: int) -> bytes:
-    return _RESULT_HEAD.pack(RESULT, bid, seconds, region, nbytes)
+def result_head(bid: int, seconds: float, region: int, nbytes: int, nerrors: int) -> bytes:
+    """The RESULT header; ``nerrors`` lets the parent count failures without unpickling."""
+    return _RESULT_HEAD.pack(RESULT, bid, seconds, region, nbytes, nerrors)
 
 
-def parse_result(frame: bytes) -> tuple[int, float, int, int]:
-    """``(bid, worker seconds, region, nbytes)`` of a RESULT frame; inline payload follows."""
-    _, bid, seconds, region, nbytes = _RESULT_HEAD.unpack_from(frame)
-    return bid, seconds, region, nbytes
+def parse_result(frame: bytes) -> tuple[int, float, int, int, int]:
+    """``(bid, seconds, region, nbytes, nerrors)`` of a RESULT frame; inline payload follows."""
+    _, bid, seconds, region, nbytes, nerrors = _RESULT_HEAD.unpack_from(frame)
+    return bid, seconds, region, nbytes, nerrors
 
 
 def decode_results(payload: Any) -> tuple[list[Any], dict[int, BaseException] | None]:

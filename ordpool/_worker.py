@@ -22,7 +22,7 @@ from typing import Any, Callable
 from . import _wire
 from ._errors import wrap_exception
 
-__all__ = ["cancelled", "run_batch", "worker_local", "worker_main", "worker_spec"]
+__all__ = ["cancelled", "invoke", "run_batch", "worker_local", "worker_main", "worker_spec"]
 
 _local: dict[str, Any] | None = None  # this process's worker_local() dict, None in the parent
 # Shared with the parent: [bid running, position running, bid to cancel, position to cancel].
@@ -104,6 +104,12 @@ def _parent_alive(pid: int) -> bool:
     return True
 
 
+def invoke(call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]) -> Any:
+    """Run one ``(fn, args, kwargs)`` job: the worker function of job-style pools."""
+    fn, args, kwargs = call
+    return fn(*args, **kwargs)
+
+
 def worker_spec(
     fn: Callable[..., Any],
     init: Callable[..., Any] | None = None,
@@ -134,10 +140,9 @@ def worker_main(
     task_conn: Connection,
     result_conn: Connection,
     spec: bytes,
-    progress_array: Any,
     parent_pid: int,
     inherited_fds: tuple[int, ...],
-    region_names: tuple[str, ...] = (),
+    region_names: tuple[str, ...],
 ) -> None:
     """Entry point of a worker process (see the module docstring)."""
     global _local, _progress
@@ -152,7 +157,11 @@ def worker_main(
         except OSError:
             pass
     _local = {}
-    progress = _progress = memoryview(progress_array).cast("B").cast("q")
+    try:
+        regions = attach_regions(region_names)
+    except OSError:
+        os._exit(4)  # the parent is gone already, or /dev/shm is not usable
+    progress = _progress = regions[4].buf.cast("q")
     try:
         fn, init, initargs, max_tasks = pickle.loads(spec)
         if init is not None:
@@ -166,14 +175,14 @@ def worker_main(
         except OSError:
             pass
         os._exit(3)
-    regions: list[Any] = []
     try:
-        regions = attach_regions(region_names)
         result_conn.send_bytes(_wire.ready_frame(os.getpid()))
         _loop(call, task_conn, result_conn, progress, parent_pid, regions, max_tasks)
     except (EOFError, OSError):
         pass  # the parent went away: nothing to report to, exit quietly
     finally:
+        _progress = None
+        progress.release()
         for shm in regions:
             try:
                 shm.close()
@@ -192,13 +201,13 @@ def _loop(
 ) -> None:
     """Receive TASK frames, run them, answer with RESULT frames, until STOP.
 
-    ``regions`` are ``[task 0, task 1, result 0, result 1]``. Result regions alternate; the
+    ``regions`` are ``[task 0, task 1, result 0, result 1, control]``. Result regions alternate; the
     parent copies a result out before it sends the task that could produce the next result for
     the same region, because it never lets a worker hold more than two batches.
     """
     perf_counter = time.perf_counter
     task_bufs = [r.buf for r in regions[:2]]
-    result_bufs = [r.buf for r in regions[2:]]
+    result_bufs = [r.buf for r in regions[2:4]]
     capacity = min((len(b) for b in result_bufs), default=0)
     turn = 0
     done = 0  # items run by this process (max_tasks_per_child)
@@ -219,11 +228,13 @@ def _loop(
             # An item that cannot be unpickled here (a class the worker cannot import) fails
             # the batch: position -1 means "every item".
             payload = _wire.encode_results([], {-1: wrap_exception(exc)})
+            nerrors = _wire.ALL_FAILED
         else:
             values, errors = run_batch(call, items, failed, progress)
             done += len(items)
             del items
             payload = _wire.encode_results(values, errors)
+            nerrors = len(errors) if errors else 0
         seconds = perf_counter() - start
         retire = max_tasks is not None and done >= max_tasks
         if retire:
@@ -232,9 +243,9 @@ def _loop(
         size = len(payload)
         if size <= capacity:
             result_bufs[turn][:size] = payload
-            result_conn.send_bytes(_wire.result_head(bid, seconds, turn, size))
+            result_conn.send_bytes(_wire.result_head(bid, seconds, turn, size, nerrors))
             turn ^= 1
         else:
-            result_conn.send_bytes(_wire.result_head(bid, seconds, -1, size) + payload)
+            result_conn.send_bytes(_wire.result_head(bid, seconds, -1, size, nerrors) + payload)
         if retire:
             return
