@@ -44,8 +44,14 @@ class Result(NamedTuple):
         return self.value
 
 
-def _imap_batches(engine: Engine, stream: Stream, errors: str) -> Iterator[list[Any]]:
-    """imap's values, a list per batch; a failed item per the ``errors`` policy."""
+def _imap_batches(
+    pool: ProcessOrderedPool, engine: Engine, stream: Stream, errors: str
+) -> Iterator[list[Any]]:
+    """imap's values, a list per batch; a failed item per the ``errors`` policy.
+
+    ``pool`` is only held, so that ``list(ProcessOrderedPool(f).imap(xs))`` keeps the pool
+    alive until the iteration ends.
+    """
     try:
         while True:
             batch = engine.next_batch(stream)
@@ -69,8 +75,12 @@ def _imap_batches(engine: Engine, stream: Stream, errors: str) -> Iterator[list[
         engine.release_stream(stream)
 
 
-def _result_batches(engine: Engine, stream: Stream) -> Iterator[Iterator[Result]]:
-    """results()'s Result objects, an iterator per batch (built in C with map/zip)."""
+def _result_batches(
+    pool: ProcessOrderedPool, engine: Engine, stream: Stream
+) -> Iterator[Iterator[Result]]:
+    """results()'s Result objects, an iterator per batch (built in C with map/zip).
+
+    ``pool`` is only held, to keep it alive while its results are iterated."""
     new = tuple.__new__
     try:
         while True:
@@ -249,7 +259,7 @@ class ProcessOrderedPool:
         engine = self._live_or_closing()
         stream = self._enqueue_stream(engine, keyed=None)
         engine.claim_consumer(stream)
-        return chain.from_iterable(_result_batches(engine, stream))
+        return chain.from_iterable(_result_batches(self, engine, stream))
 
     # -- batch processing: imap ----------------------------------------------------------------
 
@@ -321,7 +331,7 @@ class ProcessOrderedPool:
         )
         feeder.start()
         # The Python generator runs once per batch; chain() hands out the items in C.
-        return chain.from_iterable(_imap_batches(engine, stream, errors))
+        return chain.from_iterable(_imap_batches(self, engine, stream, errors))
 
     def map(self, iterable: Iterable[Any], *, errors: str = "raise") -> list[Any]:
         """``list(self.imap(iterable, errors=errors))``."""
@@ -363,13 +373,13 @@ class ProcessOrderedPool:
     def __del__(self) -> None:
         engine = getattr(self, "_engine", None)
         if engine is not None and engine.state in (PoolState.RUNNING, PoolState.CLOSING):
+            engine.terminate()  # first: the warning may be turned into an exception
             warnings.warn(
                 f"{self!r} was garbage-collected while running; call close() or use 'with'",
                 ResourceWarning,
                 source=self,
                 stacklevel=2,
             )
-            engine.terminate()
 
     def __repr__(self) -> str:
         engine = self._engine

@@ -83,5 +83,9 @@ def no_leaks(request: pytest.FixtureRequest):
     assert ok, f"child processes left behind: {sorted(left)}"
     wait_until(lambda: not (_fds() - fds), timeout=5)
     leaked = _fds() - fds
-    details = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")}
+    details = {
+        fd: os.readlink(f"/proc/self/fd/{fd}")
+        for fd in leaked
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    }
     assert not leaked, f"file descriptors left open: {details}"
