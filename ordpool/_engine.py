@@ -260,6 +260,10 @@ class Engine:
         self.restarts = 0
         self.peak_heap = 0
         self.transport = transport_factory(self)
+        max_depth = getattr(self.transport, "max_depth", depth)
+        if depth > max_depth:
+            self.transport.stop(graceful=False)
+            raise ValueError(f"depth {depth} exceeds what the transport supports ({max_depth})")
         self._flusher = threading.Thread(
             target=self._flush_loop, name="ordpool-flusher", daemon=True
         )
@@ -559,7 +563,9 @@ class Engine:
                     if stream.abandoned or self.state in (PoolState.TERMINATED, PoolState.BROKEN):
                         return False
                     room = self.window - self._inflight
-                    if room > 0:
+                    # Wait for room for a whole batch: taking whatever room there is would
+                    # cut the stream into many small batches, each paying per-batch costs.
+                    if room > 0 and room >= min(len(stream.feed), self.sizer.size):
                         break
                     self._space.wait()
                 work = self._take_locked(stream, limit=room)

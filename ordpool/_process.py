@@ -224,6 +224,9 @@ class _Worker:
 class ProcessTransport:
     """Starts worker processes and moves frames to and from them."""
 
+    # A worker holds at most this many tasks: one shared-memory region each way per task.
+    max_depth = 2
+
     def __init__(self, ctx: BaseContext, spec: bytes, events: TransportEvents) -> None:
         self._ctx = ctx
         self._spec = spec  # cloudpickled (fn, init, initargs)
