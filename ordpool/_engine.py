@@ -320,9 +320,15 @@ class Engine:
                 return
             self.state = PoolState.CLOSING
             for stream in self._streams:
-                if stream.kind == "enqueue" and not stream.closed:
+                if stream.closed:
+                    continue
+                if stream.kind == "enqueue":
                     stream.closed = stream.complete = True
                     works.append(self._take_locked(stream))
+                else:
+                    # An imap still reading its input stops reading it (the input may be
+                    # endless): what was taken finishes, then its consumer gets PoolClosed.
+                    stream.closed = True
             self._ready.notify_all()
             self._space.notify_all()
             self._flush.notify_all()
@@ -562,6 +568,8 @@ class Engine:
                 while True:
                     if stream.abandoned or self.state in (PoolState.TERMINATED, PoolState.BROKEN):
                         return False
+                    if (stream.closed and not until_empty) or self._stopping:
+                        return False  # close() stopped the intake (or the workers already)
                     room = self.window - self._inflight
                     # Wait for room for a whole batch: taking whatever room there is would
                     # cut the stream into many small batches, each paying per-batch costs.
@@ -995,7 +1003,9 @@ class Engine:
             raise BrokenPool(
                 f"the pool broke before this stream's input was processed: {self._broken_error}"
             ) from self._broken_error
-        raise PoolClosed("the pool was terminated before this stream's input was processed")
+        if self.state is PoolState.TERMINATED:
+            raise PoolClosed("the pool was terminated before this stream's input was processed")
+        raise PoolClosed("the pool was closed before this stream's input was fully read")
 
     @staticmethod
     def decode(batch: Batch) -> tuple[list[Any], dict[int, BaseException] | None]:

@@ -234,6 +234,8 @@ class ProcessTransport:
         self._lock = threading.Lock()  # guards _workers, _closing and _dirty
         self._workers: dict[int, _Worker] = {}  # slot -> live worker ({0: <_Worker>, 1: ...})
         self._closing = False
+        self._stopping: list[_Worker] = []  # the workers a stop() in progress is stopping
+        self._stopped = threading.Event()  # set when stop() has released everything
         self._dirty = True  # _workers changed: the collector must update its selector
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -298,9 +300,20 @@ class ProcessTransport:
         """Stop every worker: STOP frames when ``graceful``, else SIGTERM; SIGKILL what is left."""
         with self._lock:
             if self._closing:
+                # A stop is under way (e.g. a graceful one in the collector thread): kill if
+                # asked to, and in any case return only once it is done, so that nothing of
+                # ours is still running when the caller goes on (or the interpreter exits).
+                if not graceful:
+                    for w in self._stopping:
+                        try:
+                            w.process.kill()
+                        except (ValueError, OSError):
+                            pass  # already closed by the stop under way
+                if threading.current_thread() is not self._collector:
+                    self._stopped.wait(30)
                 return
             self._closing = True
-            workers = list(self._workers.values())
+            workers = self._stopping = list(self._workers.values())
             self._workers.clear()
         self._wake()
         for w in workers:
@@ -325,6 +338,7 @@ class ProcessTransport:
                 os.close(fd)
             except OSError:
                 pass
+        self._stopped.set()
 
     # -- the collector thread ------------------------------------------------------------------
 

@@ -1,0 +1,58 @@
+"""Lifecycle regressions: leaving a pool with an unfinished imap, stopping during a stop."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import ordpool
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_leaving_with_block_during_endless_imap_does_not_hang(start_method: str) -> None:
+    with ordpool.ProcessOrderedPool(abs, 2, start_method=start_method) as pool:
+        it = pool.imap(itertools.count())
+        assert [next(it), next(it)] == [0, 1]
+    # the block was left: intake stopped, what was taken finished, the workers are gone
+    assert pool.state == "closed"
+    got: list[int] = []
+    with pytest.raises(ordpool.PoolClosed, match="closed before"):
+        got.extend(it)
+    assert got == list(range(2, 2 + len(got)))  # what was taken comes out, in order
+
+
+def test_close_during_imap_gives_an_explicit_error_not_a_short_result(start_method: str) -> None:
+    pool = ordpool.ProcessOrderedPool(abs, 2, window=64, start_method=start_method)
+    out = pool.imap(range(100_000))
+    assert next(out) == 0
+    pool.close()
+    with pytest.raises(ordpool.PoolClosed):
+        list(out)
+    assert pool.join(30)
+
+
+def test_exit_while_a_graceful_stop_is_under_way_is_clean() -> None:
+    # The script dies of an exception while the collector thread is stopping the workers;
+    # the interpreter's exit must wait for that stop instead of racing it.
+    script = textwrap.dedent(
+        """
+        import ordpool
+        pool = ordpool.ProcessOrderedPool(abs, 2, window=64)
+        out = pool.imap(range(100_000))
+        next(out)
+        pool.close()
+        list(out)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert "PoolClosed" in done.stderr
+    assert "Exception ignored" not in done.stderr, done.stderr
+    assert "process object is closed" not in done.stderr
