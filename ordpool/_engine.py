@@ -1057,7 +1057,7 @@ class Engine:
             WorkerStats(i, pid, is_busy, done, started, *worker_usage(pid))
             for i, (pid, is_busy, done, started) in enumerate(slots)
         )
-        return PoolStats(*counters, in_heap, peak, busy, idle, restarts, workers)
+        return PoolStats(*counters, in_heap, peak, busy, idle, restarts, self.sizer.size, workers)
 
     def worker_pids(self) -> list[int]:
         return sorted(self.transport.pids().values())

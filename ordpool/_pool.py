@@ -113,7 +113,7 @@ class ProcessOrderedPool:
         initargs: arguments for ``init``.
         window: the most items in flight (sent, running, or waiting in the reorder heap).
             ``enqueue`` blocks and ``imap`` stops reading its input while it is full.
-            Default: ``max(8192, 4096 * workers)``.
+            Default: ``max(16384, 2048 * workers)``.
         batch_size: items per batch; default ``None`` adapts it to the measured cost per item
             (batches of about 5 ms of work).
         max_delay: seconds a partial batch waits for more items before it is sent anyway.

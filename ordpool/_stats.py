@@ -49,6 +49,7 @@ class PoolStats:
         busy_workers: workers holding at least one task.
         idle_workers: ready workers holding none.
         restarts: worker processes replaced after a crash.
+        batch_size: items per batch now (fixed, or the adaptive choice).
         workers: one :class:`WorkerStats` per slot.
 
     Once everything submitted was answered, ``submitted == completed + failed``.
@@ -63,6 +64,7 @@ class PoolStats:
     busy_workers: int
     idle_workers: int
     restarts: int
+    batch_size: int
     workers: tuple[WorkerStats, ...]
 
 
