@@ -1,11 +1,11 @@
 # Two entry points on a fresh machine with Python 3.10+:
 #   make bench   creates .venv, installs ordpool, runs `ordpool bench`
-#   make test    creates .venv, installs ordpool[test], runs ruff, mypy and pytest
+#   make test    creates .venv, installs ordpool[test,ray], runs ruff, mypy and pytest
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
-EXTRAS ?= test
+EXTRAS ?= test,ray
+STAMP := $(VENV)/.installed-$(shell (cat setup.cfg pyproject.toml; echo $(EXTRAS)) | cksum | cut -d' ' -f1)
 
 .PHONY: test bench lint format venv clean
 

@@ -260,6 +260,11 @@ class Engine:
         self.restarts = 0
         self.peak_heap = 0
         self.transport = transport_factory(self)
+        # A transport with a high fixed cost per task (a Ray call goes through its object
+        # store: ~1.7 ms of driver CPU) asks for longer batches.
+        target = getattr(self.transport, "batch_target", None)
+        if batch_size is None and target:
+            self.sizer.target = target
         max_depth = getattr(self.transport, "max_depth", depth)
         if depth > max_depth:
             self.transport.stop(graceful=False)

@@ -113,7 +113,7 @@ class ProcessOrderedPool:
         initargs: arguments for ``init``.
         window: the most items in flight (sent, running, or waiting in the reorder heap).
             ``enqueue`` blocks and ``imap`` stops reading its input while it is full.
-            Default: ``max(16384, 2048 * workers)``.
+            Default: ``max(16384, 2048 * workers)`` (``12288 * workers`` for Ray).
         batch_size: items per batch; default ``None`` adapts it to the measured cost per item
             (batches of about 5 ms of work).
         max_delay: seconds a partial batch waits for more items before it is sent anyway.
@@ -164,7 +164,9 @@ class ProcessOrderedPool:
             raise TypeError(f"init must be callable, not {type(init).__name__}")
         workers = usable_cores() if workers is None else workers
         _positive("workers", workers)
-        window = max(16384, 2048 * workers) if window is None else window
+        if window is None:
+            # Ray batches are longer (see _ray.RayTransport.batch_target): room for them.
+            window = max(16384, (12288 if backend == "ray" else 2048) * workers)
         _positive("window", window)
         if batch_size is not None:
             _positive("batch_size", batch_size)
