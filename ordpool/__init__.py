@@ -3,6 +3,7 @@
 Public API (everything else is private)::
 
     ProcessOrderedPool   worker processes; results in index order (imap, enqueue/results)
+    OrderedProcessPoolExecutor  a drop-in concurrent.futures.ProcessPoolExecutor on the same engine
     Result               one item's outcome: index, value, error, get()
     KeyedPool, submit    per-key serial jobs returning futures (and a library-wide default pool)
     PoolStats, WorkerStats   frozen snapshots returned by every pool's stats()
@@ -21,6 +22,7 @@ from ._errors import (
     WorkerCrashed,
     WorkerInitError,
 )
+from ._executor import BrokenProcessPool, OrderedProcessPoolExecutor
 from ._keyed import KeyedPool, QueueFull, default_pool, submit
 from ._pool import ProcessOrderedPool, Result
 from ._stats import PoolStats, WorkerStats
@@ -30,7 +32,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BrokenPool",
+    "BrokenProcessPool",
     "KeyedPool",
+    "OrderedProcessPoolExecutor",
     "OrdpoolError",
     "PoolClosed",
     "PoolStats",

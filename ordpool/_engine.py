@@ -845,11 +845,35 @@ class Engine:
             task.parts = []
             self._answer_locked(task, nerrors)
             self._pump_locked()
+            works = self._take_for_idle_locked()
             closing = self.state is PoolState.CLOSING
+        for work in works:
+            self._encode_dispatch(*work)
         if self._due:
             self._drain_due()
         if closing:
             self._maybe_stop()
+
+    def _take_for_idle_locked(self) -> list[tuple[Batch, list[Any], list[int]]]:
+        """A worker went idle with nothing queued: take the streams' partial batches now.
+
+        The other half of "send at once when a worker is idle" (Nagle's algorithm): items that
+        arrived while every worker was busy wait in a partial batch; when a worker frees up
+        with nothing queued for it, they go at once instead of waiting for ``max_delay``.
+        """
+        works: list[tuple[Batch, list[Any], list[int]]] = []
+        if not self._idle or self._pending or self.state is not PoolState.RUNNING:
+            return works
+        for stream in self._streams:
+            if stream.abandoned or not stream.pending():
+                continue
+            room = self.window - self._inflight
+            if room <= 0 or (stream.kind == "imap" and stream.closed):
+                continue
+            work = self._take_locked(stream, limit=room)
+            if work is not None:
+                works.append(work)
+        return works
 
     def on_death(
         self, slot: int, exitcode: int | None, pid: int, progress: tuple[int, int]

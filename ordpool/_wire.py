@@ -15,16 +15,13 @@ The payload (``items`` or the pickled results) lies in shared-memory region ``re
 worker when it fits there (a copy into shared memory costs a tenth of a pipe write per byte), or
 follows the header in the pipe frame when ``region`` is -1.
 
-``items`` is ``b"B" n:I lengths:q*n data`` when every item is ``bytes`` (the Kafka case: a join
-and an array, five times cheaper than pickling a list of bytes), ``b"M" marshal(list)`` when
-:mod:`marshal` takes them, else ``b"P" pickle(list)``. Results likewise: ``b"M" marshal(values)``
-when nothing failed and marshal takes the values, else ``b"P" pickle((values, errors))``.
+``items`` is ``b"B" n:I lengths:q*n data`` when every item is exactly ``bytes`` (the Kafka case:
+a join and an array, five times cheaper than pickling a list of bytes), else ``b"P"
+pickle(list)``. Results are ``b"P" pickle((values, errors))``.
 
-Why marshal: for plain data (dicts, lists, str, int, float, tuples) it dumps five times and
-loads twice as fast as pickle, and the parent's unpickling is what bounds a pool's throughput
-(PERF.md). It refuses anything but exact builtin types (a namedtuple, an enum, a subclass), and
-those fall back to pickle, so types survive. Both ends run the same interpreter, so the format
-matches; the data never comes from outside the pool.
+Why not :mod:`marshal`, which loads plain dicts about 25% faster: it silently turns any buffer
+(``bytearray``, ``memoryview``, ``array.array``, a numpy array) into ``bytes``, and a pool must
+give back the types it was given.
 ``failed`` lists positions the worker must not run (the parent already holds their error).
 ``errors`` is ``None`` or ``{position: exception}``; values at those positions are ``None``.
 
@@ -36,7 +33,6 @@ alone, at its own position: the rest of its batch goes on.
 from __future__ import annotations
 
 import gc
-import marshal
 import pickle
 import struct
 from array import array
@@ -101,13 +97,6 @@ def _no_gc(load: Any, data: Any) -> Any:
 # -- items: parent -> worker -------------------------------------------------------------------
 
 
-def _marshal(obj: Any) -> bytes | None:
-    try:
-        return marshal.dumps(obj)
-    except (ValueError, TypeError):  # an object marshal does not take (a subclass, a function)
-        return None
-
-
 def encode_items(items: list[Any]) -> tuple[list[Any], dict[int, BaseException]]:
     """Encode a batch of items; returns ``(parts, failed)``.
 
@@ -120,9 +109,6 @@ def encode_items(items: list[Any]) -> tuple[list[Any], dict[int, BaseException]]
     if items and set(map(type, items)) == {bytes}:
         lengths = array("q", map(len, items))
         return [b"B" + _COUNT.pack(len(items)) + lengths.tobytes(), *items], {}
-    data = _marshal(items)
-    if data is not None:
-        return [b"M", data], {}
     try:
         return [b"P", dumps(items)], {}
     except Exception:
@@ -149,8 +135,6 @@ def decode_items(data: memoryview) -> list[Any]:
         lengths.frombytes(data[1 + _COUNT.size : start])
         raw = bytes(data[start:])
         return [raw[a:b] for a, b in pairwise(accumulate(lengths, initial=0))]
-    if data[0] == b"M"[0]:
-        return marshal.loads(data[1:])  # type: ignore[no-any-return]
     return pickle.loads(data[1:])  # type: ignore[no-any-return]
 
 
@@ -180,10 +164,6 @@ def parse_task(frame: bytes) -> tuple[int, set[int], int, int, memoryview]:
 
 def encode_results(values: list[Any], errors: dict[int, Any] | None) -> bytes:
     """Encode a batch's results. A value that cannot be pickled becomes that item's error."""
-    if not errors:
-        data = _marshal(values)
-        if data is not None:
-            return b"M" + data
     try:
         return b"P" + dumps((values, errors))
     except Exception:
@@ -216,10 +196,7 @@ def parse_result(frame: bytes) -> tuple[int, float, int, int, int]:
 
 def decode_results(payload: Any) -> tuple[list[Any], dict[int, BaseException] | None]:
     """Decode a batch's ``(values, errors)`` (parent side, cyclic GC paused)."""
-    view = memoryview(payload)
-    if view[0] == b"M"[0]:
-        return _no_gc(marshal.loads, view[1:]), None
-    values, errors = _no_gc(pickle.loads, view[1:])
+    values, errors = _no_gc(pickle.loads, memoryview(payload)[1:])
     return values, errors
 
 

@@ -1,0 +1,588 @@
+"""``OrderedProcessPoolExecutor`` against ``ProcessPoolExecutor``'s contract (CPython 3.11-3.13).
+
+Every behavioural test runs under ``fork``, ``spawn`` and ``forkserver``. Crash cases are a table
+(how the worker dies -> ``BrokenProcessPool`` for that future, the pending ones, and later
+calls). No timing assertions here: speed is measured by ``bench/executor.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import gc
+import itertools
+import logging
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+
+import psutil
+import pytest
+from conftest import wait_until
+
+from ordpool import BrokenPool, RemoteTraceback, WorkerCrashed, WorkerInitError
+from ordpool._executor import BrokenProcessPool, OrderedProcessPoolExecutor
+from ordpool._worker import worker_local
+
+METHODS = ["fork", "spawn", "forkserver"]
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forkserver_running() -> None:
+    # Started before the first test's leak check, so its descriptors are not counted as a leak.
+    multiprocessing.forkserver.ensure_running()
+
+
+@pytest.fixture(params=METHODS)
+def method(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def collect(iterator, into: list) -> None:
+    """Append what ``iterator`` yields to ``into`` until it ends or raises."""
+    for value in iterator:
+        into.append(value)
+
+
+def make(method: str, workers: int = 2, **kwargs) -> OrderedProcessPoolExecutor:
+    return OrderedProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context(method), **kwargs
+    )
+
+
+# -- functions run by the workers ----------------------------------------------------------------
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def raise_value_error(message: str) -> None:
+    raise ValueError(message)
+
+
+def fail_at(i: int) -> int:
+    if i == 5:
+        raise ValueError(f"bad item {i}")
+    return i
+
+
+def return_lock() -> threading.Lock:
+    return threading.Lock()
+
+
+def die(how: str) -> None:
+    if how == "os._exit":
+        os._exit(3)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def die_at(i: int) -> int:
+    if i == 3:
+        os._exit(3)
+    time.sleep(0.05)
+    return i
+
+
+def init_fail() -> None:
+    raise ValueError("error in initializer")
+
+
+def init_local(token: str) -> None:
+    worker_local()["token"] = token
+
+
+def read_local() -> tuple[int, str, int]:
+    local = worker_local()
+    local["calls"] = local.get("calls", 0) + 1
+    return os.getpid(), local["token"], local["calls"]
+
+
+def worker_pid(_: object = None) -> int:
+    return os.getpid()
+
+
+# -- constructor ---------------------------------------------------------------------------------
+
+BAD_ARGS = [
+    ({"max_workers": 0}, ValueError),
+    ({"max_workers": -1}, ValueError),
+    ({"initializer": 42}, TypeError),
+    ({"max_tasks_per_child": "3"}, TypeError),
+    ({"max_tasks_per_child": 0}, ValueError),
+    ({"max_tasks_per_child": 3, "mp_context": multiprocessing.get_context("fork")}, ValueError),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error"), BAD_ARGS)
+def test_constructor_validation_matches_stdlib(kwargs: dict, error: type) -> None:
+    with pytest.raises(error) as theirs:
+        cf.ProcessPoolExecutor(**kwargs)
+    with pytest.raises(error) as ours:
+        OrderedProcessPoolExecutor(**kwargs)
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_defaults_match_stdlib() -> None:
+    ours, theirs = OrderedProcessPoolExecutor(), cf.ProcessPoolExecutor()
+    try:
+        assert ours._max_workers == theirs._max_workers
+        assert ours._mp_context.get_start_method() == theirs._mp_context.get_start_method()
+        assert ours._broken is False
+    finally:
+        ours.shutdown()
+        theirs.shutdown()
+    # max_tasks_per_child defaults to spawn, like the stdlib
+    executor = OrderedProcessPoolExecutor(1, max_tasks_per_child=2)
+    assert executor._mp_context.get_start_method() == "spawn"
+    executor.shutdown()
+
+
+def test_is_an_executor_and_broken_class_is_both() -> None:
+    assert issubclass(OrderedProcessPoolExecutor, cf.Executor)
+    assert issubclass(BrokenProcessPool, cf.process.BrokenProcessPool)
+    assert issubclass(BrokenProcessPool, BrokenPool)
+    assert issubclass(BrokenProcessPool, cf.BrokenExecutor)
+
+
+# -- submit and futures --------------------------------------------------------------------------
+
+
+def test_submit_result(method: str) -> None:
+    with make(method) as executor:
+        future = executor.submit(pow, 2, 10)
+        assert isinstance(future, cf.Future)
+        assert future.result(timeout=30) == 1024
+        assert executor.submit(int, "ff", base=16).result(timeout=30) == 255
+        futures = [executor.submit(square, i) for i in range(300)]
+        assert [f.result(timeout=30) for f in futures] == [i * i for i in range(300)]
+        assert "running" in repr(executor)
+
+
+def test_wait_as_completed_and_callbacks(method: str) -> None:
+    with make(method) as executor:
+        futures = [executor.submit(square, i) for i in range(20)]
+        done, not_done = cf.wait(futures, timeout=30)
+        assert len(done) == 20 and not not_done
+        futures = [executor.submit(add, i, 1) for i in range(10)]
+        assert sorted(f.result() for f in cf.as_completed(futures, timeout=30)) == list(
+            range(1, 11)
+        )
+        seen = []
+        called = threading.Event()
+
+        def callback(future: cf.Future) -> None:
+            seen.append(future.result())
+            called.set()
+
+        executor.submit(square, 7).add_done_callback(callback)
+        assert called.wait(30)
+        assert seen == [49]
+
+
+def test_submit_from_a_done_callback(method: str) -> None:
+    """A callback that submits (a chain of tasks) must not deadlock the executor's thread."""
+    results: list[int] = []
+    finished = threading.Event()
+    with make(method) as executor:
+
+        def step(future: cf.Future) -> None:
+            results.append(future.result())
+            if len(results) < 5:
+                executor.submit(pow, 2, len(results)).add_done_callback(step)
+            else:
+                finished.set()
+
+        executor.submit(pow, 2, 0).add_done_callback(step)
+        assert finished.wait(30)
+    assert results == [1, 2, 4, 8, 16]
+
+
+def test_asyncio_run_in_executor(method: str) -> None:
+    async def main() -> list[int]:
+        loop = asyncio.get_running_loop()
+        with make(method) as executor:
+            return await asyncio.gather(
+                *(loop.run_in_executor(executor, pow, 2, i) for i in range(8))
+            )
+
+    assert asyncio.run(main()) == [2**i for i in range(8)]
+
+
+def test_cancel_a_pending_future(method: str) -> None:
+    with make(method, workers=1) as executor:
+        executor.submit(square, 1).result(timeout=30)
+        # 2 * workers + 1 calls are with the worker (RUNNING, like the stdlib's call queue);
+        # the next ones wait in the executor and can be cancelled.
+        running = [executor.submit(time.sleep, 0.2) for _ in range(3)]
+        waiting = [executor.submit(square, i) for i in range(3)]
+        assert all(f.running() for f in running)
+        assert not any(f.cancel() for f in running)
+        assert waiting[1].cancel()
+        assert waiting[1].cancelled()
+        _, not_done = cf.wait([*running, *waiting], timeout=30)
+        assert not not_done
+    assert [f.result() for f in running] == [None, None, None]
+    assert waiting[0].result() == 0 and waiting[2].result() == 4
+    assert waiting[1].cancelled()
+
+
+# -- failures of tasks ---------------------------------------------------------------------------
+
+
+def test_exception_keeps_type_and_remote_traceback(method: str) -> None:
+    with make(method) as executor:
+        error = executor.submit(raise_value_error, "boom").exception(timeout=30)
+        assert type(error) is ValueError
+        assert str(error) == "boom"
+        assert isinstance(error.__cause__, RemoteTraceback)
+        text = str(error.__cause__)
+        assert "raise_value_error" in text and "raise ValueError(message)" in text
+        with pytest.raises(ValueError, match="boom"):
+            executor.submit(raise_value_error, "boom").result(timeout=30)
+
+
+def test_unpicklable_argument_fails_that_future_only(method: str) -> None:
+    with make(method) as executor:
+        bad = executor.submit(square, threading.Lock())
+        good = executor.submit(square, 3)
+        error = bad.exception(timeout=30)
+        assert isinstance(error, TypeError)  # as the stdlib: the pickler's own exception
+        assert "pickle" in str(error)
+        assert good.result(timeout=30) == 9
+        assert executor.submit(square, 4).result(timeout=30) == 16
+
+
+def test_unpicklable_result_fails_that_future_only(method: str) -> None:
+    with make(method) as executor:
+        error = executor.submit(return_lock).exception(timeout=30)
+        assert error is not None and "pickle" in str(error)
+        assert executor.submit(square, 5).result(timeout=30) == 25
+        assert executor._broken is False
+
+
+def test_result_types_survive_the_trip() -> None:
+    with make("fork") as executor:
+        assert type(executor.submit(bytearray, b"ab").result(timeout=30)) is bytearray
+        assert [type(v) for v in executor.map(bytearray, [b"a", b"b"])] == [bytearray] * 2
+
+
+def test_system_exit_in_a_task_is_its_exception(method: str) -> None:
+    with make(method) as executor:
+        error = executor.submit(sys.exit, 3).exception(timeout=30)
+        assert isinstance(error, SystemExit)
+        assert error.code == 3
+        assert executor.submit(square, 6).result(timeout=30) == 36
+
+
+@pytest.mark.parametrize("how", ["os._exit", "SIGKILL"])
+def test_worker_death_breaks_the_executor(method: str, how: str) -> None:
+    executor = make(method)
+    try:
+        assert executor.submit(square, 2).result(timeout=30) == 4
+        crash = executor.submit(die, how)
+        pending = [executor.submit(time.sleep, 1) for _ in range(4)]
+        with pytest.raises(cf.process.BrokenProcessPool) as info:
+            crash.result(timeout=30)
+        error = info.value
+        assert isinstance(error, BrokenPool)
+        assert str(error) == (
+            "A process in the process pool was terminated abruptly while the future was "
+            "running or pending."
+        )
+        assert isinstance(error.__cause__, WorkerCrashed)
+        for future in pending:
+            with pytest.raises(BrokenProcessPool):
+                future.result(timeout=30)
+        with pytest.raises(BrokenProcessPool, match="A child process terminated abruptly"):
+            executor.submit(square, 2)
+        with pytest.raises(BrokenProcessPool):
+            executor.map(square, [1])
+        assert executor._broken
+    finally:
+        executor.shutdown()
+
+
+def test_worker_death_in_map_breaks_the_executor(method: str) -> None:
+    executor = make(method)
+    try:
+        with pytest.raises(BrokenProcessPool):
+            list(executor.map(die_at, range(10)))
+        with pytest.raises(BrokenProcessPool):
+            executor.submit(square, 2)
+    finally:
+        executor.shutdown()
+
+
+def test_initializer_failure_is_logged_and_breaks(
+    method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.CRITICAL, logger="concurrent.futures")
+    executor = make(method, initializer=init_fail)
+    try:
+        try:
+            future = executor.submit(square, 2)
+        except BrokenProcessPool:
+            pass  # already broken
+        else:
+            with pytest.raises(cf.process.BrokenProcessPool) as info:
+                future.result(timeout=30)
+            assert isinstance(info.value.__cause__, WorkerInitError)
+        assert wait_until(lambda: executor._broken, timeout=30)
+        with pytest.raises(BrokenProcessPool):
+            executor.submit(square, 2)
+    finally:
+        executor.shutdown()
+    records = [
+        r
+        for r in caplog.records
+        if r.name == "concurrent.futures" and r.levelno == logging.CRITICAL
+    ]
+    assert records
+    assert records[0].getMessage() == "Exception in initializer:"
+    assert records[0].exc_info is not None
+    assert records[0].exc_info[0] is ValueError
+    assert "error in initializer" in caplog.text
+
+
+def test_initializer_and_worker_local(method: str) -> None:
+    with make(method, initializer=init_local, initargs=("hello",)) as executor:
+        results = [executor.submit(read_local).result(timeout=30) for _ in range(6)]
+    assert {token for _, token, _ in results} == {"hello"}
+    per_worker: dict[int, list[int]] = {}
+    for pid, _, calls in results:
+        per_worker.setdefault(pid, []).append(calls)
+    for calls in per_worker.values():  # the dict lives as long as the worker process
+        assert calls == list(range(1, len(calls) + 1))
+
+
+# -- map -----------------------------------------------------------------------------------------
+
+
+def test_map_in_order(method: str) -> None:
+    with make(method) as executor:
+        assert list(executor.map(square, range(1000))) == [i * i for i in range(1000)]
+        assert list(executor.map(add, range(10), range(5))) == [2 * i for i in range(5)]
+        assert list(executor.map(square, [], chunksize=50)) == []
+        assert list(executor.map(square)) == []
+        assert list(executor.map(square, range(100), chunksize=7)) == [i * i for i in range(100)]
+
+
+def test_map_validates_eagerly() -> None:
+    executor = OrderedProcessPoolExecutor(1)
+    try:
+        with pytest.raises(ValueError, match=r"^chunksize must be >= 1\.$"):  # the stdlib's
+            executor.map(square, [1], chunksize=0)
+        with pytest.raises(TypeError):
+            executor.map(square, 5)
+        with pytest.raises(ValueError, match="buffersize must be None or > 0"):
+            executor.map(square, [1], buffersize=0)
+    finally:
+        executor.shutdown()
+
+
+def test_map_is_lazy_on_an_endless_input(method: str) -> None:
+    read = itertools.count()
+
+    def numbers():
+        for i in itertools.count():
+            next(read)
+            yield i
+
+    with make(method) as executor:
+        assert list(itertools.islice(executor.map(square, numbers(), buffersize=64), 50)) == [
+            i * i for i in range(50)
+        ]
+        # abandoned: the feeder read at most twice the buffer ahead (to finish a batch)
+        assert next(read) <= 50 + 2 * 64 + 1
+        assert list(itertools.islice(executor.map(square, itertools.count()), 10)) == [
+            i * i for i in range(10)
+        ]
+
+
+def test_map_timeout(method: str) -> None:
+    with make(method) as executor:
+        results = []
+        with pytest.raises(TimeoutError):
+            collect(executor.map(time.sleep, [0, 0, 1.5], timeout=0.75), results)
+        assert results == [None, None]
+
+
+def test_map_raises_at_the_failing_position(method: str) -> None:
+    with make(method) as executor:
+        results = []
+        with pytest.raises(ValueError, match="bad item 5") as info:
+            collect(executor.map(fail_at, range(20)), results)
+        assert results == [0, 1, 2, 3, 4]
+        assert isinstance(info.value.__cause__, RemoteTraceback)
+        # an unpicklable item fails at its own position too
+        it = executor.map(square, [1, 2, threading.Lock(), 4])
+        assert next(it) == 1 and next(it) == 4
+        with pytest.raises(TypeError):
+            next(it)
+        assert list(executor.map(square, range(3))) == [0, 1, 4]
+
+
+def test_map_results_stay_readable_after_shutdown(method: str) -> None:
+    """The stdlib's map submits everything: shutdown(wait=True) runs all of it."""
+    with make(method) as executor:
+        small = executor.map(abs, range(-1000, 0), buffersize=100)
+        default = executor.map(abs, range(-20000, 0))  # more than the default window
+    assert list(small) == list(range(1000, 0, -1))
+    assert list(default) == list(range(20000, 0, -1))
+
+
+def test_shutdown_cancel_futures_stops_a_live_map(method: str) -> None:
+    executor = make(method)
+    it = executor.map(square, itertools.count(), buffersize=100)
+    assert next(it) == 0
+    executor.shutdown(wait=True, cancel_futures=True)
+    with pytest.raises(cf.CancelledError):
+        for _ in it:
+            pass
+
+
+# -- shutdown and lifetime -----------------------------------------------------------------------
+
+
+def test_submit_after_shutdown(method: str) -> None:
+    executor = make(method)
+    assert executor.submit(square, 3).result(timeout=30) == 9
+    executor.shutdown()
+    with pytest.raises(RuntimeError, match=r"^cannot schedule new futures after shutdown$"):
+        executor.submit(square, 3)
+    with pytest.raises(RuntimeError, match="cannot schedule new futures after shutdown"):
+        executor.map(square, [3])
+    executor.shutdown()  # again: harmless
+    never_started = make(method)
+    never_started.shutdown()
+    with pytest.raises(RuntimeError, match="cannot schedule new futures after shutdown"):
+        never_started.submit(square, 3)
+
+
+def test_shutdown_waits_for_pending_futures(method: str) -> None:
+    executor = make(method)
+    futures = [executor.submit(time.sleep, 0.05) for _ in range(12)]
+    executor.shutdown(wait=True)
+    assert all(f.done() and not f.cancelled() for f in futures)
+
+
+def test_shutdown_without_wait_returns_at_once(method: str) -> None:
+    executor = make(method)
+    executor.submit(square, 1).result(timeout=30)
+    future = executor.submit(time.sleep, 0.5)
+    executor.shutdown(wait=False)
+    assert not future.done()
+    assert future.result(timeout=30) is None
+
+
+def test_shutdown_cancel_futures(method: str) -> None:
+    executor = make(method)
+    futures = [executor.submit(time.sleep, 0.1) for _ in range(30)]
+    executor.shutdown(cancel_futures=True)
+    cancelled = [f for f in futures if f.cancelled()]
+    assert len(cancelled) > 15
+    assert all(f.done() for f in futures)
+    assert all(f.result() is None for f in futures if not f.cancelled())
+    _, not_done = cf.wait(futures, timeout=5)  # cancelled futures notify their waiters
+    assert not not_done
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_max_tasks_per_child(method: str) -> None:
+    with make(method, workers=1, max_tasks_per_child=3) as executor:
+        pids = {executor.submit(worker_pid).result(timeout=30) for _ in range(3)}
+        assert len(pids) == 1
+        assert executor.submit(worker_pid).result(timeout=30) not in pids
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_max_tasks_per_child_early_shutdown(method: str) -> None:
+    executor = make(method, workers=2, max_tasks_per_child=1)
+    futures = [executor.submit(add, i, i) for i in range(6)]
+    executor.shutdown()
+    assert [f.result() for f in futures] == [2 * i for i in range(6)]
+    assert len({f.result() for f in futures}) == 6
+
+
+def test_garbage_collected_executor_leaves_no_process(method: str) -> None:
+    executor = make(method)
+    future = executor.submit(worker_pid)
+    pid = future.result(timeout=30)
+    ref = weakref.ref(executor)
+    del executor
+    gc.collect()
+    assert ref() is None
+    assert wait_until(lambda: not psutil.pid_exists(pid), timeout=20)
+
+
+def test_garbage_collected_executor_finishes_pending_work(method: str) -> None:
+    executor = make(method)
+    futures = [executor.submit(time.sleep, 0.05) for _ in range(6)]
+    del executor
+    gc.collect()
+    assert all(f.result(timeout=30) is None for f in futures)
+
+
+def exit_with_live_executors() -> None:
+    from ordpool import _executor
+
+    os._exit(1 if _executor._LIVE_CORES else 0)
+
+
+def test_a_forked_child_forgets_the_parents_executors() -> None:
+    """multiprocessing runs the threading exit hooks in its children: a fork child must not
+    wait there for its parent's executors (a ``fork`` worker would hang until killed)."""
+    with make("fork") as executor:
+        assert executor.submit(square, 1).result(timeout=30) == 1
+        child = multiprocessing.get_context("fork").Process(target=exit_with_live_executors)
+        child.start()
+        child.join(30)
+        assert child.exitcode == 0
+
+
+EXIT_SCRIPT = """if 1:
+    import atexit, pathlib, sys, time
+    @atexit.register
+    def run_last():
+        try:
+            t.submit(id, None)
+        except RuntimeError:
+            print("runtime-error")
+            raise
+    from multiprocessing import get_context
+    from ordpool._executor import OrderedProcessPoolExecutor
+    if __name__ == "__main__":
+        t = OrderedProcessPoolExecutor(2, mp_context=get_context(sys.argv[1]))
+        t.submit(id, 42).result()
+        # fire and forget: pending work still runs at interpreter exit, as with the stdlib
+        t.submit(time.sleep, 0.3)
+        t.submit(pathlib.Path(sys.argv[2]).touch)
+"""
+
+
+def test_interpreter_exit(method: str, tmp_path: pathlib.Path) -> None:
+    marker = tmp_path / "ran"
+    proc = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, method, str(marker)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.stdout.strip() == "runtime-error", proc.stderr
+    assert "RuntimeError: cannot schedule new futures after interpreter shutdown" in proc.stderr
+    assert marker.exists()
