@@ -288,9 +288,14 @@ class Engine:
                 did not finish within ``timeout`` seconds.
         """
         try:
-            for slot in range(self.workers):
-                self._slots[slot].started += 1
-                self.transport.start_worker(slot)
+            for slot in self._slots:
+                slot.started += 1
+            start_all = getattr(self.transport, "start_workers", None)
+            if start_all is not None:
+                start_all(list(range(self.workers)))
+            else:
+                for slot_index in range(self.workers):
+                    self.transport.start_worker(slot_index)
         except BaseException:
             self.terminate()
             raise

@@ -158,7 +158,6 @@ class _Worker:
         self.sender = threading.Thread(
             target=self._send_loop, name=f"ordpool-sender-{slot}", daemon=True
         )
-        self.sender.start()
 
     def _send_loop(self) -> None:
         fd, get = self.writer.fileno(), self.queue.get
@@ -242,14 +241,41 @@ class ProcessTransport:
         self._collector = threading.Thread(
             target=self._collect, name="ordpool-collector", daemon=True
         )
-        self._collector.start()
 
     # -- called by the engine ------------------------------------------------------------------
+
+    def start_workers(self, slots: list[int]) -> None:
+        """Start the first workers, all of them before any thread of ours.
+
+        Forking a process that runs threads can deadlock the child (a lock held by another
+        thread at the fork stays held forever), and Python 3.12+ warns about it. So the initial
+        workers are forked first, and only then the sender threads and the collector start.
+        A replacement worker, started after a crash, is forked while they run: with ``fork``
+        that cannot be avoided (``forkserver`` and ``spawn`` do not fork this process).
+        """
+        started = []
+        try:
+            for slot in slots:
+                started.append(_Worker(slot, self._ctx, self._spec))
+        except BaseException:
+            for worker in started:
+                worker.process.kill()
+                worker.process.join()
+                worker.close()
+            raise
+        with self._lock:
+            for worker in started:
+                self._workers[worker.slot] = worker
+            self._dirty = True
+        for worker in started:
+            worker.sender.start()
+        self._collector.start()
 
     def start_worker(self, slot: int) -> None:
         """Start the worker of ``slot`` (the slot's previous process has been reported dead);
         READY or INITERR is reported later."""
         worker = _Worker(slot, self._ctx, self._spec)
+        worker.sender.start()
         with self._lock:
             if self._closing:
                 closing = True
@@ -327,10 +353,11 @@ class ProcessTransport:
             if w.process.exitcode is None:
                 w.process.kill()
                 w.process.join()
-        if threading.current_thread() is not self._collector:
+        if threading.current_thread() is not self._collector and self._collector.ident:
             self._collector.join(5.0)
         for w in workers:
-            w.sender.join(1.0)
+            if w.sender.ident:
+                w.sender.join(1.0)
             w.close()
             w.process.close()
         for fd in (self._wake_r, self._wake_w):
