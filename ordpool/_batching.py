@@ -198,10 +198,15 @@ class BatchSizer:
         if self.fixed is not None or n_items <= 0:
             return
         cost = max(seconds, 1e-9) / n_items
-        # Exponential smoothing, with weight growing with the batch size: one tiny batch that
-        # hit a page fault must not halve the batch size.
-        weight = min(1.0, n_items / 256)
-        self._cost = cost if self._cost is None else self._cost + 0.5 * weight * (cost - self._cost)
+        if self._cost is None:
+            self._cost = cost
+        else:
+            # Exponential smoothing, with weight growing with the batch size, and one sample
+            # counted as at most 4x the estimate: a tiny batch holding one very slow item (or
+            # hit by a page fault) must not cut the batch size; a real change shows in several.
+            weight = min(1.0, n_items / 256)
+            cost = min(cost, 4 * self._cost)
+            self._cost += 0.5 * weight * (cost - self._cost)
         ideal = self.target / self._cost
         self.size = int(max(self.minimum, min(self.maximum, round(ideal))))
 

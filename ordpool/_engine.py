@@ -138,6 +138,8 @@ class Stream:
         feed: pending items of an imap stream (appended without the lock by its feeder).
         fed: items of an imap stream taken into batches so far (the next item's index).
         consumer: a consumer is iterating this stream (one at a time).
+        leftover: what a consumer that left its loop mid-batch did not take (the next
+            ``results()`` starts there).
     """
 
     __slots__ = (
@@ -150,6 +152,7 @@ class Stream:
         "feed",
         "keyed",
         "kind",
+        "leftover",
         "next_seq",
         "on_batch",
         "on_send",
@@ -182,6 +185,7 @@ class Stream:
         self.feed: list[Any] = []
         self.fed = 0
         self.consumer = False
+        self.leftover: Any = None
 
     def pending(self) -> int:
         """Items waiting to be taken into a batch."""
@@ -356,6 +360,9 @@ class Engine:
                 if remaining is not None and remaining <= 0:
                     return False
                 self._ready.wait(remaining)
+        # Ended; make sure the workers are gone too (a broken pool stops them from the
+        # transport's thread: a second stop() waits for that one).
+        self.transport.stop(graceful=False)
         return True
 
     def terminate(self) -> None:
@@ -710,7 +717,9 @@ class Engine:
                 if self.state in _ENDED:
                     return
                 waiting = [
-                    (s, s.next_seq) for s in self._streams if not s.abandoned and s.pending()
+                    (s, s.next_seq)
+                    for s in self._streams
+                    if not s.abandoned and not s.closed and s.pending()
                 ]
                 if not waiting:
                     self._flusher_idle = True
@@ -721,6 +730,8 @@ class Engine:
                 for stream, taken in waiting:
                     if stream.next_seq != taken or not stream.pending() or stream.abandoned:
                         continue
+                    if stream.closed or self._stopping:
+                        continue  # close() stopped its intake: nothing more goes out
                     room = self.window - self._inflight
                     if room <= 0:
                         break
@@ -870,10 +881,10 @@ class Engine:
         if not self._idle or self._pending or self.state is not PoolState.RUNNING:
             return works
         for stream in self._streams:
-            if stream.abandoned or not stream.pending():
+            if stream.abandoned or stream.closed or not stream.pending():
                 continue
             room = self.window - self._inflight
-            if room <= 0 or (stream.kind == "imap" and stream.closed):
+            if room <= 0:
                 continue
             work = self._take_locked(stream, limit=room)
             if work is not None:

@@ -15,6 +15,8 @@ import traceback
 from concurrent.futures import BrokenExecutor
 from typing import Any
 
+import cloudpickle
+
 __all__ = [
     "BrokenPool",
     "OrdpoolError",
@@ -92,9 +94,11 @@ def describe_exit(exitcode: int | None) -> str:
 class _ExceptionWithTraceback:
     """Pickles an exception with its formatted traceback (CPython's recipe, hardened).
 
-    If the exception itself cannot be pickled (a lock in its args, a local class), it is
-    replaced by a :class:`RuntimeError` naming the original type, so the failure still arrives at
-    its index instead of failing the whole batch.
+    If the exception cannot make the round trip (a lock in its args, a local class, an
+    ``__init__`` that its ``args`` do not fit), it is replaced by a :class:`RuntimeError` naming
+    the original type and message, so the failure still arrives at its own index instead of
+    failing the whole batch when the parent unpickles it. The round trip is tried here, in the
+    worker, where it costs only when something failed.
     """
 
     def __init__(self, exc: BaseException) -> None:
@@ -102,10 +106,17 @@ class _ExceptionWithTraceback:
         self.tb = f'\n"""\n{tb}"""'
         exc.__traceback__ = None
         try:
-            pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+            try:
+                data = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception:
+                data = cloudpickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)  # a local class
+            pickle.loads(data)
             self.exc: BaseException = exc
         except Exception:
-            self.exc = RuntimeError(f"unpicklable exception {type(exc).__qualname__}: {exc}")
+            self.exc = RuntimeError(
+                f"{type(exc).__module__}.{type(exc).__qualname__}: {exc} "
+                "(the original exception could not be sent from the worker: it does not pickle)"
+            )
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _rebuild_exc, (self.exc, self.tb)

@@ -50,9 +50,10 @@ def _imap_batches(
     """imap's values, a list per batch; a failed item per the ``errors`` policy.
 
     ``pool`` is only held, so that ``list(ProcessOrderedPool(f).imap(xs))`` keeps the pool
-    alive until the iteration ends.
+    alive until the iteration ends. The caller primes the generator (see ``_primed``).
     """
     try:
+        yield []
         while True:
             batch = engine.next_batch(stream)
             if batch is None:
@@ -80,24 +81,45 @@ def _result_batches(
 ) -> Iterator[Iterator[Result]]:
     """results()'s Result objects, an iterator per batch (built in C with map/zip).
 
-    ``pool`` is only held, to keep it alive while its results are iterated."""
+    ``pool`` is only held, to keep it alive while its results are iterated. A consumer that
+    leaves its loop mid-batch leaves the rest of that batch in ``stream.leftover``: the next
+    ``results()`` starts there, so nothing is lost. The caller primes the generator.
+    """
     new = tuple.__new__
+    current: Iterator[Result] | None = None
     try:
+        yield iter(())
+        current, stream.leftover = stream.leftover, None
+        if current is not None:
+            yield current
         while True:
             batch = engine.next_batch(stream)
             if batch is None:
                 return
             values, errs = engine.decode(batch)
             if errs is None:
-                yield map(new, repeat(Result), zip(batch.indices, values, repeat(None)))
+                current = map(new, repeat(Result), zip(batch.indices, values, repeat(None)))
             else:
                 get = errs.get
-                yield (
+                current = (
                     new(Result, (index, value, get(pos)))
                     for pos, (index, value) in enumerate(zip(batch.indices, values))
                 )
+            yield current
     finally:
+        stream.leftover = current
         engine.release_consumer(stream)
+
+
+def _primed(batches: Iterator[Any]) -> Iterator[Any]:
+    """Run a batch generator to its first ``yield`` (an empty batch), inside its ``try``.
+
+    A generator that never started never runs its ``finally``; primed, it does when dropped, so
+    an ``imap()`` or ``results()`` iterator that is never iterated still releases its stream.
+    Then hand the items out through ``chain``: Python runs once per batch, C once per item.
+    """
+    next(batches)
+    return chain.from_iterable(batches)
 
 
 class ProcessOrderedPool:
@@ -115,7 +137,7 @@ class ProcessOrderedPool:
             ``enqueue`` blocks and ``imap`` stops reading its input while it is full.
             Default: ``max(16384, 2048 * workers)`` (``12288 * workers`` for Ray).
         batch_size: items per batch; default ``None`` adapts it to the measured cost per item
-            (batches of about 5 ms of work).
+            (batches of about 20 ms of worker time; a lone item goes at once to an idle worker).
         max_delay: seconds a partial batch waits for more items before it is sent anyway.
         retries: times an item whose worker died is re-run before it fails with
             :class:`~ordpool.WorkerCrashed`. Items of the batch that were not running when the
@@ -261,7 +283,7 @@ class ProcessOrderedPool:
         engine = self._live_or_closing()
         stream = self._enqueue_stream(engine, keyed=None)
         engine.claim_consumer(stream)
-        return chain.from_iterable(_result_batches(self, engine, stream))
+        return _primed(_result_batches(self, engine, stream))
 
     # -- batch processing: imap ----------------------------------------------------------------
 
@@ -333,7 +355,7 @@ class ProcessOrderedPool:
         )
         feeder.start()
         # The Python generator runs once per batch; chain() hands out the items in C.
-        return chain.from_iterable(_imap_batches(self, engine, stream, errors))
+        return _primed(_imap_batches(self, engine, stream, errors))
 
     def map(self, iterable: Iterable[Any], *, errors: str = "raise") -> list[Any]:
         """``list(self.imap(iterable, errors=errors))``."""

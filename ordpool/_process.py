@@ -284,9 +284,12 @@ class ProcessTransport:
                 self._workers[slot] = worker
                 self._dirty = True
         if closing:
+            worker.queue.put(None)
             worker.process.kill()
             worker.process.join()
+            worker.sender.join(1.0)
             worker.close()
+            worker.process.close()
             return
         self._wake()
 

@@ -192,7 +192,8 @@ def test_json_report(tmp_path: Path) -> None:
         assert ordpool["check"] == pool["check"] == "ok"
         assert ordpool["workers"] == pool["workers"] == group["workers"]
         assert ordpool["worker_cpu_us_per_msg"] is not None
-        assert ordpool["params"] == {"batch_size": 64}
+        assert ordpool["params"]["batch_size"] == 64
+        assert ordpool["params"]["batch_size_now"] == 64  # fixed: what it ran with
         assert pool["params"]["chunksize"] in (50, 500)
         assert set(pool["params"]["chunksize_sweep_s"]) <= {"50", "500"}
 

@@ -1,0 +1,362 @@
+"""Unit tests of the pure building blocks: no worker process is started here.
+
+ReorderBuffer (the reorder heap), Batcher/BatchSizer/compact_indices (batching), fnv1a (key
+routing) and the wire encoding of items and results.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from ordpool import _wire
+from ordpool._batching import Batcher, BatchSizer, compact_indices
+from ordpool._engine import fnv1a
+from ordpool._reorder import ReorderBuffer
+
+# -- ReorderBuffer ------------------------------------------------------------------------------
+
+
+def test_reorder_releases_out_of_order_pushes_in_order():
+    rnd = random.Random(1234)
+    seqs = list(range(200))
+    rnd.shuffle(seqs)
+    buf: ReorderBuffer[str] = ReorderBuffer()
+    released: list[str] = []
+    for seq in seqs:
+        buf.push(seq, f"e{seq}", size=1)
+        while (entry := buf.pop()) is not None:
+            released.append(entry)
+    assert released == [f"e{i}" for i in range(200)]
+    assert len(buf) == 0
+    assert buf.items == 0
+    assert buf.next_seq == 200
+
+
+def test_reorder_holds_everything_until_the_missing_seq_arrives():
+    buf: ReorderBuffer[str] = ReorderBuffer()
+    for seq in (3, 1, 2):
+        buf.push(seq, f"e{seq}", size=10)
+        assert buf.pop() is None  # seq 0 is missing: nothing may come out
+    assert len(buf) == 3
+    assert buf.items == 30
+    buf.push(0, "e0", size=5)
+    assert [buf.pop() for _ in range(5)] == ["e0", "e1", "e2", "e3", None]
+
+
+def test_reorder_peak_items_tracks_the_most_items_held():
+    buf: ReorderBuffer[int] = ReorderBuffer()
+    buf.push(1, 1, size=7)
+    buf.push(2, 2, size=3)
+    assert buf.peak_items == 10
+    buf.push(0, 0, size=5)
+    assert buf.peak_items == 15
+    assert buf.pop() == 0
+    assert buf.pop() == 1
+    assert buf.items == 3
+    buf.push(3, 3, size=1)
+    assert buf.peak_items == 15  # the peak never goes down
+    assert buf.items == 4
+
+
+def test_reorder_rejects_an_already_released_seq():
+    buf: ReorderBuffer[str] = ReorderBuffer()
+    buf.push(0, "a")
+    buf.push(1, "b")
+    assert buf.pop() == "a"
+    assert buf.pop() == "b"
+    with pytest.raises(ValueError, match="already released"):
+        buf.push(1, "again")
+    with pytest.raises(ValueError, match="already released"):
+        buf.push(0, "again")
+    buf.push(2, "c")  # the buffer still works
+    assert buf.pop() == "c"
+
+
+def test_reorder_first_seq():
+    buf: ReorderBuffer[str] = ReorderBuffer(first_seq=10)
+    buf.push(11, "b")
+    assert buf.pop() is None
+    buf.push(10, "a")
+    assert (buf.pop(), buf.pop()) == ("a", "b")
+    with pytest.raises(ValueError, match="already released"):
+        buf.push(9, "old")
+
+
+# -- Batcher --------------------------------------------------------------------------------------
+
+
+def test_batcher_accepts_gaps_and_returns_pending_counts():
+    b = Batcher()
+    assert b.add(0, "a") == 1
+    assert b.add(7, "b") == 2
+    assert b.add(1000, "c") == 3
+    assert len(b) == 3
+    assert b.take() == ([0, 7, 1000], ["a", "b", "c"], [])
+    assert len(b) == 0
+    # take() empties the run, but the ordering constraint remembers the last index ever
+    with pytest.raises(ValueError, match="not greater"):
+        b.add(1000, "d")
+    assert b.add(1001, "d") == 1
+
+
+def test_batcher_keeps_slots_of_keyed_items():
+    b = Batcher()
+    b.add(1, "x", slot=1)
+    b.add(2, "y", slot=0)
+    assert b.take() == ([1, 2], ["x", "y"], [1, 0])
+
+
+@pytest.mark.parametrize("bad", [5, 4, -1])
+def test_batcher_rejects_non_increasing_index(bad):
+    b = Batcher()
+    b.add(5, "a")
+    with pytest.raises(ValueError, match=f"index {bad} is not greater than the previous index 5"):
+        b.add(bad, "x")
+    # the rejected index changed nothing
+    assert b.last_index == 5
+    assert len(b) == 1
+    assert b.add(6, "b") == 2
+
+
+@pytest.mark.parametrize("bad", [True, False, "3", 3.0, None, b"1"])
+def test_batcher_rejects_non_int_index(bad):
+    b = Batcher()
+    with pytest.raises(TypeError, match="index must be an int"):
+        b.add(bad, "x")
+    with pytest.raises(TypeError):
+        b.check(bad)
+    assert len(b) == 0
+    assert b.last_index is None
+
+
+def test_batcher_accepts_huge_ints():
+    b = Batcher()
+    huge = [2**32 + 1, 2**63 - 1, 2**63, 2**63 + 5, 2**64 + 1, 10**30]
+    for i, index in enumerate(huge, 1):
+        assert b.add(index, index) == i
+    indices, items, _ = b.take()
+    assert indices == huge
+    assert items == huge
+    with pytest.raises(ValueError, match="not greater"):
+        b.add(2**63, "x")
+
+
+def test_batcher_accepts_int_subclasses():
+    import enum
+
+    class Offset(enum.IntEnum):
+        A = 3
+        B = 4
+
+    b = Batcher()
+    b.add(Offset.A, "a")
+    with pytest.raises(ValueError, match="not greater"):
+        b.add(Offset.A, "again")
+    b.add(Offset.B, "b")
+    assert b.take()[0] == [3, 4]
+
+
+# -- BatchSizer -----------------------------------------------------------------------------------
+
+
+def test_batch_sizer_adapts_to_the_measured_cost():
+    s = BatchSizer(target=0.005, initial=16, maximum=4096)
+    assert s.size == 16
+    s.observe(256, 256 * 10e-6)  # 10 us per item -> 500 items per 5 ms
+    assert s.size == 500
+    for _ in range(50):
+        s.observe(500, 500 * 100e-6)  # the items became 10x costlier
+    assert s.size == 50
+    for _ in range(50):
+        s.observe(50, 50 * 1e-7)  # and then very cheap: capped at the maximum
+    assert s.size == 4096
+
+
+def test_batch_sizer_clamps_to_minimum():
+    s = BatchSizer(target=0.005, minimum=2, maximum=100)
+    s.observe(256, 256.0)  # one second per item
+    assert s.size == 2
+
+
+def test_batch_sizer_a_tiny_outlier_batch_barely_moves_the_size():
+    s = BatchSizer(target=0.005, maximum=100_000)
+    s.observe(256, 256 * 10e-6)
+    assert s.size == 500
+    s.observe(1, 0.001)  # one item hit a 1 ms page fault: 100x the usual cost
+    assert 250 < s.size < 500  # moved, but not even halved
+
+
+def test_batch_sizer_ignores_empty_batches():
+    s = BatchSizer(initial=16)
+    s.observe(0, 1.0)
+    assert s.size == 16
+
+
+def test_batch_sizer_fixed_ignores_measurements():
+    s = BatchSizer(fixed=64)
+    assert s.size == 64
+    s.observe(256, 256 * 1e-7)
+    s.observe(256, 256.0)
+    assert s.size == 64
+
+
+def test_batch_sizer_limit_lowers_the_ceiling():
+    s = BatchSizer(target=0.005, initial=16, maximum=4096)
+    s.observe(256, 256 * 1e-6)  # would be 5000, capped at 4096
+    assert s.size == 4096
+    s.limit(100)
+    assert s.size == 100
+    assert s.maximum == 100
+    s.observe(256, 256 * 1e-6)
+    assert s.size == 100  # stays under the new ceiling
+    s.limit(0)
+    assert s.maximum == s.minimum == 1
+    assert s.size == 1
+
+
+def test_batch_sizer_limit_keeps_a_fixed_size():
+    s = BatchSizer(fixed=64)
+    s.limit(10)
+    assert s.size == 64  # a fixed size is the user's choice; the engine bounds it by the window
+
+
+# -- compact_indices ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("indices", "expected"),
+    [
+        ([5, 6, 7], range(5, 8)),
+        ([0], range(0, 1)),
+        ([2**63, 2**63 + 1], range(2**63, 2**63 + 2)),
+        ([5, 7], [5, 7]),
+        ([0, 1, 2, 10], [0, 1, 2, 10]),
+        ([], []),
+    ],
+)
+def test_compact_indices(indices, expected):
+    out = compact_indices(list(indices))
+    assert type(out) is type(expected)
+    assert out == expected
+    assert list(out) == indices
+
+
+# -- fnv1a ----------------------------------------------------------------------------------------
+
+_VECTORS = [("", 0xCBF29CE484222325), ("a", 0xAF63DC4C8601EC8C), ("foobar", 0x85944171F73967E8)]
+
+
+@pytest.mark.parametrize(("key", "expected"), _VECTORS)
+def test_fnv1a_known_vectors(key, expected):
+    assert fnv1a(key) == expected
+    assert fnv1a(key.encode()) == expected
+    assert fnv1a(bytearray(key.encode())) == expected
+    assert fnv1a(memoryview(key.encode())) == expected
+
+
+def test_fnv1a_ints_hash_their_signed_little_endian_bytes():
+    assert fnv1a(0) == fnv1a(bytes(8))
+    assert fnv1a(1) == fnv1a((1).to_bytes(8, "little", signed=True))
+    assert fnv1a(-1) == fnv1a(b"\xff" * 8)
+    assert fnv1a(2**63) == fnv1a((2**63).to_bytes(9, "little", signed=True))
+    assert len({fnv1a(i) for i in range(-1000, 1000)}) == 2000
+    assert fnv1a("é") == fnv1a("é".encode())
+
+
+@pytest.mark.parametrize("bad", [1.5, None, True, ("a",)])
+def test_fnv1a_rejects_other_types(bad):
+    with pytest.raises(TypeError, match="keys must be str, bytes or int"):
+        fnv1a(bad)
+
+
+def test_fnv1a_is_identical_in_a_process_with_another_hash_seed():
+    keys = ["", "a", "foobar", "user-42", "ключ", 0, -7, 2**70]
+    code = (
+        "import sys; from ordpool._engine import fnv1a; "
+        f"keys = {keys!r}; "
+        "print(hash('foobar')); print(*[fnv1a(k) for k in keys])"
+    )
+    results = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        str_hash, fnvs = out.stdout.splitlines()
+        results.append((int(str_hash), [int(v) for v in fnvs.split()]))
+    (hash1, fnv_1), (hash2, fnv_2) = results
+    assert hash1 != hash2  # the seeds really changed hash()...
+    assert fnv_1 == fnv_2 == [fnv1a(k) for k in keys]  # ...and not fnv1a
+
+
+# -- wire -----------------------------------------------------------------------------------------
+
+
+def _roundtrip(items):
+    parts, failed = _wire.encode_items(items)
+    return _wire.decode_items(memoryview(b"".join(parts))), parts, failed
+
+
+def test_wire_bytes_items_round_trip_without_pickle():
+    items = [b"", b"x", b"\x00" * 1000, b"hello\nworld", bytes(range(256))]
+    decoded, parts, failed = _roundtrip(items)
+    assert decoded == items
+    assert all(type(d) is bytes for d in decoded)
+    assert failed == {}
+    assert bytes(parts[0][:1]) == b"B"  # the bytes fast path
+    # the items themselves are the parts: nothing copied before the wire
+    assert all(part is item for part, item in zip(parts[1:], items))
+
+
+def test_wire_mixed_items_round_trip():
+    items = [1, "a", b"x", None, (1, 2), {"k": [1.5, None]}, bytearray(b"ba"), 2**100]
+    decoded, parts, failed = _roundtrip(items)
+    assert decoded == items
+    assert [type(d) for d in decoded] == [type(i) for i in items]
+    assert failed == {}
+    assert bytes(parts[0][:1]) == b"P"
+
+
+def test_wire_lambda_item_goes_through_cloudpickle():
+    k = 3
+    decoded, _, failed = _roundtrip([1, lambda x: x * k, 2])
+    assert failed == {}
+    assert decoded[0] == 1
+    assert decoded[1](5) == 15
+    assert decoded[2] == 2
+
+
+def test_wire_empty_batch():
+    decoded, _, failed = _roundtrip([])
+    assert decoded == []
+    assert failed == {}
+
+
+def test_wire_unpicklable_item_fails_only_at_its_position():
+    items = [0, 1, threading.Lock(), 3, b"raw"]
+    decoded, _, failed = _roundtrip(items)
+    assert list(failed) == [2]
+    assert isinstance(failed[2], pickle.PicklingError)
+    assert "lock" in str(failed[2]).lower()
+    assert failed[2].__cause__ is not None
+    assert decoded == [0, 1, None, 3, b"raw"]
+
+
+def test_wire_results_round_trip_and_unpicklable_result():
+    values = [1, "two", threading.Lock(), [4]]
+    payload = _wire.encode_results(values, None)
+    out_values, errors = _wire.decode_results(payload)
+    assert out_values == [1, "two", None, [4]]
+    assert list(errors) == [2]
+    assert isinstance(errors[2], pickle.PicklingError)
+    assert "cannot pickle the result" in str(errors[2])
+    # the traceback came along, as for any worker exception
+    assert "PicklingError" in str(errors[2].__cause__)

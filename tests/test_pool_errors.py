@@ -1,0 +1,671 @@
+"""Failures: the crash table, the ``errors=`` policies, init failures, retries, external kills.
+
+The crash table reads "where the fault happens x how -> the error at the poisoned index". Every
+row runs the same 20 items with a fault at index 7 and checks: the poisoned index carries exactly
+the expected error, every other index its correct value (nothing lost, nothing duplicated), a
+crashed worker was replaced by a new process that ran ``init`` again, and the pool goes on
+with a following ``imap``.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+from conftest import wait_until
+
+from ordpool import (
+    BrokenPool,
+    PoolClosed,
+    ProcessOrderedPool,
+    RemoteTraceback,
+    WorkerCrashed,
+    WorkerInitError,
+)
+
+N = 20
+POISON = 7
+
+
+def _value(i: int) -> int:
+    return i * 10 + 1
+
+
+# -- functions run by the workers ----------------------------------------------------------------
+
+
+def _init_record(directory):
+    """Count init runs: one file per worker process."""
+    with open(os.path.join(directory, f"init-{os.getpid()}"), "w") as f:
+        f.write("init")
+    return directory
+
+
+def _init_count(directory) -> int:
+    return sum(1 for name in os.listdir(directory) if name.startswith("init-"))
+
+
+def _faulty(directory, item):
+    """Run item ``(i, how)``: index POISON does ``how``; every other index returns its value."""
+    i, how = item
+    if i == POISON:
+        if how == "raise":
+            raise ValueError(f"poison {i}")
+        if how == "sys.exit":
+            sys.exit(2)
+        if how == "os._exit":
+            os._exit(3)
+        if how == "SIGKILL":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if how == "SIGSEGV":
+            faulthandler.disable()  # a fork inherits pytest's handler: keep the log quiet
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if how == "unpicklable-result":
+            return threading.Lock()
+    return _value(i)
+
+
+def _items(how):
+    return [(i, how) for i in range(N)]
+
+
+def _raising_input(how):
+    for i in range(N):
+        if i == POISON:
+            raise LookupError("the input broke")
+        yield (i, how)
+
+
+def _crash_once(directory, i):
+    """Crash (SIGKILL) at POISON on the first attempt only: a transient fault."""
+    marker = os.path.join(directory, "crashed-once")
+    if i == POISON and not os.path.exists(marker):
+        with open(marker, "w"):
+            pass
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _value(i)
+
+
+def _crash_always(directory, i):
+    """Crash (os._exit(3)) at POISON on every attempt, logging each one."""
+    if i == POISON:
+        with open(os.path.join(directory, "attempts"), "a") as f:
+            f.write("attempt\n")
+        os._exit(3)
+    return _value(i)
+
+
+def _announce_then_wait(directory, i):
+    """Say which process runs item i (atomically), then wait for the test's release file."""
+    tmp = os.path.join(directory, f".started-{i}")
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(tmp, os.path.join(directory, f"started-{i}"))
+    while not os.path.exists(os.path.join(directory, "release")):
+        time.sleep(0.002)
+    return _value(i)
+
+
+def _bad_init(message):
+    raise KeyError(message)
+
+
+def _init_exits(code):
+    os._exit(code)
+
+
+class _TwoArgError(Exception):
+    """An exception whose __init__ takes two arguments: pickles, but does not unpickle."""
+
+    def __init__(self, a, b):
+        super().__init__(f"{a}-{b}")
+
+
+def _raise_two_arg(i):
+    if i == 1000:
+        raise _TwoArgError("a", "b")
+    return _value(i)
+
+
+def _refuse(message):
+    raise ValueError(f"refusing to unpickle: {message}")
+
+
+class _Unloadable:
+    """Pickles in the worker; unpickling it (in the parent) raises."""
+
+    def __reduce__(self):
+        return (_refuse, ("result",))
+
+
+def _unloadable_result(i):
+    return _Unloadable() if i in (POISON, 1000) else _value(i)
+
+
+def _refuse_in_other_process(parent_pid):
+    if os.getpid() != parent_pid:
+        raise ValueError("this item cannot be rebuilt in a worker")
+    return "rebuilt"
+
+
+class _UnloadableInWorker:
+    """Pickles in the parent; unpickling it in a worker raises."""
+
+    def __reduce__(self):
+        return (_refuse_in_other_process, (os.getpid(),))
+
+
+def _identity_value(x):
+    return x if isinstance(x, str) else _value(x)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _check_values(results, *, skip=()):
+    for i, value in enumerate(results):
+        if i not in skip:
+            assert value == _value(i), (i, value)
+
+
+# -- the crash table -----------------------------------------------------------------------------
+
+SIGKILL, SIGSEGV = int(signal.SIGKILL), int(signal.SIGSEGV)
+
+CRASH_TABLE = [
+    # where the fault happens x how              -> error at index 7    crash exit code, text
+    pytest.param("fn", "raise", ValueError, None, "poison 7", id="fn-raises"),
+    pytest.param("fn", "sys.exit", SystemExit, None, None, id="fn-sys.exit(2)-is-an-item-error"),
+    pytest.param("fn", "os._exit", WorkerCrashed, 3, "exit code 3", id="fn-os._exit(3)"),
+    pytest.param("fn", "SIGKILL", WorkerCrashed, -SIGKILL, "signal SIGKILL", id="fn-SIGKILL"),
+    pytest.param("fn", "SIGSEGV", WorkerCrashed, -SIGSEGV, "signal SIGSEGV", id="fn-SIGSEGV"),
+    pytest.param(
+        "item", "unpicklable", pickle.PicklingError, None, "lock", id="item-unpicklable-Lock"
+    ),
+    pytest.param(
+        "result",
+        "unpicklable-result",
+        pickle.PicklingError,
+        None,
+        "lock",
+        id="result-unpicklable-Lock",
+    ),
+    pytest.param(
+        "input", "raises", LookupError, None, "the input broke", id="input-iterable-raises"
+    ),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("where", "how", "expected", "exitcode", "text"), CRASH_TABLE)
+def test_crash_table(start_method, tmp_path, where, how, expected, exitcode, text):
+    directory = str(tmp_path)
+    with ProcessOrderedPool(
+        _faulty, workers=2, init=_init_record, initargs=(directory,), start_method=start_method
+    ) as pool:
+        pids_before = set(pool.worker_pids())
+        if where == "item":
+            items = _items(how)
+            items[POISON] = threading.Lock()
+        elif where == "input":
+            items = _raising_input(how)
+        else:
+            items = _items(how)
+        results = pool.map(items, errors="return")
+
+        # nothing lost, nothing duplicated: one result per index, in order
+        assert len(results) == (POISON + 1 if where == "input" else N)
+        _check_values(results, skip={POISON})
+        err = results[POISON]
+        assert type(err) is expected, repr(err)
+        if text is not None:
+            assert text in str(err).lower() or text in str(err), repr(err)
+
+        if where in ("fn", "result") and expected is not WorkerCrashed:
+            # a worker-side exception: its traceback travels as __cause__
+            assert isinstance(err.__cause__, RemoteTraceback)
+            assert expected.__name__ in str(err.__cause__)
+            if where == "fn":  # raised by fn: the worker's stack, down to the raising line
+                assert "Traceback (most recent call last)" in str(err.__cause__)
+                assert "_faulty" in str(err.__cause__)
+        if how == "sys.exit":
+            assert err.code == 2
+
+        if expected is WorkerCrashed:
+            assert err.exitcode == exitcode
+            assert err.pid in pids_before
+            # the dead worker was replaced by a new process, which ran init again
+            assert wait_until(lambda: len(pool.worker_pids()) == 2, timeout=30)
+            pids_after = set(pool.worker_pids())
+            assert err.pid not in pids_after
+            assert len(pids_after - pids_before) == 1
+            assert wait_until(lambda: _init_count(directory) == 3, timeout=30)
+            (new_pid,) = pids_after - pids_before
+            assert os.path.exists(os.path.join(directory, f"init-{new_pid}"))
+        else:
+            # an ordinary item error: no worker died
+            assert set(pool.worker_pids()) == pids_before
+            assert _init_count(directory) == 2
+
+        # the pool goes on
+        assert pool.map(_items("none")) == [_value(i) for i in range(N)]
+        assert pool.map(_items(how), errors="skip") == [
+            _value(i) for i in range(N) if i != POISON or where in ("item", "input")
+        ]
+
+
+# -- the errors= policies --------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("how", "expected"), [("raise", ValueError), ("SIGKILL", WorkerCrashed)], ids=["raise", "kill"]
+)
+def test_errors_raise_stops_at_the_poisoned_index(start_method, tmp_path, how, expected):
+    with ProcessOrderedPool(
+        _faulty, workers=2, init=_init_record, initargs=(str(tmp_path),), start_method=start_method
+    ) as pool:
+        got = []
+        with pytest.raises(expected) as info:  # noqa: PT012 - the loop runs until it raises
+            for value in pool.imap(_items(how)):
+                got.append(value)
+        assert got == [_value(i) for i in range(POISON)]  # everything before it, in order
+        if expected is ValueError:
+            assert isinstance(info.value.__cause__, RemoteTraceback)
+            assert 'raise ValueError(f"poison {i}")' in str(info.value.__cause__)
+        # the abandoned imap released the pool
+        assert pool.map(_items("none"), errors="raise") == [_value(i) for i in range(N)]
+
+
+@pytest.mark.parametrize("how", ["raise", "os._exit"])
+def test_errors_skip_leaves_out_only_the_failed_index(start_method, tmp_path, how):
+    with ProcessOrderedPool(
+        _faulty, workers=2, init=_init_record, initargs=(str(tmp_path),), start_method=start_method
+    ) as pool:
+        assert pool.map(_items(how), errors="skip") == [_value(i) for i in range(N) if i != POISON]
+
+
+def test_input_iterable_exception_is_raised_at_its_position(start_method):
+    raised = []
+
+    def source():
+        yield from range(5)
+        exc = LookupError("input gone")
+        raised.append(exc)
+        raise exc
+
+    with ProcessOrderedPool(_identity_value, workers=2, start_method=start_method) as pool:
+        got = []
+        with pytest.raises(LookupError) as info:  # noqa: PT012
+            for value in pool.imap(source()):
+                got.append(value)
+        assert got == [_value(i) for i in range(5)]
+        assert info.value is raised[0]  # the very exception, not a copy
+        assert pool.map(source(), errors="skip") == [_value(i) for i in range(5)]
+        out = pool.map(source(), errors="return")
+        assert out[:5] == [_value(i) for i in range(5)]
+        assert out[5] is raised[-1]
+        assert len(out) == 6
+
+
+def test_results_stream_carries_errors_at_their_index(start_method, tmp_path):
+    with ProcessOrderedPool(
+        _faulty, workers=2, init=_init_record, initargs=(str(tmp_path),), start_method=start_method
+    ) as pool:
+        indices = [3, 10, 2**40, 2**64 + 1]
+        for index, i in zip(indices, [1, POISON, 2, POISON]):
+            pool.enqueue(index, (i, "raise"))
+        pool.close()
+        out = list(pool.results())
+    assert [r.index for r in out] == indices
+    assert [r.ok for r in out] == [True, False, True, False]
+    assert out[0].get() == _value(1)
+    assert out[2].get() == _value(2)
+    assert out[0].error is None
+    assert out[1].value is None
+    for bad in (out[1], out[3]):
+        with pytest.raises(ValueError, match="poison 7"):
+            bad.get()
+        assert isinstance(bad.error.__cause__, RemoteTraceback)
+
+
+# -- results and exceptions that cannot be unpickled in the parent ---------------------------
+
+
+def test_result_that_cannot_be_unpickled_fails_its_batch(start_method):
+    """Documents the current behaviour: a result whose unpickling raises in the parent fails
+    every item of its batch (the worker cannot know), with a RuntimeError whose __cause__ is
+    the unpickling error. The items of other batches are unaffected, and the pool goes on."""
+    with ProcessOrderedPool(_unloadable_result, workers=2, start_method=start_method) as pool:
+        results = pool.map(range(N), errors="return")
+        assert len(results) == N
+        err = results[POISON]
+        assert type(err) is RuntimeError
+        assert "could not unpickle the results of this batch" in str(err)
+        assert isinstance(err.__cause__, ValueError)
+        assert "refusing to unpickle" in str(err.__cause__)
+        failed = [i for i, v in enumerate(results) if v != _value(i)]
+        assert POISON in failed
+        assert failed == list(range(failed[0], failed[-1] + 1))  # one contiguous batch
+        for i in failed:
+            assert type(results[i]) is RuntimeError
+        assert pool.map(range(POISON)) == [_value(i) for i in range(POISON)]
+
+
+def test_exception_with_a_custom_init_fails_only_its_index(start_method):
+    with ProcessOrderedPool(_raise_two_arg, workers=2, start_method=start_method) as pool:
+        results = pool.map(list(range(2000)), errors="return")
+    assert [i for i, v in enumerate(results) if v != _value(i)] == [1000]
+    err = results[1000]
+    assert isinstance(err, Exception)
+    assert "_TwoArgError" in type(err).__name__ + str(err)
+
+
+def test_item_that_cannot_be_unpickled_in_the_worker_fails_its_batch(start_method):
+    """Documents the current behaviour: an item that pickles in the parent but whose
+    unpickling raises in the worker fails every item of its batch with that exception (its
+    worker traceback as __cause__); other batches are unaffected and the pool goes on."""
+    items = list(range(N))
+    items[POISON] = _UnloadableInWorker()
+    with ProcessOrderedPool(_identity_value, workers=2, start_method=start_method) as pool:
+        results = pool.map(items, errors="return")
+        assert len(results) == N
+        err = results[POISON]
+        assert type(err) is ValueError
+        assert "cannot be rebuilt in a worker" in str(err)
+        assert isinstance(err.__cause__, RemoteTraceback)
+        failed = [i for i, v in enumerate(results) if v != _value(i)]
+        assert failed == list(range(failed[0], failed[-1] + 1))
+        assert all(type(results[i]) is ValueError for i in failed)
+        assert pool.map(range(5)) == [_value(i) for i in range(5)]
+
+
+# -- init failures ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_init_raising_gives_worker_init_error_with_the_remote_traceback(start_method):
+    with pytest.raises(WorkerInitError) as info:
+        ProcessOrderedPool(
+            _faulty, workers=2, init=_bad_init, initargs=("no config",), start_method=start_method
+        )
+    err = info.value
+    assert isinstance(err, BrokenPool)
+    assert "KeyError" in str(err)
+    cause = err.__cause__
+    assert type(cause) is KeyError
+    assert cause.args == ("no config",)
+    assert isinstance(cause.__cause__, RemoteTraceback)
+    text = str(cause.__cause__)
+    assert "Traceback (most recent call last)" in text
+    assert "_bad_init" in text
+    assert "raise KeyError(message)" in text
+    # no worker is left behind: conftest.no_leaks
+
+
+@pytest.mark.timeout(30)
+def test_init_calling_os_exit_gives_worker_init_error(start_method):
+    with pytest.raises(WorkerInitError, match=r"died during init \(exit code 7\)"):
+        ProcessOrderedPool(
+            _faulty, workers=2, init=_init_exits, initargs=(7,), start_method=start_method
+        )
+
+
+def _init_fails_on_restart(directory):
+    """init works in the first two workers and raises in any replacement."""
+    earlier = _init_count(directory)
+    _init_record(directory)
+    if earlier >= 2:
+        raise RuntimeError("init refuses to run in a replacement")
+    return directory
+
+
+def _kill_at_poison(directory, i):
+    if i == POISON:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _value(i)
+
+
+@pytest.mark.timeout(60)
+def test_init_failing_in_a_replacement_breaks_the_pool(start_method, tmp_path):
+    pool = ProcessOrderedPool(
+        _kill_at_poison,
+        workers=2,
+        init=_init_fails_on_restart,
+        initargs=(str(tmp_path),),
+        start_method=start_method,
+    )
+    try:
+        results = []
+        try:
+            for value in pool.imap(range(200), errors="return"):
+                results.append(value)
+        except BrokenPool:
+            pass  # the input was cut short: allowed, after the items already answered
+        assert isinstance(results[POISON], WorkerCrashed)
+        for i, value in enumerate(results):
+            if i != POISON:
+                assert value == _value(i) or isinstance(value, BrokenPool), (i, value)
+        assert wait_until(lambda: pool.state == "broken", timeout=30)
+        with pytest.raises(BrokenPool, match="init refuses") as info:
+            pool.map([1])
+        assert isinstance(info.value.__cause__, WorkerInitError)
+        with pytest.raises(BrokenPool):
+            pool.enqueue(0, 1)
+    finally:
+        pool.close()
+        pool.join(30)
+        pool.terminate()
+
+
+def _init_slow_to_stop_fails_on_restart(directory):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # takes the parent's SIGKILL to stop
+    return _init_fails_on_restart(directory)
+
+
+@pytest.mark.timeout(60)
+def test_join_of_a_broken_pool_waits_for_its_workers(start_method, tmp_path):
+    pool = ProcessOrderedPool(
+        _kill_at_poison,
+        workers=2,
+        init=_init_slow_to_stop_fails_on_restart,
+        initargs=(str(tmp_path),),
+        start_method=start_method,
+    )
+    pids = pool.worker_pids()
+    try:
+        try:
+            pool.map(range(N), errors="return")
+        except BrokenPool:
+            pass  # the break may cut the map short
+        assert wait_until(lambda: pool.state == "broken", timeout=30)
+        pool.close()
+        assert pool.join(30)
+        # join() returned: nothing of the pool may be running any more
+        survivor = [p for p in pids if _alive(p)]
+    finally:
+        pool.terminate()
+        wait_until(lambda: not any(_alive(p) for p in pids), timeout=15)
+    assert survivor == []
+
+
+# -- retries -----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_retries_hide_a_transient_crash(start_method, tmp_path):
+    directory = str(tmp_path)
+    with ProcessOrderedPool(
+        _crash_once,
+        workers=2,
+        init=_init_record,
+        initargs=(directory,),
+        retries=1,
+        start_method=start_method,
+    ) as pool:
+        pids_before = set(pool.worker_pids())
+        assert pool.map(range(N), errors="raise") == [_value(i) for i in range(N)]
+        assert os.path.exists(os.path.join(directory, "crashed-once"))  # it did crash
+        assert wait_until(lambda: _init_count(directory) == 3, timeout=30)
+        assert len(set(pool.worker_pids()) - pids_before) == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("retries", [0, 2])
+def test_a_permanent_poison_item_fails_after_retries_plus_one_attempts(
+    start_method, tmp_path, retries
+):
+    directory = str(tmp_path)
+    with ProcessOrderedPool(
+        _crash_always,
+        workers=2,
+        init=_init_record,
+        initargs=(directory,),
+        retries=retries,
+        start_method=start_method,
+    ) as pool:
+        results = pool.map(range(N), errors="return")
+        assert len(results) == N
+        _check_values(results, skip={POISON})
+        err = results[POISON]
+        assert isinstance(err, WorkerCrashed)
+        assert err.exitcode == 3
+        with open(os.path.join(directory, "attempts")) as f:
+            assert f.read().count("attempt") == retries + 1
+        # each attempt killed a worker, and each replacement ran init
+        assert wait_until(lambda: _init_count(directory) == 2 + retries + 1, timeout=30)
+        assert pool.map(range(POISON)) == [_value(i) for i in range(POISON)]
+
+
+# -- a kill from outside ------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_sigkill_from_outside_mid_batch_loses_and_duplicates_nothing(start_method, tmp_path):
+    directory = str(tmp_path)
+    count = 40
+    with ProcessOrderedPool(
+        _announce_then_wait,
+        workers=2,
+        init=_init_record,
+        initargs=(directory,),
+        batch_size=4,
+        start_method=start_method,
+    ) as pool:
+        pids_before = set(pool.worker_pids())
+        out: dict[str, object] = {}
+
+        def consume():
+            try:
+                out["results"] = pool.map(range(count), errors="return")
+            except BaseException as exc:
+                out["error"] = exc
+
+        consumer = threading.Thread(target=consume)
+        consumer.start()
+        try:
+            # a worker is inside an item (waiting for the release file): kill it there
+            assert wait_until(
+                lambda: any(n.startswith("started-") for n in os.listdir(directory)), timeout=30
+            )
+            started = sorted(n for n in os.listdir(directory) if n.startswith("started-"))[0]
+            victim_index = int(started.split("-")[1])
+            with open(os.path.join(directory, started)) as f:
+                victim = int(f.read())
+            assert victim in pids_before
+            os.kill(victim, signal.SIGKILL)
+            assert wait_until(lambda: not _alive(victim), timeout=30)
+        finally:
+            with open(os.path.join(directory, "release"), "w"):
+                pass
+            consumer.join(30)
+        assert not consumer.is_alive()
+        assert "error" not in out, out
+        results = out["results"]
+        assert len(results) == count
+        _check_values(results, skip={victim_index})
+        err = results[victim_index]
+        assert isinstance(err, WorkerCrashed), err
+        assert err.exitcode == -SIGKILL
+        assert err.pid == victim
+        assert "signal SIGKILL" in str(err)
+        assert victim not in pool.worker_pids()
+        assert wait_until(lambda: _init_count(directory) == 3, timeout=30)
+        assert pool.map(range(8)) == [_value(i) for i in range(8)]
+
+
+@pytest.mark.timeout(60)
+def test_kill_of_an_idle_worker_is_repaired(start_method, tmp_path):
+    directory = str(tmp_path)
+    with ProcessOrderedPool(
+        _crash_once, workers=2, init=_init_record, initargs=(directory,), start_method=start_method
+    ) as pool:
+        victim = pool.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(
+            lambda: victim not in pool.worker_pids() and len(pool.worker_pids()) == 2, timeout=30
+        )
+        assert wait_until(lambda: _init_count(directory) == 3, timeout=30)
+        with open(os.path.join(directory, "crashed-once"), "w"):
+            pass  # no item crashes
+        assert pool.map(range(N)) == [_value(i) for i in range(N)]
+
+
+def _sender_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("ordpool-sender-")}
+
+
+@pytest.mark.timeout(60)
+def test_close_right_after_a_worker_died_leaks_nothing(start_method):
+    threads_before = _sender_threads()
+    pool = ProcessOrderedPool(_identity_value, workers=2, start_method=start_method)
+    try:
+        assert pool.map(range(10)) == [_value(i) for i in range(10)]
+        victim = pool.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        # the pool has buried the victim and is about to start its replacement: close now
+        assert wait_until(lambda: victim not in pool.worker_pids(), timeout=30, interval=0)
+        pool.close()
+        assert pool.join(30)
+        wait_until(lambda: not (_sender_threads() - threads_before), timeout=1)
+        leaked = _sender_threads() - threads_before
+    finally:
+        pool.terminate()
+        # undo the leak, so that conftest.no_leaks judges only what this test is about
+        for thread in _sender_threads() - threads_before:
+            worker = thread._target.__self__  # type: ignore[attr-defined]
+            worker.queue.put(None)
+            thread.join(10)
+            worker.close()
+            worker.process.close()
+    assert leaked == set()
+
+
+# -- the exception classes ------------------------------------------------------------------
+
+
+def test_worker_crashed_pickles_with_its_attributes():
+    err = WorkerCrashed("worker process 12 died (signal SIGKILL)", exitcode=-9, pid=12)
+    copy = pickle.loads(pickle.dumps(err))
+    assert type(copy) is WorkerCrashed
+    assert (str(copy), copy.exitcode, copy.pid) == (str(err), -9, 12)
+
+
+def test_pool_errors_hierarchy():
+    from concurrent.futures import BrokenExecutor
+
+    assert issubclass(WorkerInitError, BrokenPool)
+    assert issubclass(BrokenPool, BrokenExecutor)
+    assert issubclass(PoolClosed, RuntimeError)
+    assert str(RemoteTraceback("tb text")) == "tb text"

@@ -1,0 +1,590 @@
+"""Ordering and streaming: imap and enqueue/results under threads, gaps, huge indices, slow
+items, early exits, blocking inputs and quiet streams.
+
+No test asserts a duration: "a slow item holds back only later items" is checked through what
+the consumer has seen while the slow item is still running, and "a lone item is flushed" through
+an event set by the consumer before close() is called.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import time
+
+import pytest
+from conftest import wait_until
+
+from ordpool import PoolClosed, ProcessOrderedPool, fnv1a
+
+# -- functions run by the workers ----------------------------------------------------------------
+
+
+def _square(x):
+    return x * x
+
+
+def _uneven(i):
+    """Costs vary with i, deterministically but irregularly: a few items are much slower."""
+    r = (i * 2654435761) % 1000
+    if r < 2:
+        time.sleep(0.001)
+    elif r < 60:
+        sum(range(300))
+    return i, (i * i) % 1009
+
+
+def _pid_and_square(x):
+    return os.getpid(), x * x
+
+
+def _wait_for(path):
+    while not os.path.exists(path):
+        time.sleep(0.002)
+
+
+def _slow_at(item):
+    """item = (i, directory): index 5 waits for the release file; every item leaves a mark."""
+    i, directory = item
+    if i == 5:
+        _wait_for(os.path.join(directory, "release"))
+    with open(os.path.join(directory, f"done-{i}"), "w"):
+        pass
+    return _square(i)
+
+
+def _announce(path):
+    """Leave ``<path>.started-<pid>``: this worker is busy with a blocker."""
+    with open(f"{path}.started-{os.getpid()}", "w"):
+        pass
+
+
+def _busy_workers(path) -> int:
+    directory, name = os.path.split(path)
+    return sum(n.startswith(f"{name}.started-") for n in os.listdir(directory))
+
+
+def _block_on_str(x):
+    """A str item is a path to wait for (occupies a worker); an int is squared."""
+    if isinstance(x, str):
+        _announce(x)
+        _wait_for(x)
+        return -1
+    return x * x
+
+
+def _big(x):
+    if x == "big-result":
+        return b"r" * (9 << 20)  # larger than a shared-memory region: travels in the pipe
+    return len(x)
+
+
+def _new_counter():
+    return {"n": 0}
+
+
+def _keyed_step(state, item):
+    """Blocker items are paths; the others count their execution order in this worker."""
+    if isinstance(item, str):
+        _announce(item)
+        _wait_for(item)
+        return None
+    state["n"] += 1
+    return os.getpid(), state["n"], item
+
+
+# -- order -----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["iterator", "list"])
+def test_imap_order_with_random_costs_matches_serial(start_method, kind):
+    n = 50_000
+    expected = [(i, (i * i) % 1009) for i in range(n)]
+    source = range(n) if kind == "iterator" else list(range(n))
+    with ProcessOrderedPool(_uneven, workers=2, start_method=start_method) as pool:
+        assert list(pool.imap(source)) == expected
+
+
+@pytest.mark.timeout(60)
+def test_enqueue_gaps_and_huge_indices_with_producer_and_consumer_threads(start_method):
+    indices = sorted(
+        {*range(0, 300, 3), *range(2**32 - 5, 2**32 + 300, 7), *range(2**63 - 3, 2**63 + 200, 11)}
+        | {2**64 + 1, 2**70, 10**30}
+    )
+    assert indices[-1] > 2**63 and any(2**32 < i < 2**63 for i in indices)
+    pool = ProcessOrderedPool(_square, workers=2, window=64, start_method=start_method)
+    got: list = []
+    errors: list = []
+
+    def producer():
+        try:
+            for index in indices:
+                pool.enqueue(index, index % 1000)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def consumer():
+        try:
+            got.extend(pool.results())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=consumer), threading.Thread(target=producer)]
+    try:
+        for t in threads:
+            t.start()
+        threads[1].join(60)
+        pool.close()
+        threads[0].join(60)
+        assert pool.join(30)
+    finally:
+        pool.terminate()
+    assert errors == []
+    assert [r.index for r in got] == indices
+    assert [r.value for r in got] == [(i % 1000) ** 2 for i in indices]
+    assert all(r.error is None for r in got)
+
+
+@pytest.mark.timeout(60)
+def test_two_producer_threads_sharing_a_lock_protected_counter(start_method):
+    pool = ProcessOrderedPool(_square, workers=2, window=128, start_method=start_method)
+    lock = threading.Lock()
+    counter = itertools.count(1000, 2)  # gaps
+    submitted: dict[int, int] = {}
+    errors: list = []
+
+    def producer(tag):
+        try:
+            for k in range(1500):
+                item = tag * 10_000 + k
+                with lock:  # taking an index and enqueueing it is one step
+                    index = next(counter)
+                    pool.enqueue(index, item)
+                    submitted[index] = item
+        except BaseException as exc:
+            errors.append(exc)
+
+    got: list = []
+    consumer = threading.Thread(target=lambda: got.extend(pool.results()))
+    producers = [threading.Thread(target=producer, args=(tag,)) for tag in (1, 2)]
+    try:
+        consumer.start()
+        for t in producers:
+            t.start()
+        for t in producers:
+            t.join(60)
+        pool.close()
+        consumer.join(60)
+    finally:
+        pool.terminate()
+    assert errors == []
+    assert len(submitted) == 3000
+    assert [r.index for r in got] == sorted(submitted)
+    assert [r.value for r in got] == [submitted[i] ** 2 for i in sorted(submitted)]
+
+
+def test_non_increasing_index_raises_at_once_and_the_pool_still_works(start_method):
+    with ProcessOrderedPool(_square, workers=2, start_method=start_method) as pool:
+        pool.enqueue(5, 5)
+        with pytest.raises(ValueError, match="not greater than the previous index 5"):
+            pool.enqueue(5, 99)
+        with pytest.raises(ValueError, match="not greater"):
+            pool.enqueue(3, 99)
+        with pytest.raises(TypeError):
+            pool.enqueue(True, 99)
+        with pytest.raises(TypeError):
+            pool.enqueue("6", 99)
+        with pytest.raises(TypeError):
+            pool.enqueue(6.0, 99)
+        pool.enqueue(6, 6)
+        pool.enqueue(2**64, 7)
+        pool.close()
+        assert [(r.index, r.value) for r in pool.results()] == [(5, 25), (6, 36), (2**64, 49)]
+
+
+def test_keyed_and_unkeyed_items_cannot_mix_in_one_stream(start_method):
+    with ProcessOrderedPool(_square, workers=2, start_method=start_method) as pool:
+        pool.enqueue(0, 1, key="a")
+        with pytest.raises(ValueError, match="key"):
+            pool.enqueue(1, 2)
+        with pytest.raises(TypeError):
+            pool.enqueue(2, 3, key=1.5)
+        pool.enqueue(3, 4, key=b"b")
+        pool.close()
+        assert [(r.index, r.value) for r in pool.results()] == [(0, 1), (3, 16)]
+
+
+@pytest.mark.timeout(60)
+def test_a_slow_item_holds_back_only_the_items_after_it(start_method, tmp_path):
+    directory = str(tmp_path)
+    n = 20
+    with ProcessOrderedPool(_slow_at, workers=2, batch_size=1, start_method=start_method) as pool:
+        received: list[int] = []
+        done = threading.Event()
+
+        def consume():
+            for value in pool.imap([(i, directory) for i in range(n)]):
+                received.append(value)
+            done.set()
+
+        consumer = threading.Thread(target=consume)
+        consumer.start()
+        try:
+            # While item 5 runs, the other worker gets through the rest, except the items queued
+            # behind item 5 in its own worker (depth - 1 of them: a worker holds `depth` tasks).
+            behind = pool._engine.depth - 1
+            assert wait_until(
+                lambda: (
+                    sum(name.startswith("done-") for name in os.listdir(directory))
+                    >= n - 1 - behind
+                ),
+                timeout=30,
+            )
+            assert not os.path.exists(os.path.join(directory, "done-5"))
+            # everything before item 5 was delivered, nothing after it
+            assert wait_until(lambda: len(received) == 5, timeout=30)
+            assert received == [_square(i) for i in range(5)]
+        finally:
+            with open(os.path.join(directory, "release"), "w"):
+                pass
+            consumer.join(30)
+        assert done.is_set()
+        assert received == [_square(i) for i in range(n)]
+
+
+def test_many_imaps_reuse_the_same_worker_processes(start_method):
+    with ProcessOrderedPool(_pid_and_square, workers=2, start_method=start_method) as pool:
+        pids = set(pool.worker_pids())
+        seen = set()
+        for round_ in range(30):
+            items = range(round_ * 10, round_ * 10 + 50)
+            out = list(pool.imap(items))
+            assert [sq for _, sq in out] == [x * x for x in items]
+            seen.update(pid for pid, _ in out)
+        assert set(pool.worker_pids()) == pids
+        assert seen <= pids
+
+
+# -- one stream at a time --------------------------------------------------------------------
+
+
+def test_imap_while_an_enqueue_stream_is_open_raises(start_method):
+    with ProcessOrderedPool(_square, workers=2, start_method=start_method) as pool:
+        pool.enqueue(0, 3)
+        with pytest.raises(RuntimeError, match="enqueue"):
+            pool.imap([1])
+        with pytest.raises(RuntimeError):
+            pool.map([1])
+        pool.enqueue(1, 4)  # the stream is unharmed
+        pool.close()
+        assert [r.value for r in pool.results()] == [9, 16]
+
+
+def test_enqueue_and_results_while_an_imap_runs_raise(start_method):
+    with ProcessOrderedPool(_square, workers=2, start_method=start_method) as pool:
+        it = pool.imap(range(10_000))
+        assert next(it) == 0
+        with pytest.raises(RuntimeError, match="imap"):
+            pool.enqueue(0, 1)
+        with pytest.raises(RuntimeError, match="imap"):
+            pool.results()
+        with pytest.raises(RuntimeError, match="imap"):
+            pool.imap([1])
+        assert list(it) == [x * x for x in range(1, 10_000)]
+        # the imap is over: the enqueue stream may open now
+        pool.enqueue(0, 7)
+        pool.close()
+        assert [r.value for r in pool.results()] == [49]
+
+
+def test_a_second_concurrent_results_consumer_is_refused(start_method):
+    with ProcessOrderedPool(_square, workers=2, start_method=start_method) as pool:
+        pool.enqueue(0, 2)
+        first = pool.results()
+        assert next(first).value == 4
+        with pytest.raises(RuntimeError, match="already being iterated"):
+            pool.results()
+        pool.close()
+        assert list(first) == []
+
+
+@pytest.mark.timeout(60)
+def test_breaking_out_of_imap_early_then_imap_again(start_method):
+    with ProcessOrderedPool(_square, workers=2, window=256, start_method=start_method) as pool:
+        for x in pool.imap(range(100_000)):
+            if x >= 100:
+                break
+        assert pool.map(range(1000)) == [x * x for x in range(1000)]
+        # an endless input, left early too
+        for i, x in enumerate(pool.imap(itertools.count())):
+            assert x == i * i
+            if i == 500:
+                break
+        assert pool.map(range(10)) == [x * x for x in range(10)]
+        # the abandoned streams gave their window room back
+        assert wait_until(lambda: pool.stats().in_flight == 0, timeout=30)
+
+
+@pytest.mark.timeout(60)
+def test_lone_item_on_a_quiet_stream_is_flushed_without_close(start_method, tmp_path):
+    """Both workers are busy when item 2 arrives, so it waits in a partial batch; only the
+    max_delay flush can send it. The consumer must see it while the stream is still open."""
+    release = str(tmp_path / "release")
+    pool = ProcessOrderedPool(_block_on_str, workers=2, start_method=start_method)
+    arrived = threading.Event()
+    got: list = []
+
+    def consume():
+        for result in pool.results():
+            got.append(result)
+            if result.index == 2:
+                arrived.set()
+
+    consumer = threading.Thread(target=consume)
+    try:
+        consumer.start()
+        pool.enqueue(0, release)
+        pool.enqueue(1, release)
+        assert wait_until(lambda: _busy_workers(release) == 2, timeout=30)  # both workers busy
+        pool.enqueue(2, 12)
+        with open(release, "w"):
+            pass
+        assert arrived.wait(30), "the lone item never came out before close()"
+        assert pool.state == "running"
+        pool.close()
+        consumer.join(30)
+    finally:
+        pool.terminate()
+    assert [(r.index, r.value) for r in got] == [(0, -1), (1, -1), (2, 144)]
+
+
+@pytest.mark.timeout(60)
+def test_imap_over_a_blocking_generator_delivers_before_the_input_ends(start_method):
+    source: queue.Queue = queue.Queue()
+    end = object()
+
+    def generator():
+        while (item := source.get()) is not end:
+            yield item
+
+    with ProcessOrderedPool(_square, workers=2, start_method=start_method) as pool:
+        it = pool.imap(generator())
+        try:
+            for x in (3, 4, 5):
+                source.put(x)
+            # the generator is now blocked in source.get(): results must flow anyway
+            assert [next(it), next(it), next(it)] == [9, 16, 25]
+            source.put(6)
+            assert next(it) == 36
+        finally:
+            source.put(end)
+        assert list(it) == []
+
+
+@pytest.mark.timeout(60)
+def test_enqueue_timeout_when_the_window_stays_full(start_method, tmp_path):
+    release = str(tmp_path / "release")
+    pool = ProcessOrderedPool(_block_on_str, workers=2, window=2, start_method=start_method)
+    try:
+        pool.enqueue(0, release)
+        pool.enqueue(1, release)
+        with pytest.raises(TimeoutError):
+            pool.enqueue(2, 5, timeout=0.2)
+        with open(release, "w"):
+            pass
+        results = pool.results()
+        assert [next(results).value, next(results).value] == [-1, -1]
+        pool.enqueue(2, 5, timeout=30)  # the index was not used up by the failed call
+        pool.close()
+        assert [(r.index, r.value) for r in results] == [(2, 25)]
+        assert pool.join(30)
+    finally:
+        pool.terminate()
+
+
+@pytest.mark.timeout(60)
+def test_items_and_results_larger_than_a_shared_memory_region(start_method):
+    big = b"x" * (9 << 20)
+    with ProcessOrderedPool(_big, workers=2, start_method=start_method) as pool:
+        assert pool.map([big, b"small", big]) == [len(big), 5, len(big)]
+        out = pool.map(["ab", "big-result", "abc"])
+        assert out[0] == 2 and out[2] == 3
+        assert out[1] == b"r" * (9 << 20)
+
+
+# -- keyed enqueue: per-key order survives a batch that is slow to pickle ---------------------
+
+_PICKLE_GATE = threading.Event()
+_PICKLING = threading.Event()
+
+
+class _SlowToPickle:
+    """Pickles (in the parent) only once the test opens the gate; unpickles as 2."""
+
+    def __reduce__(self):
+        _PICKLING.set()
+        _PICKLE_GATE.wait(30)
+        return (int, (2,))
+
+
+@pytest.mark.timeout(60)
+def test_keyed_items_run_in_order_even_when_an_earlier_batch_is_slow_to_pickle(
+    start_method, tmp_path
+):
+    """Item 2 is taken by the max_delay flusher, which is then stuck pickling it while the
+    producer takes and pickles the next batch (3..6) of the same key. The worker of that key
+    must still run item 2 first."""
+    slot_key: dict[int, str] = {}
+    for k in itertools.count():
+        slot_key.setdefault(fnv1a(f"key-{k}") % 2, f"key-{k}")
+        if len(slot_key) == 2:
+            break
+    release = str(tmp_path / "release")
+    _PICKLE_GATE.clear()
+    _PICKLING.clear()
+    pool = ProcessOrderedPool(
+        _keyed_step, workers=2, init=_new_counter, batch_size=4, start_method=start_method
+    )
+    try:
+        pool.enqueue(0, release, key=slot_key[0])
+        pool.enqueue(1, release, key=slot_key[1])
+        assert wait_until(lambda: _busy_workers(release) == 2, timeout=30)
+        key = slot_key[0]
+        pool.enqueue(2, _SlowToPickle(), key=key)
+        assert _PICKLING.wait(30)  # the flusher took item 2 and is pickling it
+        for i in range(3, 7):
+            pool.enqueue(i, i, key=key)  # a full batch: taken and sent by this thread
+    finally:
+        _PICKLE_GATE.set()
+        with open(release, "w"):
+            pass
+    try:
+        pool.close()
+        out = list(pool.results())
+        assert pool.join(30)
+    finally:
+        pool.terminate()
+    assert [r.index for r in out] == list(range(7))
+    keyed = [r.value for r in out[2:]]
+    assert [item for _, _, item in keyed] == [2, 3, 4, 5, 6]
+    assert len({pid for pid, _, _ in keyed}) == 1  # one key, one worker
+    order = [n for _, n, _ in keyed]
+    assert order == sorted(order), f"the key's items ran out of order: {order}"
+
+
+# -- abandoned iterators: known problems ---------------------------------------------------
+
+
+def test_an_unstarted_dropped_imap_does_not_block_the_next_one(start_method):
+    with ProcessOrderedPool(_square, workers=2, start_method=start_method) as pool:
+        pool.imap(range(10))  # created, never iterated, dropped
+        assert pool.map([2, 3]) == [4, 9]
+
+
+@pytest.mark.timeout(60)
+def test_close_and_join_finish_while_an_unfinished_imap_iterator_is_alive(start_method):
+    """close() stops an imap's endless input: join() returns although the iterator was left
+    early and is still referenced (as after ``for x in it: ... break`` in a with block)."""
+    pool = ProcessOrderedPool(_square, workers=2, window=64, start_method=start_method)
+    it = pool.imap(itertools.count())
+    try:
+        for i, x in enumerate(it):
+            assert x == i * i
+            if i > 100:
+                break
+        pool.close()
+        assert pool.join(30)
+        assert pool.state == "closed"
+    finally:
+        pool.terminate()
+        del it
+
+
+@pytest.mark.timeout(60)
+def test_iterating_an_imap_after_close_ends_with_pool_closed(start_method):
+    # The flusher races with close(); it loses most of the time, so a few rounds make the
+    # outcome certain either way (a round ends in well under a second when nothing hangs).
+    for _ in range(5):
+        pool = ProcessOrderedPool(_square, workers=2, window=64, start_method=start_method)
+        it = pool.imap(itertools.count())
+        outcome: list = []
+
+        def drain(it=it, outcome=outcome):
+            try:
+                outcome.extend(it)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        try:
+            last = -1
+            for i, _ in enumerate(it):
+                last = i
+                if i > 100:
+                    break
+            pool.close()
+            assert pool.join(30)
+            consumer = threading.Thread(target=drain, daemon=True)
+            consumer.start()
+            consumer.join(2)
+            hung = consumer.is_alive()
+        finally:
+            pool.terminate()
+            del it
+        # (a hung consumer stays hung: terminate() of a CLOSED pool does nothing)
+        assert not hung, "the imap consumer hangs after close()"
+        consumer.join(10)
+        *rest, end = outcome
+        assert isinstance(end, PoolClosed)
+        assert rest == [i * i for i in range(last + 1, last + 1 + len(rest))]
+
+
+def test_an_unstarted_dropped_results_iterator_does_not_block_the_next(start_method):
+    with ProcessOrderedPool(_square, workers=2, start_method=start_method) as pool:
+        pool.enqueue(0, 3)
+        pool.results()  # created, never iterated, dropped
+        pool.close()
+        assert [r.value for r in pool.results()] == [9]
+
+
+@pytest.mark.timeout(60)
+def test_results_resumed_after_a_break_loses_nothing(start_method, tmp_path):
+    release = str(tmp_path / "release")
+    # max_delay is large so that batches are exactly what the producer takes: [2..11], [12..21]
+    pool = ProcessOrderedPool(
+        _block_on_str, workers=2, batch_size=10, max_delay=60, start_method=start_method
+    )
+    try:
+        pool.enqueue(0, release)
+        pool.enqueue(1, release)
+        assert wait_until(lambda: _busy_workers(release) == 2, timeout=30)
+        for i in range(2, 22):
+            pool.enqueue(i, i)
+        with open(release, "w"):
+            pass
+        pool.close()
+        seen = []
+        for result in pool.results():
+            seen.append(result.index)
+            if len(seen) == 5:
+                break
+        seen.extend(r.index for r in pool.results())
+        assert pool.join(30)
+    finally:
+        pool.terminate()
+    assert seen == list(range(22))
+
+
+def test_results_after_terminate_raise_pool_closed(start_method, tmp_path):
+    release = str(tmp_path / "never")
+    pool = ProcessOrderedPool(_block_on_str, workers=2, start_method=start_method)
+    try:
+        pool.enqueue(0, release)
+        results = pool.results()
+        pool.terminate()
+        with pytest.raises(PoolClosed):
+            next(results)
+    finally:
+        pool.terminate()
