@@ -6,12 +6,11 @@ What one run does, in order::
         -> start multiprocessing's helpers (resource tracker, forkserver)
         -> [fork only: open every pool now, before the data exists]
         -> build the message list once (or read --input)
-        -> serial: warm, K timed runs                        (the reference and the speedup base)
-        -> per worker count, per engine (ordpool, multiprocessing.Pool.imap,
-           ProcessPoolExecutor.map):
-               open the pool once -> warm it (small untimed run)
-               -> stdlib pools: sweep chunksize candidates on a calibration slice, keep the best
-               -> K timed runs on the same pool -> [--check: untimed pass vs serial] -> close
+        -> per worker count: open serial, ordpool, multiprocessing.Pool.imap and
+           ProcessPoolExecutor.map once -> warm each (small untimed run; the stdlib pools
+           sweep chunksize candidates on a calibration slice and keep the best)
+           -> K rounds: one timed run of every engine per round (serial is the speedup base)
+           -> [--check: untimed pass of each engine vs serial] -> close
         -> table on stdout, verdict per engine, [--json FILE]
 
 Methodology, and why (numbers in ``PERF.md``):
@@ -26,6 +25,10 @@ Methodology, and why (numbers in ``PERF.md``):
   read by a top-level wrapper (:func:`_call_with_state`).
 * **Warm pools, reused.** Each pool is created once per worker count, warmed with a small
   untimed run, and serves every timed run.
+* **Rounds, not blocks.** The repeats run in rounds across the engines (serial, ordpool, Pool,
+  executor; then again), with every pool of a worker count open meanwhile: a drift of the
+  machine's speed (a virtual machine's neighbours, frequency changes: 30% within minutes on
+  the project's machine) then hits every engine alike instead of skewing one engine's ratio.
 * **Consuming results costs nothing.** Timed runs drain the iterator with
   ``collections.deque(it, maxlen=0)``: no list, no retention, no GC pressure. ``--check``
   compares every engine's results with serial's in a separate, untimed pass.
@@ -1149,10 +1152,8 @@ def run_benchmark(
     # With fork, every pool starts before the data exists (copy-on-write: see the docstring).
     opened: dict[int, list[BenchEngine]] = {}
     every: list[BenchEngine] = []
-    steps = (
-        config.repeat
-        + 1
-        + len(config.workers) * len(config.engines) * (config.repeat + 1 + config.check)
+    steps = 1 + len(config.workers) * (
+        (len(config.engines) + 1) * (config.repeat + 1) + len(config.engines) * config.check
     )
     progress = Progress(steps, enabled=config.progress)
     failed = True
@@ -1172,54 +1173,58 @@ def run_benchmark(
         n = len(messages)
         nbytes = _input_bytes(messages)
 
-        serial = SerialEngine(workload, 1, config)
-        serial.open()
-        progress.step("serial: warm-up")
-        serial.prepare(messages)
-        progress.advance()
-        runs = []
-        for r in range(config.repeat):
-            progress.step(f"serial: run {r + 1}/{config.repeat}")
-            runs.append(timed_run(serial, messages))
-            progress.advance()
-        serial_result = summarize(serial, runs, n, nbytes, None, cores)
-        serial_result.speedup = 1.0
-        if config.check:
-            serial_result.check = "reference"
-        reference = serial.call
-
+        # Repeats run in rounds (serial, ordpool, Pool, PPE, serial, ordpool, ...), so that a
+        # drift of the machine's speed (a VM's neighbours, frequency changes) hits every engine
+        # alike instead of skewing the ratios of whichever engine ran during it.
         groups: list[dict[str, Any]] = []
+        reference = None
         for workers in config.workers:
-            results = [serial_result]
-            for engine in opened.get(workers) or make(workers):
-                what = f"{engine.name}, {workers} workers"
-                if engine not in every:
-                    progress.step(f"{what}: starting")
-                    every.append(engine)
-                    engine.open()
-                try:
+            serial = SerialEngine(workload, 1, config)
+            serial.open()
+            engines: list[BenchEngine] = [serial]
+            try:
+                for engine in opened.get(workers) or make(workers):
+                    if engine not in every:
+                        progress.step(f"{engine.name}, {workers} workers: starting")
+                        every.append(engine)
+                        engine.open()
+                    engines.append(engine)
+                for engine in engines:
                     calibrate = isinstance(engine, ChunkedEngine) and len(engine.candidates) > 1
-                    progress.step(f"{what}: warm-up" + ", chunksize sweep" * calibrate)
+                    progress.step(f"{engine.name}: warm-up" + ", chunksize sweep" * calibrate)
                     engine.prepare(messages)
                     progress.advance()
-                    runs = []
-                    for r in range(config.repeat):
-                        progress.step(f"{what}: run {r + 1}/{config.repeat}")
-                        runs.append(timed_run(engine, messages))
+                runs: dict[int, list[Any]] = {id(e): [] for e in engines}
+                for r in range(config.repeat):
+                    for engine in engines:
+                        progress.step(f"round {r + 1}/{config.repeat}: {engine.name}")
+                        runs[id(engine)].append(timed_run(engine, messages))
                         progress.advance()
-                    result = summarize(engine, runs, n, nbytes, serial_result.wall_s, cores)
+                serial_result = summarize(serial, runs[id(serial)], n, nbytes, None, cores)
+                serial_result.speedup = 1.0
+                results = [serial_result]
+                if config.check:
+                    serial_result.check = "reference"
+                    reference = serial.call
+                for engine in engines[1:]:
+                    result = summarize(
+                        engine, runs[id(engine)], n, nbytes, serial_result.wall_s, cores
+                    )
                     if config.check:
-                        progress.step(f"{what}: checking results")
+                        progress.step(f"{engine.name}, {workers} workers: checking results")
                         result.check = check_engine(engine, reference, messages)
                         progress.advance()
-                except BaseException:
-                    every.remove(engine)
-                    engine.close(abort=True)
-                    raise
-                if config.start_method != "fork":  # the next engine's pool starts after this
+                    results.append(result)
+            except BaseException:
+                for engine in engines[1:]:
+                    if engine in every:
+                        every.remove(engine)
+                        engine.close(abort=True)
+                raise
+            if config.start_method != "fork":
+                for engine in engines[1:]:
                     every.remove(engine)
                     engine.close()
-                results.append(result)
             groups.append({"workers": workers, "engines": [asdict(r) for r in results]})
         failed = False
     finally:
