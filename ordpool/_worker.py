@@ -12,6 +12,7 @@ running (the one to blame, or retry) and which items of the batch never started.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import pickle
 import signal
@@ -220,6 +221,12 @@ def _loop(
             return
         bid, failed, region, nbytes, inline = _wire.parse_task(frame)
         start = perf_counter()
+        # The cyclic GC is paused while a batch runs: building a list of thousands of results
+        # (dicts, lists) would otherwise trigger collections that traverse that growing list
+        # again and again, several times the cost of the work itself. The pause is bounded by
+        # one batch (about 20 ms of work); garbage cycles made meanwhile are collected after.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
         progress[0] = bid
         progress[1] = 0
         try:
@@ -235,7 +242,10 @@ def _loop(
             del items
             payload = _wire.encode_results(values, errors)
             nerrors = len(errors) if errors else 0
+            del values, errors  # freed before the collector runs again
         seconds = perf_counter() - start
+        if gc_was_enabled:
+            gc.enable()
         retire = max_tasks is not None and done >= max_tasks
         if retire:
             # Said before the result, so the parent sends nothing more to this process.
