@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ordpool._bench import WORKLOADS, make_messages  # noqa: E402
+from ordpool._bench import WORKLOADS, make_messages
 
 
 def _run(queue: mp.Queue, workload: str, n: int, start: mp.Event) -> None:  # type: ignore[type-arg]

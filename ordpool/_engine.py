@@ -127,6 +127,8 @@ class Stream:
             they are queued strictly in seq order (``parked`` holds early ones) so that a key's
             items reach its worker in submission order.
         parked: encoded batches waiting for an earlier one to be queued ({9: <Batch>}).
+        call: the pickled callable the stream's items run with, instead of the pool's ``fn``
+            (an executor's ``map(fn, ...)``), or ``b""``.
         reorder: answered batches waiting for their turn (ordered streams).
         next_seq: seq of the next batch this stream will create (7).
         open_batches: batches taken from the input and not yet answered (3).
@@ -145,6 +147,7 @@ class Stream:
     __slots__ = (
         "abandoned",
         "batcher",
+        "call",
         "closed",
         "complete",
         "consumer",
@@ -168,11 +171,13 @@ class Stream:
         *,
         keyed: bool | None = False,
         on_batch: Callable[[Batch], None] | None = None,
+        call: bytes = b"",
     ) -> None:
         self.kind = kind
         self.keyed = keyed
         self.on_batch = on_batch
         self.on_send: Callable[[Task], None] | None = None
+        self.call = call
         self.queued_seq = 0
         self.parked: dict[int, Batch] = {}
         self.reorder: ReorderBuffer[Batch] = ReorderBuffer()
@@ -413,11 +418,12 @@ class Engine:
         *,
         keyed: bool | None = False,
         on_batch: Callable[[Batch], None] | None = None,
+        call: bytes = b"",
     ) -> Stream:
-        """Open a new stream (``"enqueue"`` or ``"imap"``)."""
+        """Open a new stream (``"enqueue"`` or ``"imap"``); ``call``: see :class:`Stream`."""
         with self._lock:
             self.check_open()
-            stream = Stream(kind, keyed=keyed, on_batch=on_batch)
+            stream = Stream(kind, keyed=keyed, on_batch=on_batch, call=call)
             self._streams.append(stream)
             return stream
 
@@ -774,7 +780,7 @@ class Engine:
                 self._answer_locked(task)
                 return
         self._slots[slot].outstanding.append(task)
-        self.transport.send(slot, task.bid, tuple(task.failed), task.parts)
+        self.transport.send(slot, task.bid, tuple(task.failed), task.parts, task.batch.stream.call)
 
     # -- events from the transport (its thread) ------------------------------------------------
 

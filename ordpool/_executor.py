@@ -42,6 +42,7 @@ start on the first ``submit``/``map``, in the background, so ``submit`` never wa
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -57,6 +58,7 @@ from concurrent.futures import process as _stdlib_process
 from concurrent.futures import wait as _wait_futures
 from typing import Any, Callable, Iterable, Iterator
 
+from . import _wire
 from ._batching import Batch
 from ._engine import Engine, PoolState, Stream
 from ._errors import (
@@ -68,7 +70,7 @@ from ._errors import (
     describe_exit,
 )
 from ._process import ProcessTransport
-from ._worker import worker_spec
+from ._worker import star, worker_spec
 
 __all__ = ["BrokenProcessPool", "OrderedProcessPoolExecutor"]
 
@@ -502,7 +504,7 @@ class _Core:
     # -- map -----------------------------------------------------------------------------------
 
     def map(
-        self, source: Iterator[Any], end_time: float | None, limit: int | None
+        self, source: Iterator[Any], end_time: float | None, limit: int | None, call: bytes = b""
     ) -> Iterator[Any]:
         with self._lock:
             self.check_open()
@@ -516,7 +518,7 @@ class _Core:
             if self.broken is not None:
                 return _fail_later(self._new_broken_error())
             try:
-                stream = engine.open_stream("imap")
+                stream = engine.open_stream("imap", call=call)
             except (BrokenPool, PoolClosed):
                 if self.broken is not None:
                     return _fail_later(self._new_broken_error())
@@ -909,11 +911,20 @@ class OrderedProcessPoolExecutor(Executor):
                 raise ValueError("buffersize must be None or > 0")
         end_time = None if timeout is None else timeout + time.monotonic()
         source: Iterator[Any]
-        if len(iterables) == 1:
+        # The function travels once per task in the task's header (the stream's callable,
+        # cached by the workers) and the items alone go over the wire: bytes items keep the
+        # zero-copy path and nothing is pickled per item for the function's sake.
+        try:
+            call = _wire.dumps(fn if len(iterables) == 1 else functools.partial(star, fn))
+        except Exception:
+            call = b""  # fn cannot be pickled: each item fails with that error, as in the stdlib
+        if call:
+            source = iter(iterables[0]) if len(iterables) == 1 else zip(*iterables)
+        elif len(iterables) == 1:
             source = zip(itertools.repeat(fn), iterables[0])  # (fn, x): see _call
         else:
             source = zip(itertools.repeat(fn), zip(*iterables), itertools.repeat(None))
-        return self._core.map(source, end_time, buffersize)
+        return self._core.map(source, end_time, buffersize, call)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Clean-up the resources associated with the Executor.

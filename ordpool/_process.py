@@ -173,14 +173,14 @@ class _Worker:
                 if msg is _wire.STOP_FRAME:
                     write_frame(fd, [msg])
                     continue
-                bid, failed, parts = msg
+                bid, failed, parts, call = msg
                 size = sum(map(len, parts))
                 if size <= capacity:
                     views[turn][:size] = parts[0] if len(parts) == 1 else b"".join(parts)
-                    write_frame(fd, [task_head(bid, failed, turn, size)])
+                    write_frame(fd, [task_head(bid, failed, turn, size, call)])
                     turn ^= 1
                 else:
-                    write_frame(fd, [task_head(bid, failed, -1, size), *parts])
+                    write_frame(fd, [task_head(bid, failed, -1, size, call), *parts])
             except OSError:
                 # The worker died; the collector reports it and the engine re-dispatches
                 # whatever this worker held, this batch included. Keep draining until told.
@@ -293,7 +293,9 @@ class ProcessTransport:
             return
         self._wake()
 
-    def send(self, slot: int, bid: int, failed: tuple[int, ...], parts: list[Any]) -> None:
+    def send(
+        self, slot: int, bid: int, failed: tuple[int, ...], parts: list[Any], call: bytes = b""
+    ) -> None:
         """Queue a task for the worker of ``slot``; never blocks.
 
         If that worker has just died (the collector removes it before reporting the death),
@@ -302,7 +304,7 @@ class ProcessTransport:
         """
         worker = self._workers.get(slot)
         if worker is not None:
-            worker.queue.put((bid, failed, parts))
+            worker.queue.put((bid, failed, parts, call))
 
     def pids(self) -> dict[int, int]:
         with self._lock:

@@ -111,6 +111,7 @@ class OrdpoolActor:
         _worker._local = {}
         _worker._progress = self._progress
         self._call: Callable[[Any], Any] | None = None
+        self._calls: dict[bytes, Callable[[Any], Any]] = {}  # stream callables, unpickled
         self._initerr: bytes | None = None  # the INITERR frame when init raised
         self._max_tasks: int | None = None  # retire after this many items (max_tasks_per_child)
         self._done = 0  # items run by this actor
@@ -125,7 +126,9 @@ class OrdpoolActor:
         """``(pid, None)`` once ``init`` has run, or ``(pid, INITERR frame)`` if it raised."""
         return os.getpid(), self._initerr
 
-    def run(self, bid: int, failed: tuple[int, ...], payload: bytes) -> tuple[float, bytes, bool]:
+    def run(
+        self, bid: int, failed: tuple[int, ...], payload: bytes, call: bytes = b""
+    ) -> tuple[float, bytes, bool]:
         """Run one batch; returns ``(worker seconds, encoded results, retire)``.
 
         ``retire`` is True when this call reached ``max_tasks``: the actor runs nothing more
@@ -142,7 +145,8 @@ class OrdpoolActor:
         except BaseException as exc:  # position -1: every item failed
             results = _wire.encode_results([], {-1: wrap_exception(exc)})
         else:
-            values, errors = _worker.run_batch(self._call, items, set(failed), progress)
+            fn = _worker.stream_call(call, self._call, self._calls)
+            values, errors = _worker.run_batch(fn, items, set(failed), progress)
             self._done += len(items)
             del items
             results = _wire.encode_results(values, errors)
@@ -299,7 +303,9 @@ class RayTransport:
         future.add_done_callback(functools.partial(self._post, _READY, actor, None))
         self._queue.put((_WAKE, None, None, None))  # the collector must track its deadline
 
-    def send(self, slot: int, bid: int, failed: tuple[int, ...], parts: list[Any]) -> None:
+    def send(
+        self, slot: int, bid: int, failed: tuple[int, ...], parts: list[Any], call: bytes = b""
+    ) -> None:
         """Submit one batch to the actor of ``slot``; never blocks.
 
         If that actor was just lost (its death not reported yet), the batch is dropped here:
@@ -309,9 +315,9 @@ class RayTransport:
         if actor is None or actor.dead:
             return
         payload = parts[0] if len(parts) == 1 else b"".join(parts)
-        call = _Call(bid, actor.handle.run.remote(bid, failed, payload))
-        actor.calls.append(call)  # before the callback can fire: the collector looks it up
-        call.ref.future().add_done_callback(functools.partial(self._post, _DONE, actor, call))
+        pending = _Call(bid, actor.handle.run.remote(bid, failed, payload, call))
+        actor.calls.append(pending)  # before the callback can fire: the collector looks it up
+        pending.ref.future().add_done_callback(functools.partial(self._post, _DONE, actor, pending))
 
     def pids(self) -> dict[int, int]:
         """``{slot: pid}`` of the actors that are ready (pids are on their own nodes)."""

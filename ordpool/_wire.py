@@ -3,7 +3,8 @@
 Every message is one pipe frame (``Connection.send_bytes`` framing) whose first byte names its
 kind::
 
-    parent -> worker   TASK    b"T" bid:q nfailed:I region:i nbytes:q  failed:I*nfailed [items]
+    parent -> worker   TASK    b"T" bid:q nfailed:I region:i nbytes:q ncall:I
+                               failed:I*nfailed call:ncall [items]
                        STOP    b"S"
     worker -> parent   READY   b"Y" pid:q
                        INITERR b"E" pickle(exception with traceback)
@@ -11,6 +12,8 @@ kind::
                        RESULT  b"R" bid:q seconds:d region:i nbytes:q nerrors:I
                                                                 [pickle((values, errors))]
 
+``call``, when not empty, is the pickled callable of the task's stream (an executor's ``map(fn,
+...)``), used instead of the pool's ``fn``; workers keep it unpickled in a small cache.
 The payload (``items`` or the pickled results) lies in shared-memory region ``region`` of that
 worker when it fits there (a copy into shared memory costs a tenth of a pipe write per byte), or
 follows the header in the pipe frame when ``region`` is -1.
@@ -67,7 +70,7 @@ STOP_FRAME = b"S"
 ALL_FAILED = 0xFFFFFFFF  # RESULT nerrors: every item failed (its batch could not be decoded)
 RETIRE_FRAME = b"Q"
 
-_TASK_HEAD = struct.Struct("<BqIiq")  # kind, bid, nfailed, region, nbytes
+_TASK_HEAD = struct.Struct("<BqIiqI")  # kind, bid, nfailed, region, nbytes, ncall
 _RESULT_HEAD = struct.Struct("<BqdiqI")  # kind, bid, worker seconds, region, nbytes, nerrors
 _READY = struct.Struct("<Bq")  # kind, pid
 RESULT_HEAD_SIZE = _RESULT_HEAD.size
@@ -138,17 +141,17 @@ def decode_items(data: memoryview) -> list[Any]:
     return pickle.loads(data[1:])  # type: ignore[no-any-return]
 
 
-def task_head(bid: int, failed: Any, region: int, nbytes: int) -> bytes:
-    """The TASK header (with the failed positions) that goes before a batch's items."""
-    head = _TASK_HEAD.pack(TASK, bid, len(failed), region, nbytes)
+def task_head(bid: int, failed: Any, region: int, nbytes: int, call: bytes = b"") -> bytes:
+    """The TASK header (failed positions, stream callable) that goes before a batch's items."""
+    head = _TASK_HEAD.pack(TASK, bid, len(failed), region, nbytes, len(call))
     if failed:
-        return head + array("I", sorted(failed)).tobytes()
-    return head
+        head += array("I", sorted(failed)).tobytes()
+    return head + call if call else head
 
 
-def parse_task(frame: bytes) -> tuple[int, set[int], int, int, memoryview]:
-    """Split a TASK frame: ``(bid, failed positions, region, nbytes, inline payload)``."""
-    _, bid, nfailed, region, nbytes = _TASK_HEAD.unpack_from(frame)
+def parse_task(frame: bytes) -> tuple[int, set[int], int, int, bytes, memoryview]:
+    """Split a TASK frame: ``(bid, failed positions, region, nbytes, call, inline payload)``."""
+    _, bid, nfailed, region, nbytes, ncall = _TASK_HEAD.unpack_from(frame)
     start = _TASK_HEAD.size
     failed: set[int] = set()
     if nfailed:
@@ -156,7 +159,8 @@ def parse_task(frame: bytes) -> tuple[int, set[int], int, int, memoryview]:
         positions.frombytes(frame[start : start + 4 * nfailed])
         failed = set(positions)
         start += 4 * nfailed
-    return bid, failed, region, nbytes, memoryview(frame)[start:]
+    call = frame[start : start + ncall]
+    return bid, failed, region, nbytes, call, memoryview(frame)[start + ncall :]
 
 
 # -- results: worker -> parent -----------------------------------------------------------------

@@ -23,7 +23,16 @@ from typing import Any, Callable
 from . import _wire
 from ._errors import wrap_exception
 
-__all__ = ["cancelled", "invoke", "run_batch", "worker_local", "worker_main", "worker_spec"]
+__all__ = [
+    "cancelled",
+    "invoke",
+    "run_batch",
+    "star",
+    "stream_call",
+    "worker_local",
+    "worker_main",
+    "worker_spec",
+]
 
 _local: dict[str, Any] | None = None  # this process's worker_local() dict, None in the parent
 # Shared with the parent: [bid running, position running, bid to cancel, position to cancel].
@@ -109,6 +118,25 @@ def invoke(call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]) -> 
     """Run one ``(fn, args, kwargs)`` job: the worker function of job-style pools."""
     fn, args, kwargs = call
     return fn(*args, **kwargs)
+
+
+def star(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    """``fn(*args)``: the stream callable of a several-iterable ``map``."""
+    return fn(*args)
+
+
+def stream_call(
+    call: bytes, default: Callable[[Any], Any], cache: dict[bytes, Callable[[Any], Any]]
+) -> Callable[[Any], Any]:
+    """The callable a task runs: its stream's own (unpickled once, cached) or the pool's."""
+    if not call:
+        return default
+    fn = cache.get(call)
+    if fn is None:
+        if len(cache) >= 64:
+            cache.clear()
+        fn = cache[call] = pickle.loads(call)
+    return fn
 
 
 def worker_spec(
@@ -212,6 +240,7 @@ def _loop(
     capacity = min((len(b) for b in result_bufs), default=0)
     turn = 0
     done = 0  # items run by this process (max_tasks_per_child)
+    calls: dict[bytes, Callable[[Any], Any]] = {}  # pickled stream callable -> callable
     while True:
         while not task_conn.poll(1.0):
             if not _parent_alive(parent_pid):
@@ -219,7 +248,7 @@ def _loop(
         frame = task_conn.recv_bytes()
         if frame[0] == _wire.STOP:
             return
-        bid, failed, region, nbytes, inline = _wire.parse_task(frame)
+        bid, failed, region, nbytes, call_bytes, inline = _wire.parse_task(frame)
         start = perf_counter()
         # The cyclic GC is paused while a batch runs: building a list of thousands of results
         # (dicts, lists) would otherwise trigger collections that traverse that growing list
@@ -237,7 +266,9 @@ def _loop(
             payload = _wire.encode_results([], {-1: wrap_exception(exc)})
             nerrors = _wire.ALL_FAILED
         else:
-            values, errors = run_batch(call, items, failed, progress)
+            values, errors = run_batch(
+                stream_call(call_bytes, call, calls), items, failed, progress
+            )
             done += len(items)
             del items
             payload = _wire.encode_results(values, errors)
