@@ -370,8 +370,22 @@ class Engine:
         self.transport.stop(graceful=False)
         return True
 
-    def terminate(self) -> None:
-        """Kill the workers now; pending work is dropped and streams end. Idempotent."""
+    def terminate(self, grace: float = 0.0) -> None:
+        """Kill the workers; pending work is dropped and streams end. Idempotent.
+
+        With ``grace``, running items are first asked to stop (``ordpool.cancelled()`` turns
+        true in them) and given up to ``grace`` seconds to return.
+        """
+        if grace > 0 and self.state in (PoolState.RUNNING, PoolState.CLOSING):
+            cancel = getattr(self.transport, "cancel", None)
+            if cancel is not None:
+                cancel(None, -2)
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                with self._lock:
+                    if not any(s.outstanding for s in self._slots):
+                        break
+                time.sleep(0.005)
         with self._lock:
             if self.state in _ENDED:
                 return

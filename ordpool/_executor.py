@@ -59,7 +59,7 @@ from concurrent.futures import wait as _wait_futures
 from typing import Any, Callable, Iterable, Iterator
 
 from . import _wire
-from ._batching import Batch
+from ._batching import Batch, Task
 from ._engine import Engine, PoolState, Stream
 from ._errors import (
     BrokenPool,
@@ -70,6 +70,7 @@ from ._errors import (
     describe_exit,
 )
 from ._process import ProcessTransport
+from ._stats import PoolStats
 from ._worker import star, worker_spec
 
 __all__ = ["BrokenProcessPool", "OrderedProcessPoolExecutor"]
@@ -220,6 +221,27 @@ def _caller_error(error: BaseException) -> BaseException:
     if type(error) is pickle.PicklingError and cause is not None:
         return error if isinstance(cause, RemoteTraceback) else cause
     return error
+
+
+class _ExecutorFuture(Future):  # type: ignore[type-arg]
+    """A ``concurrent.futures.Future`` whose ``cancel()`` also reaches a running call.
+
+    As with the stdlib, a running call cannot be cancelled (``cancel()`` returns False), but
+    its cooperative token is set: a long task that checks ``ordpool.cancelled()`` can stop early.
+    """
+
+    def __init__(self, core: _Core) -> None:
+        super().__init__()
+        self._core = core
+        self._where: tuple[Task, int] | None = None  # (task, position) once sent to a worker
+
+    def cancel(self) -> bool:
+        if super().cancel():
+            return True
+        where, engine = self._where, self._core.engine
+        if where is not None and engine is not None and self.running():
+            engine.cancel_running(*where)
+        return False
 
 
 class _Events:
@@ -405,7 +427,7 @@ class _Core:
                 self.check_open()
                 if self.engine is None:
                     self._start()
-                future: Future[Any] = Future()
+                future: Future[Any] = _ExecutorFuture(self)
                 index = self._next_index
                 self._next_index = index + 1
                 if self._running and not self._queue and len(self._futures) < self.cap:
@@ -470,6 +492,15 @@ class _Core:
             return
         _tls.held = held = [(self, batch)]
         _release(held)
+
+    def _on_send(self, task: Task) -> None:
+        """A submit task goes to a worker (engine lock held): remember where each future runs,
+        for the cooperative cancellation of a running call."""
+        indices, positions, futures = task.batch.indices, task.positions, self._futures
+        for pos in range(task.n):
+            future = futures.get(indices[positions[pos] if positions is not None else pos])
+            if isinstance(future, _ExecutorFuture):
+                future._where = (task, pos)
 
     def _complete(self, batch: Batch) -> None:
         """Complete the futures of an answered batch (never under a lock)."""
@@ -642,6 +673,7 @@ class _Core:
             except (BrokenPool, PoolClosed) as exc:
                 self._break(_failure_cause(exc))
                 return
+            stream.on_send = self._on_send
             with self._lock:
                 self._stream = stream
                 self._running = self.broken is None
@@ -944,6 +976,14 @@ class OrderedProcessPoolExecutor(Executor):
                 ``CancelledError`` after the results of the items already read.
         """
         self._core.shutdown(wait, cancel_futures)
+
+    def stats(self) -> PoolStats:
+        """A frozen snapshot of the executor's engine (see :class:`~ordpool.PoolStats`); all
+        zeros before the workers start (on the first ``submit`` or ``map``)."""
+        engine = self._core.engine
+        if engine is None:
+            return PoolStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, ())
+        return engine.stats()
 
     @property
     def _broken(self) -> str | bool:

@@ -379,10 +379,16 @@ class ProcessOrderedPool:
             raise ValueError("join() needs close() or terminate() first")
         return self._engine.join(timeout)
 
-    def terminate(self) -> None:
-        """Kill the workers now; unfinished items are dropped. Calling it again is harmless."""
+    def terminate(self, grace: float = 0.0) -> None:
+        """Kill the workers; unfinished items are dropped. Calling it again is harmless.
+
+        Args:
+            grace: first ask the running items to stop (``ordpool.cancelled()`` turns true in
+                them: a long item can clean up and return early) and wait up to this many
+                seconds for them; then kill.
+        """
         if self._engine is not None:
-            self._engine.terminate()
+            self._engine.terminate(grace)
 
     def __enter__(self) -> ProcessOrderedPool:
         return self

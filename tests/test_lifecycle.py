@@ -56,3 +56,49 @@ def test_exit_while_a_graceful_stop_is_under_way_is_clean() -> None:
     assert "PoolClosed" in done.stderr
     assert "Exception ignored" not in done.stderr, done.stderr
     assert "process object is closed" not in done.stderr
+
+
+def _wait_for_cancel(path: str) -> str:
+    import os
+    import time
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if ordpool.cancelled():
+            with open(os.path.join(path, f"{os.getpid()}.stopped"), "w") as f:
+                f.write("cleaned up")
+            return "stopped"
+        time.sleep(0.005)
+    return "timed out"
+
+
+def test_terminate_with_grace_lets_running_items_stop_cooperatively(
+    start_method: str, tmp_path
+) -> None:
+    pool = ordpool.ProcessOrderedPool(_wait_for_cancel, 2, batch_size=1, start_method=start_method)
+    out = pool.imap([str(tmp_path)] * 2)
+    from conftest import wait_until
+
+    assert wait_until(lambda: pool.stats().busy_workers == 2, timeout=30)
+    assert not ordpool.cancelled()  # never true outside a worker
+    pool.terminate(grace=30)
+    stopped = list(tmp_path.glob("*.stopped"))
+    assert len(stopped) == 2  # both running items saw the token and cleaned up
+    assert list(out) == ["stopped", "stopped"]  # and returned within the grace period
+
+
+def _record_cancel(path: str) -> str:
+    return _wait_for_cancel(path)
+
+
+def test_executor_cancel_of_a_running_call_sets_its_token(tmp_path) -> None:
+    with ordpool.OrderedProcessPoolExecutor(1) as executor:
+        assert executor.stats().submitted == 0
+        future = executor.submit(_record_cancel, str(tmp_path))
+        from conftest import wait_until
+
+        assert wait_until(lambda: executor.stats().busy_workers == 1, timeout=30)
+        assert future.cancel() is False  # running: not cancelled, as in the stdlib...
+        assert future.result(timeout=30) == "stopped"  # ...but asked to stop, and it did
+        stats = executor.stats()
+        assert stats.submitted == stats.completed == 1
