@@ -368,3 +368,25 @@ def test_actor_retires_after_max_tasks(ray_instance: Any) -> None:
     assert [v for v, _ in values] == [x * x for x in range(300)]
     assert len({pid for _, pid in values}) >= 300 // 30  # each actor ran at most 30 items
     assert engine.restarts == 0  # retiring is not a crash
+
+
+def count_per_key(state: dict[str, int], event: tuple[str, int]) -> tuple[str, int, int]:
+    key, _ = event
+    state[key] = state.get(key, 0) + 1
+    return key, state[key], os.getpid()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(60)
+def test_keyed_items_keep_their_actor_and_order(ray_instance: Any) -> None:
+    events = [(f"k{(n * 7) % 11}", n) for n in range(3000)]
+    with ProcessOrderedPool(count_per_key, 2, init=dict, batch_size=64, backend="ray") as pool:
+        out = list(pool.imap_keyed((key, (key, n)) for key, n in events))
+    seen: dict[str, int] = {}
+    actors: dict[str, set[int]] = {}
+    for (key, count, pid), (expected_key, _) in zip(out, events):
+        assert key == expected_key  # global order
+        seen[key] = seen.get(key, 0) + 1
+        assert count == seen[key]  # the actor's per-key counter saw every event, in order
+        actors.setdefault(key, set()).add(pid)
+    assert all(len(pids) == 1 for pids in actors.values())
