@@ -574,7 +574,19 @@ class BenchEngine:
         return list(self._pids)
 
     def close(self, abort: bool = False) -> None:
-        """Stop the pool (``abort``: kill it, an error is propagating)."""
+        """Stop the pool (``abort``: kill it, an error is propagating).
+
+        This default fits pools with ``close``/``terminate``/``join`` in ``self._pool``
+        (ordpool, ``multiprocessing.Pool``); others override it.
+        """
+        pool = getattr(self, "_pool", None)
+        if pool is None:
+            return
+        if abort:
+            pool.terminate()
+        else:
+            pool.close()
+        pool.join()
 
     def _track_workers(self, start: Callable[[], None]) -> None:
         """Run ``start``; the processes that appeared meanwhile are (more of) the workers.
@@ -636,16 +648,6 @@ class OrdpoolEngine(BenchEngine):
 
     def worker_pids(self) -> list[int]:
         return self._pool.worker_pids()
-
-    def close(self, abort: bool = False) -> None:
-        pool = getattr(self, "_pool", None)
-        if pool is None:
-            return
-        if abort:
-            pool.terminate()
-        else:
-            pool.close()
-        pool.join()
 
 
 class ChunkedEngine(BenchEngine):
@@ -740,16 +742,6 @@ class MpPoolEngine(ChunkedEngine):
 
     def map_chunked(self, messages: Sequence[Any], chunksize: int) -> Iterator[Any]:
         return self._pool.imap(self.fn(), messages, chunksize=chunksize)
-
-    def close(self, abort: bool = False) -> None:
-        pool = getattr(self, "_pool", None)
-        if pool is None:
-            return
-        if abort:
-            pool.terminate()
-        else:
-            pool.close()
-        pool.join()
 
 
 class ExecutorEngine(ChunkedEngine):

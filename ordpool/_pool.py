@@ -8,6 +8,7 @@ import warnings
 from itertools import chain, repeat
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
+from ._batching import Batch
 from ._engine import Engine, PoolState, Stream, fnv1a, usable_cores
 from ._process import ProcessTransport
 from ._stats import PoolStats
@@ -44,6 +45,18 @@ class Result(NamedTuple):
         return self.value
 
 
+def _decoded(
+    engine: Engine, stream: Stream
+) -> Iterator[tuple[Batch, list[Any], dict[int, BaseException] | None]]:
+    """``(batch, values, errors)`` of the stream's batches, in order, until it ends."""
+    while True:
+        batch = engine.next_batch(stream)
+        if batch is None:
+            return
+        values, errors = engine.decode(batch)
+        yield batch, values, errors
+
+
 def _imap_batches(
     pool: ProcessOrderedPool, engine: Engine, stream: Stream, errors: str
 ) -> Iterator[list[Any]]:
@@ -54,11 +67,7 @@ def _imap_batches(
     """
     try:
         yield []
-        while True:
-            batch = engine.next_batch(stream)
-            if batch is None:
-                return
-            values, errs = engine.decode(batch)
+        for _, values, errs in _decoded(engine, stream):
             if errs is None:
                 yield values
                 continue
@@ -92,11 +101,7 @@ def _result_batches(
         current, stream.leftover = stream.leftover, None
         if current is not None:
             yield current
-        while True:
-            batch = engine.next_batch(stream)
-            if batch is None:
-                return
-            values, errs = engine.decode(batch)
+        for batch, values, errs in _decoded(engine, stream):
             if errs is None:
                 current = map(new, repeat(Result), zip(batch.indices, values, repeat(None)))
             else:
