@@ -245,7 +245,7 @@ class RayTransport:
     # Seconds of work per batch this transport would like the engine to aim for. A Ray call
     # costs the driver about 1.7 ms of CPU whatever its size (submission, the argument and the
     # answer through the object store), so batches of 1000 transform messages cost 2.5 us per
-    # message and batches of 4000 1.3 us (docs/ray.md). Read by the engine where it supports it.
+    # message and batches of 4000 1.3 us (README, "Running on a cluster"). Read by the engine.
     batch_target = 0.05
 
     def __init__(
