@@ -445,18 +445,6 @@ class Engine:
         with self._lock:
             return list(self._streams)
 
-    def close_stream(self, stream: Stream) -> None:
-        """No more items for an enqueue stream: send what is pending; it ends after them."""
-        with self._lock:
-            if stream.closed:
-                return
-            stream.closed = stream.complete = True
-            work = self._take_locked(stream)
-            self._ready.notify_all()
-        if work is not None:
-            self._encode_dispatch(*work)
-        self._maybe_stop()
-
     def release_stream(self, stream: Stream) -> None:
         """The consumer of ``stream`` is done (finished, or gave up early)."""
         with self._lock:

@@ -6,15 +6,15 @@ A drop-in replacement: same constructor, ``submit``/``map``/``shutdown``, real
 stream to the same worker processes::
 
     submit(fn, *args, **kwargs)                         map(fn, *iterables)
-        |  Future (PENDING) + item (fn, args, kwargs)       |  zip(repeat(fn), ...) in C: items
-        v                                                   |  (fn, x) or (fn, args, None)
+        |  Future (PENDING) + item (fn, args, kwargs)       |  items: x, or args tuples; fn goes
+        v                                                   |  once per task (stream callable)
     _queue: PENDING, still cancellable                      v
         |  _pump: at most 2 * workers + 1 items         _MapFeed.items(): at most `buffersize`
         |  in the engine, like the stdlib's call queue      items ahead of the consumer (lazy)
         |  set_running_or_notify_cancel()                   |  engine.feed_iterable, feeder thread
         v                                                   v
     engine.enqueue(submit stream, index, item)          engine "imap" stream (ordered, batched)
-        \________ engine: batches -> worker processes: _call(item) -> results ________/
+        \________ engine: batches -> worker processes: invoke(item) -> results ________/
         |                                                   |
     on_batch (engine's thread): futures by index        next_batch() in the consumer's thread:
         |  set_result / set_exception                       |  one list per batch, in order
@@ -71,7 +71,7 @@ from ._errors import (
 )
 from ._process import ProcessTransport
 from ._stats import PoolStats
-from ._worker import star, worker_spec
+from ._worker import invoke, invoke_after_init, star, worker_spec
 
 __all__ = ["BrokenProcessPool", "OrderedProcessPoolExecutor"]
 
@@ -105,25 +105,6 @@ class BrokenProcessPool(BrokenPool, _stdlib_process.BrokenProcessPool):
 
 
 # -- what the workers run ------------------------------------------------------------------------
-
-
-def _call(item: tuple[Any, ...]) -> Any:
-    """Run one call in a worker.
-
-    ``(fn, x)`` comes from a one-iterable ``map`` (no argument tuple to pickle per item);
-    ``(fn, args, kwargs)`` from ``submit`` or a several-iterable ``map`` (``kwargs`` ``None``).
-    """
-    if len(item) == 2:
-        return item[0](item[1])
-    fn, args, kwargs = item
-    if kwargs:
-        return fn(*args, **kwargs)
-    return fn(*args)
-
-
-def _call_after_init(state: None, item: tuple[Any, ...]) -> Any:
-    """:func:`_call` for workers that ran an initializer (the engine passes its state first)."""
-    return _call(item)
 
 
 def _initialize(initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> None:
@@ -625,10 +606,13 @@ class _Core:
     def _start(self) -> None:
         """Create the engine and start its workers in the background (under the lock)."""
         if self._initializer is None:
-            spec = worker_spec(_call, None, (), self._max_tasks)
+            spec = worker_spec(invoke, None, (), self._max_tasks)
         else:
             spec = worker_spec(
-                _call_after_init, _initialize, (self._initializer, self._initargs), self._max_tasks
+                invoke_after_init,
+                _initialize,
+                (self._initializer, self._initargs),
+                self._max_tasks,
             )
         ctx, core = self._ctx, self
 
@@ -952,9 +936,7 @@ class OrderedProcessPoolExecutor(Executor):
             call = b""  # fn cannot be pickled: each item fails with that error, as in the stdlib
         if call:
             source = iter(iterables[0]) if len(iterables) == 1 else zip(*iterables)
-        elif len(iterables) == 1:
-            source = zip(itertools.repeat(fn), iterables[0])  # (fn, x): see _call
-        else:
+        else:  # (fn, args, None) jobs: each fails with the pickling error, at its position
             source = zip(itertools.repeat(fn), zip(*iterables), itertools.repeat(None))
         return self._core.map(source, end_time, buffersize, call)
 

@@ -114,10 +114,16 @@ def _parent_alive(pid: int) -> bool:
     return True
 
 
-def invoke(call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]) -> Any:
-    """Run one ``(fn, args, kwargs)`` job: the worker function of job-style pools."""
+def invoke(call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any] | None]) -> Any:
+    """Run one ``(fn, args, kwargs)`` job (``kwargs`` may be ``None``): the worker function of
+    job-style pools (``KeyedPool``, the executor's ``submit``)."""
     fn, args, kwargs = call
-    return fn(*args, **kwargs)
+    return fn(*args, **kwargs) if kwargs else fn(*args)
+
+
+def invoke_after_init(state: Any, call: tuple[Any, ...]) -> Any:
+    """:func:`invoke` for pools whose initializer ran (the engine passes its state first)."""
+    return invoke(call)
 
 
 def star(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:

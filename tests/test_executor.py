@@ -588,3 +588,19 @@ def test_interpreter_exit(method: str, tmp_path: pathlib.Path) -> None:
     assert proc.stdout.strip() == "runtime-error", proc.stderr
     assert "RuntimeError: cannot schedule new futures after interpreter shutdown" in proc.stderr
     assert marker.exists()
+
+
+def _with_lock(lock: object, x: int) -> int:
+    return x
+
+
+def test_map_of_a_function_that_cannot_be_pickled_fails_at_its_first_item() -> None:
+    import functools
+    import threading
+
+    unpicklable = functools.partial(_with_lock, threading.Lock())
+    with make("fork") as executor:
+        results = executor.map(unpicklable, [1, 2])
+        with pytest.raises(TypeError, match="pickle"):
+            next(results)
+        assert list(executor.map(square, [3])) == [9]  # the executor goes on

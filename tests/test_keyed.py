@@ -67,12 +67,7 @@ def test_same_key_serial_in_order_on_one_worker(start_method: str) -> None:
 def handshake(mine: str, other: str, timeout: float = 20.0) -> bool:
     """Create ``mine``, then wait for ``other``: only succeeds if both jobs run at once."""
     open(mine, "w").close()
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(other):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
+    return wait_for_file(other, timeout)
 
 
 def keys_on_distinct_slots(pool: KeyedPool) -> tuple[str, str]:
