@@ -43,7 +43,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import psutil
 
@@ -1059,6 +1059,23 @@ class Engine:
         if self.state is PoolState.TERMINATED:
             raise PoolClosed("the pool was terminated before this stream's input was processed")
         raise PoolClosed("the pool was closed before this stream's input was fully read")
+
+    @staticmethod
+    def lazy_values(
+        batch: Batch, on_error: Callable[[int, BaseException], Any]
+    ) -> Iterator[Any] | None:
+        """The batch's values unpickled one at a time as they are iterated, or ``None`` when
+        the batch cannot go that way (small results pickled as one list, errors in the batch,
+        a keyed batch merged from several tasks): then use :meth:`decode`. A value that cannot
+        be unpickled here goes to ``on_error(position, error)`` (see :func:`_wire.iter_values`).
+        """
+        tasks = batch.tasks
+        if len(tasks) != 1:
+            return None
+        task = tasks[0]
+        if task.positions is not None or task.failed or task.frame is None:
+            return None
+        return _wire.iter_values(task.frame, on_error)
 
     @staticmethod
     def decode(batch: Batch) -> tuple[list[Any], dict[int, BaseException] | None]:

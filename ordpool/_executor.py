@@ -561,8 +561,15 @@ class _Core:
 
     def _map_results(
         self, engine: Engine, stream: Stream, feed: _MapFeed, end_time: float | None
-    ) -> Iterator[list[Any]]:
-        """map()'s values, one list per batch, in order; ``[]`` first (see :meth:`map`)."""
+    ) -> Iterator[Iterable[Any]]:
+        """map()'s values, an iterable per batch, in order; ``[]`` first (see :meth:`map`)."""
+        unloadable = False
+
+        def _raise_unloadable(pos: int, err: BaseException) -> None:
+            nonlocal unloadable
+            unloadable = True  # map ends after an error, as the stdlib's does
+            raise err
+
         try:
             yield []
             while True:
@@ -582,6 +589,12 @@ class _Core:
                 if batch is None:
                     return
                 feed.consumed(len(batch))
+                lazy = Engine.lazy_values(batch, _raise_unloadable)
+                if lazy is not None:
+                    yield lazy  # a value that cannot be unpickled raises where it stands
+                    if unloadable:
+                        return
+                    continue
                 values, errors = Engine.decode(batch)
                 if errors is None:
                     yield values

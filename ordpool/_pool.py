@@ -8,6 +8,7 @@ import warnings
 from itertools import chain, repeat
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
+from . import _wire
 from ._batching import Batch
 from ._engine import Engine, PoolState, Stream, fnv1a, usable_cores
 from ._process import ProcessTransport
@@ -45,29 +46,48 @@ class Result(NamedTuple):
         return self.value
 
 
-def _decoded(
-    engine: Engine, stream: Stream
-) -> Iterator[tuple[Batch, list[Any], dict[int, BaseException] | None]]:
-    """``(batch, values, errors)`` of the stream's batches, in order, until it ends."""
+def _batches(engine: Engine, stream: Stream) -> Iterator[Batch]:
+    """The stream's answered batches, in order, until it ends."""
     while True:
         batch = engine.next_batch(stream)
         if batch is None:
             return
-        values, errors = engine.decode(batch)
-        yield batch, values, errors
+        yield batch
 
 
 def _imap_batches(
     pool: ProcessOrderedPool, engine: Engine, stream: Stream, errors: str
-) -> Iterator[list[Any]]:
-    """imap's values, a list per batch; a failed item per the ``errors`` policy.
+) -> Iterator[Iterable[Any]]:
+    """imap's values, an iterable per batch; a failed item per the ``errors`` policy.
+
+    Large results come as an iterator that unpickles each value when it is reached
+    (:meth:`Engine.lazy_values`); a value that cannot be unpickled then follows the policy
+    there, and under "raise" the iteration ends after it, as it does for any other error.
 
     ``pool`` is only held, so that ``list(ProcessOrderedPool(f).imap(xs))`` keeps the pool
     alive until the iteration ends. The caller primes the generator (see ``_primed``).
     """
+    raised = False
+
+    def on_error(pos: int, err: BaseException) -> Any:
+        nonlocal raised
+        if errors == "return":
+            return err
+        if errors == "skip":
+            return _wire.SKIP
+        raised = True
+        raise err
+
     try:
         yield []
-        for _, values, errs in _decoded(engine, stream):
+        for batch in _batches(engine, stream):
+            lazy = engine.lazy_values(batch, on_error)
+            if lazy is not None:
+                yield lazy
+                if raised:
+                    return
+                continue
+            values, errs = engine.decode(batch)
             if errs is None:
                 yield values
                 continue
@@ -96,12 +116,28 @@ def _result_batches(
     """
     new = tuple.__new__
     current: Iterator[Result] | None = None
+    unloadable: dict[int, BaseException] = {}  # position -> error, for lazy values
+
+    def on_error(pos: int, err: BaseException) -> None:
+        unloadable[pos] = err
+
     try:
         yield iter(())
         current, stream.leftover = stream.leftover, None
         if current is not None:
             yield current
-        for batch, values, errs in _decoded(engine, stream):
+        for batch in _batches(engine, stream):
+            lazy = engine.lazy_values(batch, on_error)
+            if lazy is not None:
+                unloadable.clear()
+                pop = unloadable.pop
+                current = (
+                    new(Result, (index, value, pop(pos, None) if unloadable else None))
+                    for pos, (index, value) in enumerate(zip(batch.indices, lazy))
+                )
+                yield current
+                continue
+            values, errs = engine.decode(batch)
             if errs is None:
                 current = map(new, repeat(Result), zip(batch.indices, values, repeat(None)))
             else:

@@ -5,7 +5,7 @@
                                                      |  Ray moves it (inline, or through its
                                                      v  object store when over ~100 KB)
                                      actor of the slot (its own process; one per slot)
-                                                     |  decode_items -> run_batch -> encode_results
+                                                     |  decode_items -> run_batch (encodes)
                                                      v  returns (seconds, results blob, retire)
     Ray's thread: ref completed --> ObjectRef.future() callback --> SimpleQueue
                                                      |
@@ -146,10 +146,9 @@ class OrdpoolActor:
             results = _wire.encode_results([], {-1: wrap_exception(exc)})
         else:
             fn = _worker.stream_call(call, self._call, self._calls)
-            values, errors = _worker.run_batch(fn, items, set(failed), progress)
+            results, _ = _worker.run_batch(fn, items, set(failed), progress)
             self._done += len(items)
             del items
-            results = _wire.encode_results(values, errors)
         self._retired = self._max_tasks is not None and self._done >= self._max_tasks
         return time.perf_counter() - start, results, self._retired
 

@@ -20,7 +20,18 @@ follows the header in the pipe frame when ``region`` is -1.
 
 ``items`` is ``b"B" n:I lengths:q*n data`` when every item is exactly ``bytes`` (the Kafka case:
 a join and an array, five times cheaper than pickling a list of bytes), else ``b"P"
-pickle(list)``. Results are ``b"P" pickle((values, errors))``.
+pickle(list)``. Results are ``b"P" pickle((values, errors))``, or, when they are large (the
+first one pickles to :data:`EACH_MIN` bytes or more: dicts, documents), pickled one by one as
+the worker makes them (:func:`ordpool._worker.run_batch`)::
+
+    b"I" n:I nerr:I ends:q*n errors:nerr value_0 value_1 ...
+
+``ends`` are the ends of the values, counted from the start of the payload; ``errors`` is
+``pickle(errors)``, or empty when there are none. The parent then unpickles each value only when
+its consumer reaches it (:func:`iter_values`): one value alive at a time, where a whole batch of
+rebuilt dicts would make the cyclic GC traverse all of them and fall out of the CPU caches.
+Measured (``orjson`` dicts of 600 bytes): 1.8 us per value one by one, 3.2 to 3.6 us as a list;
+for small tuples the list is cheaper (0.14 against 0.33 us), hence the threshold.
 
 Why not :mod:`marshal`, which loads plain dicts about 25% faster: it silently turns any buffer
 (``bytearray``, ``memoryview``, ``array.array``, a numpy array) into ``bytes``, and a pool must
@@ -39,6 +50,7 @@ import gc
 import pickle
 import struct
 from array import array
+from collections.abc import Callable, Iterator
 from itertools import accumulate, pairwise
 from typing import Any
 
@@ -59,6 +71,8 @@ __all__ = [
     "dumps",
     "encode_items",
     "encode_results",
+    "iter_values",
+    "pack_each",
     "parse_result",
     "parse_task",
     "result_head",
@@ -75,15 +89,17 @@ _RESULT_HEAD = struct.Struct("<BqdiqI")  # kind, bid, worker seconds, region, nb
 _READY = struct.Struct("<Bq")  # kind, pid
 RESULT_HEAD_SIZE = _RESULT_HEAD.size
 _COUNT = struct.Struct("<I")
-_PROTO = pickle.HIGHEST_PROTOCOL
+_EACH_HEAD = struct.Struct("<BII")  # b"I", count, bytes of pickled errors
+EACH_MIN = 256  # pickled bytes of a batch's first result from which results go one by one
+PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 def dumps(obj: Any) -> bytes:
     """Pickle with the C pickler, falling back to cloudpickle (lambdas, closures)."""
     try:
-        return pickle.dumps(obj, _PROTO)
+        return pickle.dumps(obj, PROTOCOL)
     except Exception:
-        return cloudpickle.dumps(obj, _PROTO)
+        return cloudpickle.dumps(obj, PROTOCOL)
 
 
 def _no_gc(load: Any, data: Any) -> Any:
@@ -167,7 +183,8 @@ def parse_task(frame: bytes) -> tuple[int, set[int], int, int, bytes, memoryview
 
 
 def encode_results(values: list[Any], errors: dict[int, Any] | None) -> bytes:
-    """Encode a batch's results. A value that cannot be pickled becomes that item's error."""
+    """Encode a batch's results as one pickle (``b"P"``). A value that cannot be pickled
+    becomes that item's error."""
     try:
         return b"P" + dumps((values, errors))
     except Exception:
@@ -179,12 +196,28 @@ def encode_results(values: list[Any], errors: dict[int, Any] | None) -> bytes:
         try:
             dumps(value)
         except Exception as exc:
-            err = pickle.PicklingError(
-                f"cannot pickle the result of type {type(value).__qualname__}: {exc}"
-            )
-            errors[pos] = wrap_exception(err)
+            errors[pos] = result_pickling_error(value, exc)
             values[pos] = None
     return b"P" + dumps((values, errors))
+
+
+def result_pickling_error(value: Any, exc: BaseException) -> Any:
+    """The error of a result that cannot be pickled, ready to travel."""
+    kind = type(value).__qualname__
+    err = pickle.PicklingError(f"cannot pickle the result of type {kind}: {exc}")
+    return wrap_exception(err)
+
+
+PICKLED_NONE = pickle.dumps(None, PROTOCOL)  # a failed position's value, pickled one by one
+
+
+def pack_each(parts: list[bytes], errors: dict[int, Any] | None) -> bytes:
+    """Results already pickled one by one, framed as ``b"I"`` (see the module docstring)."""
+    pickled_errors = dumps(errors) if errors else b""
+    first = _EACH_HEAD.size + 8 * len(parts) + len(pickled_errors)
+    ends = array("q", accumulate(map(len, parts), initial=first))[1:]
+    head = _EACH_HEAD.pack(b"I"[0], len(parts), len(pickled_errors))
+    return b"".join([head, ends.tobytes(), pickled_errors, *parts])
 
 
 def result_head(bid: int, seconds: float, region: int, nbytes: int, nerrors: int) -> bytes:
@@ -199,9 +232,80 @@ def parse_result(frame: bytes) -> tuple[int, float, int, int, int]:
 
 
 def decode_results(payload: Any) -> tuple[list[Any], dict[int, BaseException] | None]:
-    """Decode a batch's ``(values, errors)`` (parent side, cyclic GC paused)."""
-    values, errors = _no_gc(pickle.loads, memoryview(payload)[1:])
+    """Decode a batch's ``(values, errors)`` (parent side, cyclic GC paused).
+
+    A value pickled on its own (``b"I"``) that cannot be unpickled here becomes that item's
+    error; a batch pickled as a whole fails as a whole (the caller handles the exception).
+    """
+    if payload[0] != b"I"[0]:
+        return _no_gc(pickle.loads, memoryview(payload)[1:])  # type: ignore[no-any-return]
+    return _no_gc(_load_each, payload)  # type: ignore[no-any-return]
+
+
+def _load_each(payload: Any) -> tuple[list[Any], dict[int, BaseException] | None]:
+    data, ends, start, errors = _split_each(payload)
+    values: list[Any] = []
+    append = values.append
+    for pos, end in enumerate(ends):
+        try:
+            append(pickle.loads(data[start:end]))
+        except Exception as exc:
+            errors = errors or {}
+            errors[pos] = unpickling_error(exc)
+            append(None)
+        start = end
     return values, errors
+
+
+def _split_each(payload: Any) -> tuple[memoryview, array[int], int, dict[int, Any] | None]:
+    """``(data, ends, start of the first value, errors)`` of a ``b"I"`` payload."""
+    data = memoryview(payload)
+    _, n, nerr = _EACH_HEAD.unpack_from(data)
+    start = _EACH_HEAD.size + 8 * n
+    ends = array("q")
+    ends.frombytes(data[_EACH_HEAD.size : start])
+    errors = pickle.loads(data[start : start + nerr]) if nerr else None
+    return data, ends, start + nerr, errors
+
+
+def iter_values(
+    payload: Any, on_error: Callable[[int, BaseException], Any]
+) -> Iterator[Any] | None:
+    """The values of a ``b"I"`` payload with no errors, each unpickled when it is reached.
+
+    ``None`` for any other payload (the caller decodes it with :func:`decode_results`).
+    A value that cannot be unpickled is replaced by ``on_error(position, error)``, which may
+    return a stand-in, return :data:`SKIP` to leave the value out, or raise.
+    """
+    if payload[0] != b"I"[0] or _EACH_HEAD.unpack_from(payload)[2]:
+        return None
+    return _each_values(*_split_each(payload)[:3], on_error)
+
+
+SKIP = object()  # on_error's answer for "leave this value out"
+
+
+def _each_values(
+    data: memoryview, ends: array[int], start: int, on_error: Callable[[int, BaseException], Any]
+) -> Iterator[Any]:
+    loads = pickle.loads
+    for pos, end in enumerate(ends):
+        try:
+            value = loads(data[start:end])
+        except Exception as exc:
+            value = on_error(pos, unpickling_error(exc))
+            if value is SKIP:
+                start = end
+                continue
+        start = end
+        yield value
+
+
+def unpickling_error(exc: BaseException) -> RuntimeError:
+    """The error of a result the parent could not unpickle."""
+    err = RuntimeError(f"could not unpickle this result: {exc!r}")
+    err.__cause__ = exc
+    return err
 
 
 def ready_frame(pid: int) -> bytes:

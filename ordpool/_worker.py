@@ -80,28 +80,98 @@ def cancelled() -> bool:
 
 def run_batch(
     call: Callable[[Any], Any], items: list[Any], failed: set[int], progress: Any
-) -> tuple[list[Any], dict[int, Any] | None]:
-    """Run ``call`` over ``items``; returns ``(values, errors or None)``.
+) -> tuple[bytes, int]:
+    """Run ``call`` over ``items``; returns the encoded results and how many items failed.
 
     ``progress[1]`` is set to each position before its call, ``len(items)`` after the last.
+    The first result decides the encoding (:mod:`ordpool._wire`): small results are kept and
+    pickled as one list at the end; large ones (dicts, documents) are pickled one by one as
+    they come, so each dies at once instead of a batch of them waiting, out of the CPU caches,
+    to be pickled and freed (measured on 600-byte dicts: 3.5 against 6.4 us per item).
     """
     values: list[Any] = []
     errors: dict[int, Any] | None = None
     append = values.append
-    for pos, item in enumerate(items):
+    n = len(items)
+    start = 0
+    while start < n:  # up to the first result
+        pos = start
+        progress[1] = pos
+        if failed and pos in failed:
+            append(None)
+        else:
+            try:
+                value = call(items[pos])
+            except BaseException as exc:  # SystemExit too: it is that item's error, not ours
+                errors = errors or {}
+                errors[pos] = wrap_exception(exc)
+                append(None)
+            else:
+                try:
+                    first = pickle.dumps(value, _wire.PROTOCOL)
+                except Exception:
+                    first = b""
+                if len(first) >= _wire.EACH_MIN:
+                    return _run_each(call, items, failed, progress, pos, first, errors)
+                append(value)
+                start += 1
+                break
+        start += 1
+    for pos in range(start, n):
         progress[1] = pos
         if failed and pos in failed:
             append(None)
             continue
         try:
-            append(call(item))
-        except BaseException as exc:  # SystemExit too: it is that item's error, not ours
-            if errors is None:
-                errors = {}
+            append(call(items[pos]))
+        except BaseException as exc:
+            errors = errors or {}
             errors[pos] = wrap_exception(exc)
             append(None)
+    progress[1] = n
+    return _wire.encode_results(values, errors), len(errors) if errors else 0
+
+
+def _run_each(
+    call: Callable[[Any], Any],
+    items: list[Any],
+    failed: set[int],
+    progress: Any,
+    start: int,
+    first: bytes,
+    errors: dict[int, Any] | None,
+) -> tuple[bytes, int]:
+    """:func:`run_batch` from position ``start``, whose result pickled to ``first``, on: each
+    result pickled as soon as it is made."""
+    none = _wire.PICKLED_NONE
+    parts = [none] * start
+    append = parts.append
+    append(first)
+    dumps = pickle.dumps
+    protocol = _wire.PROTOCOL
+    for pos in range(start + 1, len(items)):
+        progress[1] = pos
+        if failed and pos in failed:
+            append(none)
+            continue
+        try:
+            value = call(items[pos])
+        except BaseException as exc:
+            errors = errors or {}
+            errors[pos] = wrap_exception(exc)
+            append(none)
+            continue
+        try:
+            append(dumps(value, protocol))
+        except Exception:
+            try:
+                append(_wire.dumps(value))  # cloudpickle: a lambda, a local class
+            except Exception as exc:
+                errors = errors or {}
+                errors[pos] = _wire.result_pickling_error(value, exc)
+                append(none)
     progress[1] = len(items)
-    return values, errors
+    return _wire.pack_each(parts, errors), len(errors) if errors else 0
 
 
 def _parent_alive(pid: int) -> bool:
@@ -272,14 +342,11 @@ def _loop(
             payload = _wire.encode_results([], {-1: wrap_exception(exc)})
             nerrors = _wire.ALL_FAILED
         else:
-            values, errors = run_batch(
+            payload, nerrors = run_batch(
                 stream_call(call_bytes, call, calls), items, failed, progress
             )
             done += len(items)
-            del items
-            payload = _wire.encode_results(values, errors)
-            nerrors = len(errors) if errors else 0
-            del values, errors  # freed before the collector runs again
+            del items  # freed before the collector runs again
         seconds = perf_counter() - start
         if gc_was_enabled:
             gc.enable()

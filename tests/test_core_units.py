@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from ordpool import _wire
+from ordpool import _wire, _worker
 from ordpool._batching import Batcher, BatchSizer, compact_indices
 from ordpool._engine import fnv1a
 from ordpool._reorder import ReorderBuffer
@@ -360,3 +360,99 @@ def test_wire_results_round_trip_and_unpicklable_result():
     assert "cannot pickle the result" in str(errors[2])
     # the traceback came along, as for any worker exception
     assert "PicklingError" in str(errors[2].__cause__)
+
+
+# -- results pickled one by one (large values) ---------------------------------------------
+
+
+def _doc(i):
+    """A result large enough to travel pickled on its own (see _wire.EACH_MIN)."""
+    return {"i": i, "text": "x" * _wire.EACH_MIN, "values": [i, float(i), (i, "t")]}
+
+
+def _run(fn, items, failed=()):
+    progress = memoryview(bytearray(32)).cast("q")
+    payload, nerrors = _worker.run_batch(fn, items, set(failed), progress)
+    assert progress[1] == len(items)
+    return payload, nerrors
+
+
+def test_small_results_travel_as_one_pickle_and_large_ones_one_by_one():
+    small, _ = _run(lambda i: (i, "t"), list(range(10)))
+    large, _ = _run(_doc, list(range(10)))
+    assert small[:1] == b"P"
+    assert large[:1] == b"I"
+    for payload, fn in ((small, lambda i: (i, "t")), (large, _doc)):
+        values, errors = _wire.decode_results(payload)
+        assert errors is None
+        assert values == [fn(i) for i in range(10)]
+        assert type(values[0]) is type(fn(0))
+    assert list(_wire.iter_values(large, _fail_on_error)) == [_doc(i) for i in range(10)]
+    assert _wire.iter_values(small, _fail_on_error) is None  # the caller decodes it whole
+
+
+def _fail_on_error(pos, err):
+    raise AssertionError(f"unexpected error at {pos}: {err!r}")
+
+
+def _doc_or_fault(i):
+    if i == 0:
+        raise KeyError("first")  # before the first result: decided by the next one
+    if i == 3:
+        raise ValueError("three")
+    if i == 5:
+        return {"lock": threading.Lock(), "pad": "x" * _wire.EACH_MIN}
+    if i == 6:
+        return lambda: "made in the worker"  # needs cloudpickle
+    return _doc(i)
+
+
+def test_one_by_one_results_keep_every_failure_at_its_position():
+    payload, nerrors = _run(_doc_or_fault, list(range(9)), failed={7})
+    assert payload[:1] == b"I"
+    values, errors = _wire.decode_results(payload)
+    assert sorted(errors) == [0, 3, 5]
+    assert nerrors == 3
+    assert isinstance(errors[0], KeyError)
+    assert isinstance(errors[3], ValueError)
+    assert isinstance(errors[5], pickle.PicklingError)
+    assert "cannot pickle the result of type dict" in str(errors[5])
+    assert values[6]() == "made in the worker"
+    assert values[7] is None  # the parent already holds position 7's error
+    assert [values[i] for i in (1, 2, 4, 8)] == [_doc(i) for i in (1, 2, 4, 8)]
+    # a batch with errors is not decoded lazily: the caller merges the errors first
+    assert _wire.iter_values(payload, _fail_on_error) is None
+
+
+class _RefusesToLoad:
+    def __reduce__(self):
+        return (_refuse_to_load, ())
+
+
+def _refuse_to_load():
+    raise ValueError("refusing to load")
+
+
+def _doc_or_unloadable(i):
+    return {"odd": _RefusesToLoad(), "pad": "x" * _wire.EACH_MIN} if i == 2 else _doc(i)
+
+
+def test_a_value_that_cannot_be_unpickled_fails_alone():
+    payload, nerrors = _run(_doc_or_unloadable, list(range(5)))
+    assert nerrors == 0  # the worker cannot know
+    values, errors = _wire.decode_results(payload)
+    assert list(errors) == [2]
+    assert type(errors[2]) is RuntimeError
+    assert isinstance(errors[2].__cause__, ValueError)
+    assert [values[i] for i in (0, 1, 3, 4)] == [_doc(i) for i in (0, 1, 3, 4)]
+    seen = []
+
+    def stand_in(pos, err):
+        seen.append((pos, type(err)))
+        return "stand-in"
+
+    lazy = list(_wire.iter_values(payload, stand_in))
+    assert lazy == [_doc(0), _doc(1), "stand-in", _doc(3), _doc(4)]
+    assert seen == [(2, RuntimeError)]
+    skipped = list(_wire.iter_values(payload, lambda pos, err: _wire.SKIP))
+    assert skipped == [_doc(i) for i in (0, 1, 3, 4)]

@@ -276,6 +276,35 @@ def test_unpicklable_result_fails_that_future_only(method: str) -> None:
         assert executor._broken is False
 
 
+def _refuse_to_load() -> None:
+    raise ValueError("refusing to load")
+
+
+class _LoadsNowhere:
+    """Pickles in a worker; unpickling it in the parent raises."""
+
+    def __reduce__(self):
+        return (_refuse_to_load, ())
+
+
+def big_or_unloadable(i: int) -> object:
+    """Large results (they travel pickled one by one); index 5 cannot be unpickled."""
+    return {"odd": _LoadsNowhere(), "pad": "p" * 300} if i == 5 else {"i": i, "pad": "p" * 300}
+
+
+def test_map_of_large_results_raises_where_one_cannot_be_unpickled(method: str) -> None:
+    with make(method) as executor:
+        values = executor.map(big_or_unloadable, range(50))
+        seen = [next(values) for _ in range(5)]
+        assert seen == [{"i": i, "pad": "p" * 300} for i in range(5)]
+        with pytest.raises(RuntimeError, match="could not unpickle this result") as info:
+            next(values)
+        assert isinstance(info.value.__cause__, ValueError)
+        assert list(values) == []  # map ends at its first error, as the stdlib's does
+        assert executor.submit(big_or_unloadable, 7).result(timeout=30)["i"] == 7
+        assert executor._broken is False
+
+
 def test_result_types_survive_the_trip() -> None:
     with make("fork") as executor:
         assert type(executor.submit(bytearray, b"ab").result(timeout=30)) is bytearray

@@ -344,9 +344,10 @@ def test_results_stream_carries_errors_at_their_index(start_method, tmp_path):
 
 
 def test_result_that_cannot_be_unpickled_fails_its_batch(start_method):
-    """Documents the current behaviour: a result whose unpickling raises in the parent fails
-    every item of its batch (the worker cannot know), with a RuntimeError whose __cause__ is
-    the unpickling error. The items of other batches are unaffected, and the pool goes on."""
+    """Documents the current behaviour for small results, which travel as one pickle per
+    batch: a result whose unpickling raises in the parent fails every item of its batch (the
+    worker cannot know), with a RuntimeError whose __cause__ is the unpickling error. The
+    items of other batches are unaffected, and the pool goes on."""
     with ProcessOrderedPool(_unloadable_result, workers=2, start_method=start_method) as pool:
         results = pool.map(range(N), errors="return")
         assert len(results) == N
@@ -361,6 +362,50 @@ def test_result_that_cannot_be_unpickled_fails_its_batch(start_method):
         for i in failed:
             assert type(results[i]) is RuntimeError
         assert pool.map(range(POISON)) == [_value(i) for i in range(POISON)]
+
+
+def _big(i):
+    """A result large enough to travel pickled on its own (ordpool._wire.EACH_MIN)."""
+    return {"i": i, "pad": "p" * 300}
+
+
+def _unloadable_big_result(i):
+    return {"odd": _Unloadable(), "pad": "p" * 300} if i in (POISON, 1000) else _big(i)
+
+
+@pytest.mark.timeout(60)
+def test_large_result_that_cannot_be_unpickled_fails_alone_under_every_policy(start_method):
+    """Large results are unpickled one by one as the consumer reaches them: one that cannot
+    be unpickled fails only its own index, under each ``errors=`` policy and in results()."""
+    n = 3000
+    expected = [_big(i) for i in range(n)]
+    with ProcessOrderedPool(_unloadable_big_result, workers=2, start_method=start_method) as pool:
+        returned = pool.map(range(n), errors="return")
+        assert [i for i, v in enumerate(returned) if v != expected[i]] == [POISON, 1000]
+        err = returned[POISON]
+        assert type(err) is RuntimeError
+        assert "could not unpickle this result" in str(err)
+        assert "refusing to unpickle" in str(err.__cause__)
+
+        skipped = pool.map(range(n), errors="skip")
+        assert skipped == [v for i, v in enumerate(expected) if i not in (POISON, 1000)]
+
+        values = pool.imap(range(n))
+        seen = [next(values) for _ in range(POISON)]
+        assert seen == expected[:POISON]  # everything before it, in order, then the error
+        with pytest.raises(RuntimeError, match="could not unpickle this result"):
+            next(values)
+        assert list(values) == []  # "raise" ends the iteration
+
+        for i in range(n):
+            pool.enqueue(i * 3, i)
+        pool.close()
+        results = list(pool.results())
+    assert [r.index for r in results] == [i * 3 for i in range(n)]
+    assert [i for i, r in enumerate(results) if r.error is not None] == [POISON, 1000]
+    assert all(r.value == expected[i] for i, r in enumerate(results) if r.error is None)
+    assert results[POISON].value is None
+    assert type(results[POISON].error) is RuntimeError
 
 
 def test_exception_with_a_custom_init_fails_only_its_index(start_method):
