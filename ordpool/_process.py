@@ -1,7 +1,7 @@
 """Local transport: worker processes, their pipes and shared memory, and the threads that
 move bytes.
 
-    engine --send(slot, bid, failed, parts)--> SimpleQueue --[sender thread, one per worker]
+    engine --send(slot, bid, failed, parts)--> [direct, or SimpleQueue -> sender thread]
                                                      |  payload -> task region (shared memory)
                                                      v  header  -> task pipe
                                               worker process
@@ -20,7 +20,9 @@ Why a sender thread per worker: a write can block (a full pipe, a large inline p
 that worker reads, and the worker reads only after sending its previous results. If the thread
 that writes were also the one that reads results, both sides could wait for each other (the
 deadlock described in PERF.md). Here the collector only ever reads, and a slow worker stalls only
-its own sender.
+its own sender. A task whose write cannot block (its payload fits a region, and the pipe holds
+nothing but headers) skips the sender: the engine's thread copies it and writes its header
+directly, which saves a thread wakeup per batch (``_Worker.send``).
 
 Why one collector: a single selector (epoll) over every result pipe, every process sentinel and a
 wakeup pipe sees results, crashes and shutdown requests as they happen, at no cost while idle.
@@ -56,6 +58,7 @@ _CONTROL_SIZE = 64
 _IOV_MAX = 1024  # Linux's IOV_MAX
 _LEN = struct.Struct("!i")
 _LEN_LONG = struct.Struct("!iQ")
+_Task = tuple[int, tuple[int, ...], list[Any], bytes]  # bid, failed positions, parts, call
 
 
 class TransportEvents(Protocol):
@@ -112,7 +115,10 @@ class _Worker:
     """One worker process and its plumbing."""
 
     __slots__ = (
+        "backlog",
         "closed",
+        "inline_bids",
+        "lock",
         "process",
         "progress",
         "queue",
@@ -121,6 +127,8 @@ class _Worker:
         "result_views",
         "sender",
         "slot",
+        "task_views",
+        "turn",
         "writer",
     )
 
@@ -154,17 +162,56 @@ class _Worker:
         finally:
             task_r.close()
             res_w.close()
-        self.queue: SimpleQueue[Any] = SimpleQueue()  # (bid, failed, parts), STOP or None
+        # Writing to the worker: ``lock`` guards the task regions, ``turn``, ``backlog``,
+        # ``inline_bids`` and every write that cannot block (a header after a payload copied
+        # into a region). ``backlog`` counts the messages in ``queue`` not yet written.
+        self.lock = threading.Lock()
+        self.task_views = [_buf(r) for r in self.regions[:2]]
+        self.turn = 0
+        self.backlog = 0
+        self.inline_bids: set[int] = set()  # tasks sent in the pipe, not yet answered
+        self.queue: SimpleQueue[Any] = SimpleQueue()  # (bid, failed, parts, call), STOP or None
         self.sender = threading.Thread(
             target=self._send_loop, name=f"ordpool-sender-{slot}", daemon=True
         )
 
+    def send(self, msg: _Task) -> None:
+        """Write a task now if that cannot block, else hand it to the sender thread.
+
+        It cannot block when the payload fits a region and the pipe holds nothing but headers:
+        nothing queued before it, no task sent in the pipe and still unread. Then the caller
+        copies the payload and writes the header itself, saving the sender thread's wakeup
+        per batch; the order of tasks is the order of calls either way.
+        """
+        with self.lock:
+            if self.closed:
+                return
+            if not self.backlog and not self.inline_bids:
+                size = sum(map(len, msg[2]))
+                if size <= REGION_SIZE:
+                    try:
+                        self._write_in_region(msg, size)
+                    except OSError:
+                        pass  # the worker died: see _send_loop
+                    return
+            self.backlog += 1
+            self.queue.put(msg)
+
+    def send_stop(self) -> None:
+        with self.lock:
+            self.backlog += 1
+            self.queue.put(_wire.STOP_FRAME)
+
+    def _write_in_region(self, msg: _Task, size: int) -> None:
+        """Copy the payload into the next task region and write its header (``lock`` held)."""
+        bid, failed, parts, call = msg
+        turn = self.turn
+        self.task_views[turn][:size] = parts[0] if len(parts) == 1 else b"".join(parts)
+        write_frame(self.writer.fileno(), [_wire.task_head(bid, failed, turn, size, call)])
+        self.turn = turn ^ 1
+
     def _send_loop(self) -> None:
         fd, get = self.writer.fileno(), self.queue.get
-        views = [_buf(r) for r in self.regions[:2]]
-        capacity = REGION_SIZE
-        turn = 0
-        task_head = _wire.task_head
         while True:
             msg = get()
             if msg is None:
@@ -173,20 +220,28 @@ class _Worker:
                 if msg is _wire.STOP_FRAME:
                     write_frame(fd, [msg])
                     continue
+                size = sum(map(len, msg[2]))
+                if size <= REGION_SIZE:
+                    with self.lock:
+                        if self.closed:
+                            return
+                        self._write_in_region(msg, size)
+                    continue
                 bid, failed, parts, call = msg
-                size = sum(map(len, parts))
-                if size <= capacity:
-                    views[turn][:size] = parts[0] if len(parts) == 1 else b"".join(parts)
-                    write_frame(fd, [task_head(bid, failed, turn, size, call)])
-                    turn ^= 1
-                else:
-                    write_frame(fd, [task_head(bid, failed, -1, size, call), *parts])
+                with self.lock:
+                    self.inline_bids.add(bid)
+                # This write can block until the worker reads: no lock held, and send() keeps
+                # off the pipe meanwhile (backlog > 0), so frames never interleave.
+                write_frame(fd, [_wire.task_head(bid, failed, -1, size, call), *parts])
             except OSError:
                 # The worker died; the collector reports it and the engine re-dispatches
                 # whatever this worker held, this batch included. Keep draining until told.
                 pass
             except ValueError:
                 return  # regions released by close(): the worker is gone
+            finally:
+                with self.lock:
+                    self.backlog -= 1
 
     def result_payload(self, frame: bytes) -> tuple[int, float, Any, int]:
         """``(bid, seconds, payload, nerrors)`` of a RESULT frame, the payload copied out of
@@ -198,9 +253,11 @@ class _Worker:
 
     def close(self) -> None:
         """Release pipes and shared memory (the process has exited or been killed)."""
-        if self.closed:
-            return
-        self.closed = True
+        with self.lock:  # no write in progress from here on
+            if self.closed:
+                return
+            self.closed = True
+            self.task_views = []
         for conn in (self.writer, self.reader):
             try:
                 _PARENT_FDS.discard(conn.fileno())
@@ -304,7 +361,7 @@ class ProcessTransport:
         """
         worker = self._workers.get(slot)
         if worker is not None:
-            worker.queue.put((bid, failed, parts, call))
+            worker.send((bid, failed, parts, call))
 
     def pids(self) -> dict[int, int]:
         with self._lock:
@@ -349,7 +406,7 @@ class ProcessTransport:
         self._wake()
         for w in workers:
             if graceful:
-                w.queue.put(_wire.STOP_FRAME)
+                w.send_stop()
             else:
                 w.process.terminate()
             w.queue.put(None)
@@ -445,6 +502,9 @@ class ProcessTransport:
         kind = frame[0]
         if kind == _wire.RESULT:
             bid, seconds, payload, nerrors = worker.result_payload(frame)
+            if worker.inline_bids:
+                with worker.lock:
+                    worker.inline_bids.discard(bid)  # the worker has read that task
             events.on_result(worker.slot, bid, seconds, payload, nerrors)
         elif kind == _wire.READY:
             events.on_ready(worker.slot, worker.process.pid)

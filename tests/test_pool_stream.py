@@ -85,6 +85,11 @@ def _new_counter():
     return {"n": 0}
 
 
+def _count_and_measure(state, item):
+    state["n"] += 1
+    return state["n"], len(item)
+
+
 def _keyed_step(state, item):
     """Blocker items are paths; the others count their execution order in this worker."""
     if isinstance(item, str):
@@ -413,6 +418,20 @@ def test_items_and_results_larger_than_a_shared_memory_region(start_method):
         out = pool.map(["ab", "big-result", "abc"])
         assert out[0] == 2 and out[2] == 3
         assert out[1] == b"r" * (9 << 20)
+
+
+@pytest.mark.timeout(60)
+def test_tasks_in_the_pipe_and_in_shared_memory_keep_their_order(start_method):
+    """One worker, one item per task: tasks too large for a region (written by the sender
+    thread, in the pipe) alternate with small ones (written directly into a region); the
+    worker must get them in the order they were sent, whichever way each went."""
+    big = b"x" * (9 << 20)
+    items = [big if i % 3 == 0 else bytes(i) for i in range(24)]
+    with ProcessOrderedPool(
+        _count_and_measure, workers=1, init=_new_counter, batch_size=1, start_method=start_method
+    ) as pool:
+        # the worker's own count of the calls it made: the order in which tasks reached it
+        assert pool.map(items) == [(i + 1, len(item)) for i, item in enumerate(items)]
 
 
 # -- keyed enqueue: per-key order survives a batch that is slow to pickle ---------------------
