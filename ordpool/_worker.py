@@ -11,6 +11,7 @@ running (the one to blame, or retry) and which items of the batch never started.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import gc
 import os
@@ -227,6 +228,24 @@ def worker_spec(
     return cloudpickle.dumps((fn, init, tuple(initargs), max_tasks))
 
 
+def keep_freed_memory() -> None:
+    """Keep the memory of a freed batch for the next one (glibc's malloc; elsewhere a no-op).
+
+    A batch's messages and results are allocated, then all freed; by default glibc hands the
+    freed top of the heap back to the kernel each time, and the next batch takes page faults
+    to get it again: about one per 4.7 KB tweet, 30% of the work. Raising the trim and mmap
+    thresholds keeps up to 64 MiB of it (a few batches' worth) in the process instead.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest allowed value
+    mallopt(m_trim_threshold, 64 << 20)
+
+
 def attach_regions(names: tuple[str, ...]) -> list[Any]:
     """Attach the parent's shared-memory regions (the parent creates and unlinks them)."""
     from multiprocessing import shared_memory
@@ -262,6 +281,7 @@ def worker_main(
         except OSError:
             pass
     _local = {}
+    keep_freed_memory()
     try:
         regions = attach_regions(region_names)
     except OSError:

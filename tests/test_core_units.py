@@ -456,3 +456,25 @@ def test_a_value_that_cannot_be_unpickled_fails_alone():
     assert seen == [(2, RuntimeError)]
     skipped = list(_wire.iter_values(payload, lambda pos, err: _wire.SKIP))
     assert skipped == [_doc(i) for i in (0, 1, 3, 4)]
+
+
+def test_region_writers_copy_parts_in_place():
+    """A task's parts go into its region one after another, through the region's mmap or,
+    where a Python keeps none, through the memoryview fallback."""
+    from multiprocessing import shared_memory
+
+    from ordpool._process import _BufferFile, _mapping
+
+    parts = [b"head", b"", b"x" * 5000, memoryview(b"tail")]
+    joined = b"".join(parts)
+    shm = shared_memory.SharedMemory(create=True, size=1 << 16)
+    try:
+        for writer in (_mapping(shm), _BufferFile(shm.buf)):
+            shm.buf[: len(joined)] = b"\0" * len(joined)
+            writer.seek(0)
+            assert sum(map(writer.write, parts)) == len(joined)
+            assert bytes(shm.buf[: len(joined)]) == joined
+            del writer
+    finally:
+        shm.close()
+        shm.unlink()
