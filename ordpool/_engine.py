@@ -221,6 +221,21 @@ _LIVE_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
 _Encoded = tuple[int | None, list[int] | None, list[Any], dict[int, BaseException]]
 
 
+class PacedSequence:
+    """A list or tuple to feed by slices, each slice allowed by ``room(items fed so far)``.
+
+    ``room`` returns how many more items may be read now (it may wait for the consumer, and it
+    raises to end the input there). An executor's ``map`` over a list uses it to keep its
+    ``buffersize`` bound without a Python step per item.
+    """
+
+    __slots__ = ("items", "room")
+
+    def __init__(self, items: list[Any] | tuple[Any, ...], room: Callable[[int], int]) -> None:
+        self.items = items
+        self.room = room
+
+
 class Engine:
     """Batching, dispatch, reordering, failure handling and lifecycle for one pool.
 
@@ -515,7 +530,7 @@ class Engine:
             work = self._take_locked(stream)
         self._encode_dispatch(*work)  # type: ignore[misc]
 
-    def feed_iterable(self, stream: Stream, iterable: Iterable[Any]) -> None:
+    def feed_iterable(self, stream: Stream, iterable: Iterable[Any] | PacedSequence) -> None:
         """Body of imap's feeder thread: pull the input lazily into ``stream``.
 
         Items are appended to ``stream.feed`` without the lock (a list append is atomic, only
@@ -547,18 +562,27 @@ class Engine:
             self._ready.notify_all()
         self._maybe_stop()
 
-    def _feed(self, stream: Stream, iterable: Iterable[Any]) -> bool | BaseException:
+    def _feed(
+        self, stream: Stream, iterable: Iterable[Any] | PacedSequence
+    ) -> bool | BaseException:
         """Pull ``iterable`` into the feed: True at its end, False if the stream went away, or
         the exception the input raised. Exceptions of the engine itself propagate."""
         feed = stream.feed
         append = feed.append
         sizer = self.sizer
         size = sizer.size
-        if isinstance(iterable, (list, tuple)):
+        if isinstance(iterable, (list, tuple, PacedSequence)):
             # A sequence cannot block: feed it by slices, at C speed.
-            start, end = 0, len(iterable)
+            room = iterable.room if isinstance(iterable, PacedSequence) else None
+            seq = iterable.items if isinstance(iterable, PacedSequence) else iterable
+            start, end = 0, len(seq)
             while start < end:
-                feed.extend(iterable[start : start + size])
+                if room is not None:
+                    try:
+                        size = min(size, room(start))
+                    except BaseException as exc:  # the pacer stopped the input: at its position
+                        return exc
+                feed.extend(seq[start : start + size])
                 start += size
                 if not self._take_feed(stream):
                     return False

@@ -60,7 +60,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from . import _wire
 from ._batching import Batch, Task
-from ._engine import Engine, PoolState, Stream
+from ._engine import Engine, PacedSequence, PoolState, Stream
 from ._errors import (
     BrokenPool,
     PoolClosed,
@@ -292,7 +292,7 @@ class _MapFeed:
         self.cond = threading.Condition(threading.Lock())
         self.stop: BaseException | None = None  # raised in the feeder: CancelledError, _Abandoned
 
-    def items(self, source: Iterator[Any], untaken: list[Any]) -> Iterator[Any]:
+    def items(self, source: Iterable[Any], untaken: list[Any]) -> Iterator[Any]:
         """The input, paced; raises ``stop`` once stopped (the engine ends the stream there).
 
         ``untaken`` is the stream's feed list: items read but not yet taken into a batch. Over
@@ -307,6 +307,16 @@ class _MapFeed:
             if fed >= allowed and (not untaken or fed >= allowed + limit or self.stop):
                 allowed = self._room(fed)
             yield item
+
+    def room(self, fed: int) -> int:
+        """For a list input (:class:`~ordpool._engine.PacedSequence`): how many items the
+        feeder, having read ``fed``, may read now, waiting for the consumer if it must. As
+        :meth:`items`, it lets the feeder finish the batch it fills, never more than ``limit``
+        items over the limit."""
+        allowed = self.allowed
+        if fed >= allowed or self.stop is not None:
+            allowed = self._room(fed)
+        return max(1, int(min(allowed + self.limit - fed, 1 << 62)))
 
     def _room(self, fed: int) -> float:
         """Wait until the feeder, having read ``fed`` items, may read more; the new limit."""
@@ -516,7 +526,7 @@ class _Core:
     # -- map -----------------------------------------------------------------------------------
 
     def map(
-        self, source: Iterator[Any], end_time: float | None, limit: int | None, call: bytes = b""
+        self, source: Iterable[Any], end_time: float | None, limit: int | None, call: bytes = b""
     ) -> Iterator[Any]:
         with self._lock:
             self.check_open()
@@ -549,11 +559,16 @@ class _Core:
         return itertools.chain.from_iterable(results)
 
     def _feed_map(
-        self, engine: Engine, stream: Stream, feed: _MapFeed, source: Iterator[Any]
+        self, engine: Engine, stream: Stream, feed: _MapFeed, source: Iterable[Any]
     ) -> None:
         """Body of a map's feeder thread."""
+        paced: Iterable[Any] | PacedSequence
+        if isinstance(source, (list, tuple)):
+            paced = PacedSequence(source, feed.room)  # by slices, in C
+        else:
+            paced = feed.items(source, stream.feed)
         try:
-            engine.feed_iterable(stream, feed.items(source, stream.feed))
+            engine.feed_iterable(stream, paced)
         finally:
             with self._lock:
                 self._feeding.discard(feed)
@@ -939,7 +954,7 @@ class OrderedProcessPoolExecutor(Executor):
             if buffersize < 1:
                 raise ValueError("buffersize must be None or > 0")
         end_time = None if timeout is None else timeout + time.monotonic()
-        source: Iterator[Any]
+        source: Iterable[Any]
         # The function travels once per task in the task's header (the stream's callable,
         # cached by the workers) and the items alone go over the wire: bytes items keep the
         # zero-copy path and nothing is pickled per item for the function's sake.
@@ -948,7 +963,12 @@ class OrderedProcessPoolExecutor(Executor):
         except Exception:
             call = b""  # fn cannot be pickled: each item fails with that error, as in the stdlib
         if call:
-            source = iter(iterables[0]) if len(iterables) == 1 else zip(*iterables)
+            if len(iterables) != 1:
+                source = zip(*iterables)
+            elif isinstance(iterables[0], (list, tuple)):
+                source = iterables[0]  # fed by slices
+            else:
+                source = iter(iterables[0])
         else:  # (fn, args, None) jobs: each fails with the pickling error, at its position
             source = zip(itertools.repeat(fn), zip(*iterables), itertools.repeat(None))
         return self._core.map(source, end_time, buffersize, call)

@@ -444,6 +444,34 @@ def test_map_is_lazy_on_an_endless_input(method: str) -> None:
         ]
 
 
+def test_map_over_a_list_keeps_its_buffersize(method: str) -> None:
+    """A list or tuple input is fed by slices (no Python step per item), under the same bound:
+    at most about twice ``buffersize`` items taken ahead of the results consumed."""
+    with make(method) as executor:
+        it = executor.map(square, list(range(100_000)), buffersize=64)
+        assert [next(it) for _ in range(50)] == [i * i for i in range(50)]
+        time.sleep(0.3)  # let the feeder run as far as it may
+        assert executor.stats().submitted <= 50 + 2 * 64 + 1
+        assert list(executor.map(square, tuple(range(5000)))) == [i * i for i in range(5000)]
+        small = executor.map(abs, list(range(-1000, 0)), buffersize=10)
+        stopped = executor.map(square, list(range(10**6)), buffersize=100)
+        assert next(stopped) == 0
+    # shutdown(wait=True) ran all of a live map's list, as the stdlib's map had submitted it
+    assert list(small) == list(range(1000, 0, -1))
+    assert len(list(stopped)) == 10**6 - 1
+
+
+def test_shutdown_cancel_futures_stops_a_live_map_over_a_list(method: str) -> None:
+    executor = make(method)
+    it = executor.map(square, list(range(10**6)), buffersize=100)
+    assert next(it) == 0
+    executor.shutdown(wait=True, cancel_futures=True)
+    seen: list[int] = []
+    with pytest.raises(cf.CancelledError):
+        collect(it, seen)
+    assert len(seen) <= 2 * 100 + 1  # the items already read, then CancelledError
+
+
 def test_map_timeout(method: str) -> None:
     with make(method) as executor:
         results = []
