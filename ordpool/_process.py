@@ -57,6 +57,9 @@ _PIPE_SIZE = 1 << 20
 REGION_SIZE = 8 << 20  # bytes per shared-memory region; pages are only used once touched
 _CONTROL_SIZE = 64
 _IOV_MAX = 1024  # Linux's IOV_MAX
+# Average bytes per part from which a task's parts are written into its region one by one
+# rather than joined first: a write call per part costs more than copying a small part twice.
+_WRITE_EACH_MIN = 2048
 _LEN = struct.Struct("!i")
 _LEN_LONG = struct.Struct("!iQ")
 _Task = tuple[int, tuple[int, ...], list[Any], bytes]  # bid, failed positions, parts, call
@@ -235,6 +238,8 @@ class _Worker:
         turn = self.turn
         if len(parts) == 1:
             self.task_views[turn][:size] = parts[0]
+        elif size < _WRITE_EACH_MIN * len(parts):
+            self.task_views[turn][:size] = b"".join(parts)  # small parts: one copy is cheaper
         else:
             # Each part copied straight into the region (the file position advances), in C:
             # a join would first copy the whole batch into a new buffer, whose pages the

@@ -426,7 +426,8 @@ def test_tasks_in_the_pipe_and_in_shared_memory_keep_their_order(start_method):
     thread, in the pipe) alternate with small ones (written directly into a region); the
     worker must get them in the order they were sent, whichever way each went."""
     big = b"x" * (9 << 20)
-    items = [big if i % 3 == 0 else bytes(i) for i in range(24)]
+    # the others from 300 B to 6.9 KB: joined, or written part by part, into the region
+    items = [big if i % 3 == 0 else bytes(i * 300) for i in range(24)]
     with ProcessOrderedPool(
         _count_and_measure, workers=1, init=_new_counter, batch_size=1, start_method=start_method
     ) as pool:
