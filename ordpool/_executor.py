@@ -587,7 +587,13 @@ class _Core:
 
         try:
             yield []
+            taken = 0  # items of the batch handed out last
             while True:
+                if taken:
+                    # Resumed: the previous batch has been yielded in full, so the feeder may
+                    # read that many more (buffersize counts results yielded, as the stdlib's).
+                    feed.consumed(taken)
+                    taken = 0
                 try:
                     if end_time is None:
                         batch = engine.next_batch(stream)
@@ -603,7 +609,7 @@ class _Core:
                     raise
                 if batch is None:
                     return
-                feed.consumed(len(batch))
+                taken = len(batch)
                 lazy = Engine.lazy_values(batch, _raise_unloadable)
                 if lazy is not None:
                     yield lazy  # a value that cannot be unpickled raises where it stands
@@ -921,8 +927,9 @@ class OrderedProcessPoolExecutor(Executor):
 
         Unlike the stdlib's, no future is created per call: the calls travel to the workers in
         batches sized by their measured cost, and come back in order. The input is read lazily
-        by a background thread, at most ``buffersize`` items ahead of the results consumed, so
-        an endless iterable works.
+        by a background thread, at most ``buffersize`` items ahead of the results consumed (plus
+        up to ``buffersize`` more, to finish the batch it is filling), so an endless iterable
+        works.
 
         Args:
             fn: A callable that will take as many arguments as there are
@@ -930,8 +937,9 @@ class OrderedProcessPoolExecutor(Executor):
             timeout: The maximum number of seconds to wait. If None, then there
                 is no limit on the wait time. Measured from the call to map.
             chunksize: Accepted for compatibility (must be >= 1); batching is automatic.
-            buffersize: The most items read from the input and not yet consumed (3.14's
-                argument); None: ``max(16384, 2048 * max_workers)``.
+            buffersize: How many items may be read from the input ahead of the results
+                yielded (3.14's argument; at most twice that, to finish a batch); None:
+                ``max(16384, 2048 * max_workers)``.
 
         Returns:
             An iterator equivalent to: map(func, *iterables) but the calls may

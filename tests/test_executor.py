@@ -446,7 +446,7 @@ def test_map_is_lazy_on_an_endless_input(method: str) -> None:
 
 def test_map_over_a_list_keeps_its_buffersize(method: str) -> None:
     """A list or tuple input is fed by slices (no Python step per item), under the same bound:
-    at most about twice ``buffersize`` items taken ahead of the results consumed."""
+    at most twice ``buffersize`` items taken ahead of the results yielded."""
     with make(method) as executor:
         it = executor.map(square, list(range(100_000)), buffersize=64)
         assert [next(it) for _ in range(50)] == [i * i for i in range(50)]
