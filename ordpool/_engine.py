@@ -10,7 +10,7 @@ Data flow, and which thread does what::
         |  Batch(seq) carried by Task(bid): one task, or one per worker when keys route items
         v
     _pump: pinned tasks to their slot, others to the least-loaded ready slot, DEPTH per slot
-        |  transport.send(slot, bid, failed, parts)      (never blocks)
+        |  transport.send(slot, bid, failed, parts)      (never waits for a worker)
         v
     worker process / actor: fn over the task's items -> results
         |
@@ -1086,12 +1086,15 @@ class Engine:
 
     @staticmethod
     def lazy_values(
-        batch: Batch, on_error: Callable[[int, BaseException], Any]
+        batch: Batch,
+        on_error: Callable[[int, BaseException], Any] | None = None,
+        result: type | None = None,
     ) -> Iterator[Any] | None:
         """The batch's values unpickled one at a time as they are iterated, or ``None`` when
         the batch cannot go that way (small results pickled as one list, errors in the batch,
         a keyed batch merged from several tasks): then use :meth:`decode`. A value that cannot
-        be unpickled here goes to ``on_error(position, error)`` (see :func:`_wire.iter_values`).
+        be unpickled here goes to ``on_error(position, error)``; with ``result``, the iterator
+        yields ``result((index, value, error))`` instead (see :func:`_wire.iter_values`).
         """
         tasks = batch.tasks
         if len(tasks) != 1:
@@ -1099,7 +1102,7 @@ class Engine:
         task = tasks[0]
         if task.positions is not None or task.failed or task.frame is None:
             return None
-        return _wire.iter_values(task.frame, on_error)
+        return _wire.iter_values(task.frame, on_error, batch.indices, result)
 
     @staticmethod
     def decode(batch: Batch) -> tuple[list[Any], dict[int, BaseException] | None]:

@@ -277,11 +277,12 @@ class _Events:
 class _MapFeed:
     """The input side of one ``map`` call: keeps its feeder at most ``limit`` items ahead.
 
-    The engine's feeder thread iterates :meth:`items`; the consumer calls :meth:`consumed` for
-    every batch it takes. ``allowed`` is how many items the feeder may have read in total:
-    consumed + limit (20480), ``inf`` once ``shutdown(wait=True)`` needs the whole input run, -1
-    once stopped. The feeder keeps its own copy and re-reads it under the lock only when it
-    reaches it, so pacing costs a compare per item.
+    The engine's feeder thread iterates :meth:`items` (or calls :meth:`room` per slice of a
+    list); the consumer calls :meth:`consumed` once it has yielded a whole batch. ``allowed`` is
+    how many items the feeder may have read in total: consumed + limit (``buffersize``), ``inf``
+    once ``shutdown(wait=True)`` needs the whole input run, -1 once stopped. The feeder keeps its
+    own copy and re-reads it under the lock only when it reaches it, so pacing costs a compare
+    per item.
     """
 
     __slots__ = ("allowed", "cond", "limit", "stop")
@@ -310,9 +311,9 @@ class _MapFeed:
 
     def room(self, fed: int) -> int:
         """For a list input (:class:`~ordpool._engine.PacedSequence`): how many items the
-        feeder, having read ``fed``, may read now, waiting for the consumer if it must. As
-        :meth:`items`, it lets the feeder finish the batch it fills, never more than ``limit``
-        items over the limit."""
+        feeder, having read ``fed``, may read now, waiting for the consumer if it must. Once
+        under the limit, it may read up to ``limit`` items past it (the engine takes at most a
+        batch of them at a time): within the same 2 x ``limit`` bound as :meth:`items`."""
         allowed = self.allowed
         if fed >= allowed or self.stop is not None:
             allowed = self._room(fed)

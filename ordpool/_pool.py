@@ -116,25 +116,14 @@ def _result_batches(
     """
     new = tuple.__new__
     current: Iterator[Result] | None = None
-    unloadable: dict[int, BaseException] = {}  # position -> error, for lazy values
-
-    def on_error(pos: int, err: BaseException) -> None:
-        unloadable[pos] = err
-
     try:
         yield iter(())
         current, stream.leftover = stream.leftover, None
         if current is not None:
             yield current
         for batch in _batches(engine, stream):
-            lazy = engine.lazy_values(batch, on_error)
-            if lazy is not None:
-                unloadable.clear()
-                pop = unloadable.pop
-                current = (
-                    new(Result, (index, value, pop(pos, None) if unloadable else None))
-                    for pos, (index, value) in enumerate(zip(batch.indices, lazy))
-                )
+            current = engine.lazy_values(batch, result=Result)
+            if current is not None:  # Results built as they are reached, errors in their slot
                 yield current
                 continue
             values, errs = engine.decode(batch)

@@ -60,6 +60,7 @@ _IOV_MAX = 1024  # Linux's IOV_MAX
 # Average bytes per part from which a task's parts are written into its region one by one
 # rather than joined first: a write call per part costs more than copying a small part twice.
 _WRITE_EACH_MIN = 2048
+_DIRECT_HEADER_MAX = 4096  # bytes of failed positions and callable in a directly written header
 _LEN = struct.Struct("!i")
 _LEN_LONG = struct.Struct("!iQ")
 _Task = tuple[int, tuple[int, ...], list[Any], bytes]  # bid, failed positions, parts, call
@@ -106,6 +107,13 @@ def _buf(shm: shared_memory.SharedMemory) -> memoryview:
     buf = shm.buf
     assert buf is not None  # None only after close()
     return buf
+
+
+def _small_header(msg: _Task) -> bool:
+    """Whether a task's header is small enough to be written directly: the pipe (1 MiB, or
+    64 KiB where it cannot be enlarged) holds the headers of the two tasks a worker may hold,
+    but a header carries the failed positions and the stream's pickled callable, unbounded."""
+    return 4 * len(msg[1]) + len(msg[3]) <= _DIRECT_HEADER_MAX
 
 
 def _mapping(shm: shared_memory.SharedMemory) -> Any:
@@ -192,8 +200,9 @@ class _Worker:
             task_r.close()
             res_w.close()
         # Writing to the worker: ``lock`` guards the task regions, ``turn``, ``backlog``,
-        # ``inline_bids`` and every write that cannot block (a header after a payload copied
-        # into a region). ``backlog`` counts the messages in ``queue`` not yet written.
+        # ``inline_bids``, and the writes made under it: a payload copied into a region and its
+        # small header, which the pipe always has room for. ``backlog`` counts the messages in
+        # ``queue`` not yet written (STOP and inline tasks are written without the lock).
         self.lock = threading.Lock()
         self.task_views = [_buf(r) for r in self.regions[:2]]
         self.task_maps = [_mapping(r) for r in self.regions[:2]]
@@ -216,7 +225,7 @@ class _Worker:
         with self.lock:
             if self.closed:
                 return
-            if not self.backlog and not self.inline_bids:
+            if not self.backlog and not self.inline_bids and _small_header(msg):
                 size = sum(map(len, msg[2]))
                 if size <= REGION_SIZE:
                     try:
@@ -293,7 +302,7 @@ class _Worker:
 
     def close(self) -> None:
         """Release pipes and shared memory (the process has exited or been killed)."""
-        with self.lock:  # no write in progress from here on
+        with self.lock:  # no region write in progress from here on, and none after
             if self.closed:
                 return
             self.closed = True
@@ -394,7 +403,7 @@ class ProcessTransport:
     def send(
         self, slot: int, bid: int, failed: tuple[int, ...], parts: list[Any], call: bytes = b""
     ) -> None:
-        """Queue a task for the worker of ``slot``; never blocks.
+        """Send a task to the worker of ``slot``; never waits for a worker (see _Worker.send).
 
         If that worker has just died (the collector removes it before reporting the death),
         the task is dropped here: the engine already counts it as held by that worker and

@@ -249,7 +249,9 @@ def _load_each(payload: Any) -> tuple[list[Any], dict[int, BaseException] | None
     for pos, end in enumerate(ends):
         try:
             append(pickle.loads(data[start:end]))
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
             errors = errors or {}
             errors[pos] = unpickling_error(exc)
             append(None)
@@ -269,36 +271,91 @@ def _split_each(payload: Any) -> tuple[memoryview, array[int], int, dict[int, An
 
 
 def iter_values(
-    payload: Any, on_error: Callable[[int, BaseException], Any]
+    payload: Any,
+    on_error: Callable[[int, BaseException], Any] | None,
+    indices: Any = None,
+    result: type | None = None,
 ) -> Iterator[Any] | None:
     """The values of a ``b"I"`` payload with no errors, each unpickled when it is reached.
 
     ``None`` for any other payload (the caller decodes it with :func:`decode_results`).
     A value that cannot be unpickled is replaced by ``on_error(position, error)``, which may
-    return a stand-in, return :data:`SKIP` to leave the value out, or raise.
+    return a stand-in, return :data:`SKIP` to leave the value out, or raise. With ``indices``
+    and ``result`` (a 3-tuple type), the iterator yields ``result((index, value, error))``
+    instead, the error in its slot.
     """
     if payload[0] != b"I"[0] or _EACH_HEAD.unpack_from(payload)[2]:
         return None
-    return _each_values(*_split_each(payload)[:3], on_error)
+    data, ends, start, _ = _split_each(payload)
+    return _EachValues(data, ends, start, on_error, indices, result)
 
 
 SKIP = object()  # on_error's answer for "leave this value out"
 
 
-def _each_values(
-    data: memoryview, ends: array[int], start: int, on_error: Callable[[int, BaseException], Any]
-) -> Iterator[Any]:
-    loads = pickle.loads
-    for pos, end in enumerate(ends):
+class _EachValues:
+    """The iterator of :func:`iter_values`.
+
+    An iterator object rather than a generator so that a ``KeyboardInterrupt`` while a value
+    unpickles leaves it where it was: iterating again retries that value, and nothing of the
+    batch is lost. A generator would be finished by it, and the consumer would go on with the
+    next batch.
+    """
+
+    __slots__ = ("_data", "_ends", "_indices", "_on_error", "_pos", "_result", "_start")
+
+    def __init__(
+        self,
+        data: memoryview,
+        ends: array[int],
+        start: int,
+        on_error: Callable[[int, BaseException], Any] | None,
+        indices: Any,
+        result: type | None,
+    ) -> None:
+        self._data, self._ends, self._start, self._pos = data, ends, start, 0
+        self._on_error, self._indices, self._result = on_error, indices, result
+
+    def __iter__(self) -> _EachValues:
+        return self
+
+    def __next__(self) -> Any:
+        while True:
+            pos = self._pos
+            try:
+                end = self._ends[pos]
+            except IndexError:
+                raise StopIteration from None
+            try:
+                value = _loads(self._data[self._start : end])
+            except KeyboardInterrupt:
+                raise  # not the value's fault: iterating again retries it
+            except BaseException as exc:  # SystemExit too: that value's error, as in a worker
+                value = self._failed(pos, end, unpickling_error(exc))
+                if value is SKIP:
+                    continue
+                return value
+            self._pos = pos + 1
+            self._start = end
+            if self._result is None:
+                return value
+            return tuple.__new__(self._result, (self._indices[pos], value, None))
+
+    def _failed(self, pos: int, end: int, err: BaseException) -> Any:
+        """The value (or Result) that stands for position ``pos``, which failed to unpickle."""
+        self._pos, self._start = pos + 1, end
+        if self._result is not None:
+            return tuple.__new__(self._result, (self._indices[pos], None, err))
+        assert self._on_error is not None  # iter_values gets one of the two
         try:
-            value = loads(data[start:end])
-        except Exception as exc:
-            value = on_error(pos, unpickling_error(exc))
-            if value is SKIP:
-                start = end
-                continue
-        start = end
-        yield value
+            value = self._on_error(pos, err)
+        except BaseException:
+            self._pos = len(self._ends)  # on_error raising ends the iteration
+            raise
+        return value
+
+
+_loads = pickle.loads
 
 
 def unpickling_error(exc: BaseException) -> RuntimeError:

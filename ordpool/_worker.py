@@ -235,7 +235,10 @@ def keep_freed_memory() -> None:
     freed top of the heap back to the kernel each time, and the next batch takes page faults
     to get it again: about one per 4.7 KB tweet, 30% of the work. Raising the trim and mmap
     thresholds keeps up to 64 MiB of it (a few batches' worth) in the process instead.
+    ``ORDPOOL_KEEP_FREED_MEMORY=0`` in the environment leaves glibc's defaults.
     """
+    if os.environ.get("ORDPOOL_KEEP_FREED_MEMORY", "1") == "0":
+        return
     try:
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import functools
 import gc
 import itertools
 import logging
@@ -60,6 +61,10 @@ def make(method: str, workers: int = 2, **kwargs) -> OrderedProcessPoolExecutor:
 
 
 # -- functions run by the workers ----------------------------------------------------------------
+
+
+def index_into(table: bytes, i: int) -> int:
+    return table[i]
 
 
 def square(x: int) -> int:
@@ -470,6 +475,16 @@ def test_shutdown_cancel_futures_stops_a_live_map_over_a_list(method: str) -> No
     with pytest.raises(cf.CancelledError):
         collect(it, seen)
     assert len(seen) <= 2 * 100 + 1  # the items already read, then CancelledError
+
+
+def test_map_with_a_large_callable_goes_through_the_sender_thread(method: str) -> None:
+    """A stream's pickled callable travels in every task's header; a large one (over the
+    direct-write bound) is written by the worker's sender thread instead, with the same
+    results and order."""
+    table = bytes(range(256)) * 1024  # 256 KiB travels with the callable
+    with make(method) as executor:
+        out = list(executor.map(functools.partial(index_into, table), range(3000)))
+    assert out == [table[i] for i in range(3000)]
 
 
 def test_map_timeout(method: str) -> None:

@@ -408,6 +408,75 @@ def test_large_result_that_cannot_be_unpickled_fails_alone_under_every_policy(st
     assert type(results[POISON].error) is RuntimeError
 
 
+_ARMED = {"index": -1, "raise": KeyboardInterrupt}  # the parent's side of _Rebuilds
+
+
+def _rebuild(i):
+    """Runs in the parent, while a result is unpickled: raises once at the armed index."""
+    if i == _ARMED["index"]:
+        _ARMED["index"] = -1
+        raise _ARMED["raise"]()
+    return _big(i)
+
+
+class _Rebuilds:
+    def __init__(self, i):
+        self.i = i
+
+    def __reduce__(self):
+        return (_rebuild, (self.i,))
+
+
+def _rebuilt_in_the_parent(i):
+    return (_Rebuilds(i), "p" * 300)  # large: unpickled one by one, as the consumer goes
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_while_a_large_result_unpickles_loses_nothing(start_method):
+    """A KeyboardInterrupt while the consumer unpickles a large result reaches the consumer;
+    iterating again retries that result, and every index still comes once, in order."""
+    n = 60
+    expected = [(_big(i), "p" * 300) for i in range(n)]
+    with ProcessOrderedPool(_rebuilt_in_the_parent, workers=2, start_method=start_method) as pool:
+        _ARMED["raise"] = KeyboardInterrupt
+        _ARMED["index"] = 5
+        values = pool.imap(range(n))
+        got = [next(values) for _ in range(5)]
+        with pytest.raises(KeyboardInterrupt):
+            next(values)
+        got.extend(values)
+        assert got == expected
+
+        _ARMED["index"] = 7
+        for i in range(n):
+            pool.enqueue(i, i)
+        pool.close()
+        results = pool.results()
+        got_results = [next(results) for _ in range(7)]
+        with pytest.raises(KeyboardInterrupt):
+            next(results)
+        del results  # left, as a Ctrl-C handler might; a new results() resumes at the same spot
+        got_results.extend(pool.results())
+    assert [r.index for r in got_results] == list(range(n))
+    assert [r.value for r in got_results] == expected
+    assert all(r.error is None for r in got_results)
+
+
+def test_system_exit_while_a_large_result_unpickles_is_that_items_error(start_method):
+    n = 30
+    with ProcessOrderedPool(_rebuilt_in_the_parent, workers=2, start_method=start_method) as pool:
+        _ARMED["raise"] = SystemExit
+        _ARMED["index"] = 4
+        out = pool.map(range(n), errors="return")
+    _ARMED["raise"] = KeyboardInterrupt
+    assert [i for i, v in enumerate(out) if isinstance(v, BaseException)] == [4]
+    assert type(out[4]) is RuntimeError
+    assert isinstance(out[4].__cause__, SystemExit)
+    assert [v for i, v in enumerate(out) if i != 4] == [
+        (_big(i), "p" * 300) for i in range(n) if i != 4
+    ]
+
+
 def test_exception_with_a_custom_init_fails_only_its_index(start_method):
     with ProcessOrderedPool(_raise_two_arg, workers=2, start_method=start_method) as pool:
         results = pool.map(list(range(2000)), errors="return")
