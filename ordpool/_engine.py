@@ -1090,11 +1090,12 @@ class Engine:
         on_error: Callable[[int, BaseException], Any] | None = None,
         result: type | None = None,
     ) -> Iterator[Any] | None:
-        """The batch's values unpickled one at a time as they are iterated, or ``None`` when
+        """The batch's values unpickled a chunk at a time as they are iterated, or ``None`` when
         the batch cannot go that way (small results pickled as one list, errors in the batch,
-        a keyed batch merged from several tasks): then use :meth:`decode`. A value that cannot
-        be unpickled here goes to ``on_error(position, error)``; with ``result``, the iterator
-        yields ``result((index, value, error))`` instead (see :func:`_wire.iter_values`).
+        a keyed batch merged from several tasks): then use :meth:`decode`. Each value of a chunk
+        that cannot be unpickled here goes to ``on_error(position, error)``; with ``result``,
+        the iterator yields ``result((index, value, error))`` instead (see
+        :func:`_wire.iter_values`).
         """
         tasks = batch.tasks
         if len(tasks) != 1:

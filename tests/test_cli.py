@@ -363,7 +363,7 @@ def test_bench_scripts_run_small(tmp_path: Path) -> None:
     assert "ordpool (batch auto)" in proc.stdout
     proc = run("bench/floor.py", "--messages", "200", "--rounds", "2", module="")
     assert proc.returncode == 0, proc.stderr
-    assert "pickle.loads of the dict" in proc.stdout and "2 cores, parent + workers" in proc.stdout
+    assert "pickle.loads, chunks of" in proc.stdout and "2 cores, parent + workers" in proc.stdout
     proc = run("bench/contention.py", "--messages", "500", "--repeat", "1", module="")
     assert proc.returncode == 0, proc.stderr
     assert "ceiling for 2 workers" in proc.stdout

@@ -362,11 +362,11 @@ def test_wire_results_round_trip_and_unpicklable_result():
     assert "PicklingError" in str(errors[2].__cause__)
 
 
-# -- results pickled one by one (large values) ---------------------------------------------
+# -- results pickled in chunks (large values) ------------------------------------------------
 
 
 def _doc(i):
-    """A result large enough to travel pickled on its own (see _wire.EACH_MIN)."""
+    """A result large enough to travel in chunks (see _wire.EACH_MIN)."""
     return {"i": i, "text": "x" * _wire.EACH_MIN, "values": [i, float(i), (i, "t")]}
 
 
@@ -377,18 +377,29 @@ def _run(fn, items, failed=()):
     return payload, nerrors
 
 
-def test_small_results_travel_as_one_pickle_and_large_ones_one_by_one():
-    small, _ = _run(lambda i: (i, "t"), list(range(10)))
-    large, _ = _run(_doc, list(range(10)))
+def _k(value):
+    """Values per chunk when the first result of a batch is ``value``."""
+    return _wire.chunk_length(len(pickle.dumps(value, _wire.PROTOCOL)))
+
+
+def test_small_results_travel_as_one_pickle_and_large_ones_in_chunks():
+    n = 100
+    small, _ = _run(lambda i: (i, "t"), list(range(n)))
+    large, _ = _run(_doc, list(range(n)))
     assert small[:1] == b"P"
     assert large[:1] == b"I"
+    assert 1 < _k(_doc(0)) <= _wire.CHUNK_MAX < n  # several chunks, the last one short
     for payload, fn in ((small, lambda i: (i, "t")), (large, _doc)):
         values, errors = _wire.decode_results(payload)
         assert errors is None
-        assert values == [fn(i) for i in range(10)]
+        assert values == [fn(i) for i in range(n)]
         assert type(values[0]) is type(fn(0))
-    assert list(_wire.iter_values(large, _fail_on_error)) == [_doc(i) for i in range(10)]
+    assert list(_wire.iter_values(large, _fail_on_error)) == [_doc(i) for i in range(n)]
     assert _wire.iter_values(small, _fail_on_error) is None  # the caller decodes it whole
+    # a chunk's values share one pickle memo: their common keys are one object in the parent
+    values, _ = _wire.decode_results(large)
+    key = [next(iter(v)) for v in values]
+    assert key[0] is key[1] and key[0] == "i"
 
 
 def _fail_on_error(pos, err):
@@ -396,7 +407,7 @@ def _fail_on_error(pos, err):
 
 
 def _doc_or_fault(i):
-    if i == 0:
+    if i in (0, 1):
         raise KeyError("first")  # before the first result: decided by the next one
     if i == 3:
         raise ValueError("three")
@@ -407,19 +418,24 @@ def _doc_or_fault(i):
     return _doc(i)
 
 
-def test_one_by_one_results_keep_every_failure_at_its_position():
-    payload, nerrors = _run(_doc_or_fault, list(range(9)), failed={7})
+@pytest.mark.parametrize("n", [9, 60])
+def test_chunked_results_keep_every_failure_at_its_position(n, monkeypatch):
+    # chunks of 2: positions before the first result fill whole chunks; a failure in one chunk
+    # leaves its neighbour alone
+    monkeypatch.setattr(_wire, "CHUNK_MAX", 2)
+    payload, nerrors = _run(_doc_or_fault, list(range(n)), failed={7})
     assert payload[:1] == b"I"
     values, errors = _wire.decode_results(payload)
-    assert sorted(errors) == [0, 3, 5]
-    assert nerrors == 3
+    assert sorted(errors) == [0, 1, 3, 5]
+    assert nerrors == 4
     assert isinstance(errors[0], KeyError)
     assert isinstance(errors[3], ValueError)
     assert isinstance(errors[5], pickle.PicklingError)
     assert "cannot pickle the result of type dict" in str(errors[5])
     assert values[6]() == "made in the worker"
     assert values[7] is None  # the parent already holds position 7's error
-    assert [values[i] for i in (1, 2, 4, 8)] == [_doc(i) for i in (1, 2, 4, 8)]
+    good = [i for i in range(n) if i not in (0, 1, 3, 5, 6, 7)]
+    assert [values[i] for i in good] == [_doc(i) for i in good]
     # a batch with errors is not decoded lazily: the caller merges the errors first
     assert _wire.iter_values(payload, _fail_on_error) is None
 
@@ -434,17 +450,23 @@ def _refuse_to_load():
 
 
 def _doc_or_unloadable(i):
-    return {"odd": _RefusesToLoad(), "pad": "x" * _wire.EACH_MIN} if i == 2 else _doc(i)
+    return {"odd": _RefusesToLoad(), "pad": "x" * _wire.EACH_MIN} if i == 20 else _doc(i)
 
 
-def test_a_value_that_cannot_be_unpickled_fails_alone():
-    payload, nerrors = _run(_doc_or_unloadable, list(range(5)))
+def test_a_value_that_cannot_be_unpickled_fails_its_chunk_only():
+    n = 50
+    k = _k(_doc(0))
+    payload, nerrors = _run(_doc_or_unloadable, list(range(n)))
     assert nerrors == 0  # the worker cannot know
+    first = 20 - 20 % k
+    bad = list(range(first, min(first + k, n)))
+    assert 20 in bad and len(bad) < n
     values, errors = _wire.decode_results(payload)
-    assert list(errors) == [2]
-    assert type(errors[2]) is RuntimeError
-    assert isinstance(errors[2].__cause__, ValueError)
-    assert [values[i] for i in (0, 1, 3, 4)] == [_doc(i) for i in (0, 1, 3, 4)]
+    assert sorted(errors) == bad
+    assert type(errors[20]) is RuntimeError
+    assert isinstance(errors[20].__cause__, ValueError)
+    good = [i for i in range(n) if i not in bad]
+    assert [values[i] for i in good] == [_doc(i) for i in good]
     seen = []
 
     def stand_in(pos, err):
@@ -452,10 +474,16 @@ def test_a_value_that_cannot_be_unpickled_fails_alone():
         return "stand-in"
 
     lazy = list(_wire.iter_values(payload, stand_in))
-    assert lazy == [_doc(0), _doc(1), "stand-in", _doc(3), _doc(4)]
-    assert seen == [(2, RuntimeError)]
+    assert lazy == ["stand-in" if i in bad else _doc(i) for i in range(n)]
+    assert seen == [(pos, RuntimeError) for pos in bad]
     skipped = list(_wire.iter_values(payload, lambda pos, err: _wire.SKIP))
-    assert skipped == [_doc(i) for i in (0, 1, 3, 4)]
+    assert skipped == [_doc(i) for i in good]
+    # a raising on_error ends the iteration after the values before the chunk
+    lazy = _wire.iter_values(payload, lambda pos, err: (_ for _ in ()).throw(err))
+    assert [next(lazy) for _ in range(first)] == [_doc(i) for i in range(first)]
+    with pytest.raises(RuntimeError, match="could not unpickle"):
+        next(lazy)
+    assert list(lazy) == []
 
 
 def test_region_writers_copy_parts_in_place():

@@ -28,7 +28,7 @@ import psutil
 import pytest
 from conftest import wait_until
 
-from ordpool import BrokenPool, RemoteTraceback, WorkerCrashed, WorkerInitError
+from ordpool import BrokenPool, RemoteTraceback, WorkerCrashed, WorkerInitError, _wire
 from ordpool._executor import BrokenProcessPool, OrderedProcessPoolExecutor
 from ordpool._worker import worker_local
 
@@ -293,18 +293,26 @@ class _LoadsNowhere:
 
 
 def big_or_unloadable(i: int) -> object:
-    """Large results (they travel pickled one by one); index 5 cannot be unpickled."""
-    return {"odd": _LoadsNowhere(), "pad": "p" * 300} if i == 5 else {"i": i, "pad": "p" * 300}
+    """Large results (they travel pickled in short chunks); index 40 cannot be unpickled."""
+    return {"odd": _LoadsNowhere(), "pad": "p" * 300} if i == 40 else {"i": i, "pad": "p" * 300}
 
 
 def test_map_of_large_results_raises_where_one_cannot_be_unpickled(method: str) -> None:
+    """The parent unpickles large results a chunk at a time: the chunk holding index 40 fails
+    as a whole, so map yields everything before that chunk, in order, then raises."""
     with make(method) as executor:
         values = executor.map(big_or_unloadable, range(50))
-        seen = [next(values) for _ in range(5)]
-        assert seen == [{"i": i, "pad": "p" * 300} for i in range(5)]
-        with pytest.raises(RuntimeError, match="could not unpickle this result") as info:
-            next(values)
-        assert isinstance(info.value.__cause__, ValueError)
+        seen = [next(values) for _ in range(40 - _wire.CHUNK_MAX + 1)]  # before its chunk
+        error = None
+        while error is None and len(seen) <= 40:
+            try:
+                seen.append(next(values))
+            except RuntimeError as exc:
+                error = exc
+        assert seen == [{"i": i, "pad": "p" * 300} for i in range(len(seen))]
+        assert len(seen) <= 40
+        assert "could not unpickle this result" in str(error)
+        assert isinstance(error.__cause__, ValueError)
         assert list(values) == []  # map ends at its first error, as the stdlib's does
         assert executor.submit(big_or_unloadable, 7).result(timeout=30)["i"] == 7
         assert executor._broken is False

@@ -28,6 +28,7 @@ from ordpool import (
     RemoteTraceback,
     WorkerCrashed,
     WorkerInitError,
+    _wire,
 )
 
 N = 20
@@ -365,7 +366,7 @@ def test_result_that_cannot_be_unpickled_fails_its_batch(start_method):
 
 
 def _big(i):
-    """A result large enough to travel pickled on its own (ordpool._wire.EACH_MIN)."""
+    """A result large enough to travel pickled in chunks (ordpool._wire.EACH_MIN)."""
     return {"i": i, "pad": "p" * 300}
 
 
@@ -373,28 +374,49 @@ def _unloadable_big_result(i):
     return {"odd": _Unloadable(), "pad": "p" * 300} if i in (POISON, 1000) else _big(i)
 
 
+def _runs_around(failed, *poisoned):
+    """Check that ``failed`` is one chunk around each poisoned index (a contiguous run of at most
+    ``CHUNK_MAX`` positions) and nothing else: a chunk is counted from its batch's start, which
+    the pool chooses."""
+    runs = []
+    for i in sorted(failed):
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    assert len(runs) == len(poisoned), runs
+    for run, i in zip(runs, poisoned):
+        assert i in run and len(run) <= _wire.CHUNK_MAX, (i, run)
+
+
 @pytest.mark.timeout(60)
-def test_large_result_that_cannot_be_unpickled_fails_alone_under_every_policy(start_method):
-    """Large results are unpickled one by one as the consumer reaches them: one that cannot
-    be unpickled fails only its own index, under each ``errors=`` policy and in results()."""
+def test_large_result_that_cannot_be_unpickled_fails_its_chunk_under_every_policy(start_method):
+    """Large results are unpickled a chunk at a time as the consumer reaches them: one that
+    cannot be unpickled fails its chunk (a few neighbours) and nothing else, under each
+    ``errors=`` policy and in results()."""
     n = 3000
     expected = [_big(i) for i in range(n)]
     with ProcessOrderedPool(_unloadable_big_result, workers=2, start_method=start_method) as pool:
         returned = pool.map(range(n), errors="return")
-        assert [i for i, v in enumerate(returned) if v != expected[i]] == [POISON, 1000]
+        bad = [i for i, v in enumerate(returned) if v != expected[i]]
+        _runs_around(bad, POISON, 1000)
+        assert all(type(returned[i]) is RuntimeError for i in bad)
         err = returned[POISON]
-        assert type(err) is RuntimeError
         assert "could not unpickle this result" in str(err)
         assert "refusing to unpickle" in str(err.__cause__)
 
         skipped = pool.map(range(n), errors="skip")
-        assert skipped == [v for i, v in enumerate(expected) if i not in (POISON, 1000)]
+        kept = [v["i"] for v in skipped]
+        assert skipped == [expected[i] for i in kept]  # in order, each once
+        _runs_around(set(range(n)) - set(kept), POISON, 1000)
 
         values = pool.imap(range(n))
-        seen = [next(values) for _ in range(POISON)]
-        assert seen == expected[:POISON]  # everything before it, in order, then the error
-        with pytest.raises(RuntimeError, match="could not unpickle this result"):
-            next(values)
+        seen = []
+        with pytest.raises(RuntimeError, match="could not unpickle this result"):  # noqa: PT012
+            while True:
+                seen.append(next(values))
+        assert seen == expected[: len(seen)]  # everything before the chunk, in order
+        assert POISON - _wire.CHUNK_MAX < len(seen) <= POISON
         assert list(values) == []  # "raise" ends the iteration
 
         for i in range(n):
@@ -402,7 +424,8 @@ def test_large_result_that_cannot_be_unpickled_fails_alone_under_every_policy(st
         pool.close()
         results = list(pool.results())
     assert [r.index for r in results] == [i * 3 for i in range(n)]
-    assert [i for i, r in enumerate(results) if r.error is not None] == [POISON, 1000]
+    bad = [i for i, r in enumerate(results) if r.error is not None]
+    _runs_around(bad, POISON, 1000)
     assert all(r.value == expected[i] for i, r in enumerate(results) if r.error is None)
     assert results[POISON].value is None
     assert type(results[POISON].error) is RuntimeError
@@ -428,52 +451,64 @@ class _Rebuilds:
 
 
 def _rebuilt_in_the_parent(i):
-    return (_Rebuilds(i), "p" * 300)  # large: unpickled one by one, as the consumer goes
+    return (_Rebuilds(i), "p" * 300)  # large: unpickled a chunk at a time, as the consumer goes
+
+
+def _next_through_one_interrupt(values, got):
+    """Append ``next(values)`` to ``got`` until the first KeyboardInterrupt; returns whether
+    one came."""
+    while True:
+        try:
+            got.append(next(values))
+        except KeyboardInterrupt:
+            return True
+        except StopIteration:
+            return False
 
 
 @pytest.mark.timeout(60)
 def test_ctrl_c_while_a_large_result_unpickles_loses_nothing(start_method):
-    """A KeyboardInterrupt while the consumer unpickles a large result reaches the consumer;
-    iterating again retries that result, and every index still comes once, in order."""
+    """A KeyboardInterrupt while the consumer unpickles a chunk of large results reaches the
+    consumer; iterating again retries that chunk, and every index still comes once, in order."""
     n = 60
     expected = [(_big(i), "p" * 300) for i in range(n)]
     with ProcessOrderedPool(_rebuilt_in_the_parent, workers=2, start_method=start_method) as pool:
         _ARMED["raise"] = KeyboardInterrupt
-        _ARMED["index"] = 5
+        _ARMED["index"] = 25
         values = pool.imap(range(n))
-        got = [next(values) for _ in range(5)]
-        with pytest.raises(KeyboardInterrupt):
-            next(values)
+        got: list = []
+        assert _next_through_one_interrupt(values, got)
+        assert 25 - _wire.CHUNK_MAX < len(got) <= 25  # the values before that chunk
         got.extend(values)
         assert got == expected
 
-        _ARMED["index"] = 7
+        _ARMED["index"] = 37
         for i in range(n):
             pool.enqueue(i, i)
         pool.close()
-        results = pool.results()
-        got_results = [next(results) for _ in range(7)]
-        with pytest.raises(KeyboardInterrupt):
-            next(results)
-        del results  # left, as a Ctrl-C handler might; a new results() resumes at the same spot
+        got_results: list = []
+        assert _next_through_one_interrupt(pool.results(), got_results)
+        assert 37 - _wire.CHUNK_MAX < len(got_results) <= 37
+        # the results() iterator is left, as a Ctrl-C handler might; a new one resumes there
         got_results.extend(pool.results())
     assert [r.index for r in got_results] == list(range(n))
     assert [r.value for r in got_results] == expected
     assert all(r.error is None for r in got_results)
 
 
-def test_system_exit_while_a_large_result_unpickles_is_that_items_error(start_method):
-    n = 30
+def test_system_exit_while_a_large_result_unpickles_is_its_chunks_error(start_method):
+    n = 60
     with ProcessOrderedPool(_rebuilt_in_the_parent, workers=2, start_method=start_method) as pool:
         _ARMED["raise"] = SystemExit
-        _ARMED["index"] = 4
+        _ARMED["index"] = 20
         out = pool.map(range(n), errors="return")
     _ARMED["raise"] = KeyboardInterrupt
-    assert [i for i, v in enumerate(out) if isinstance(v, BaseException)] == [4]
-    assert type(out[4]) is RuntimeError
-    assert isinstance(out[4].__cause__, SystemExit)
-    assert [v for i, v in enumerate(out) if i != 4] == [
-        (_big(i), "p" * 300) for i in range(n) if i != 4
+    bad = [i for i, v in enumerate(out) if isinstance(v, BaseException)]
+    _runs_around(bad, 20)
+    assert type(out[20]) is RuntimeError
+    assert isinstance(out[20].__cause__, SystemExit)
+    assert [v for i, v in enumerate(out) if i not in bad] == [
+        (_big(i), "p" * 300) for i in range(n) if i not in bad
     ]
 
 
