@@ -172,6 +172,12 @@ class _Worker:
     def __init__(self, slot: int, ctx: BaseContext, spec: bytes) -> None:
         self.slot = slot
         self.closed = False
+        # Writing to the worker: ``lock`` guards the task regions, ``turn``, ``backlog``,
+        # ``inline_bids``, and the writes made under it: a payload copied into a region and its
+        # small header, which the pipe always has room for. ``backlog`` counts the messages in
+        # ``queue`` not yet written (STOP and inline tasks are written without the lock).
+        # Set first: close() needs it if anything below fails.
+        self.lock = threading.Lock()
         task_r, self.writer = ctx.Pipe(duplex=False)  # parent writes TASK/STOP frames
         self.reader, res_w = ctx.Pipe(duplex=False)  # parent reads READY/RESULT frames
         _enlarge(self.writer)
@@ -179,11 +185,22 @@ class _Worker:
         # [task 0, task 1, result 0, result 1, control]; created (and unlinked) by the parent.
         # control holds four int64: [bid running, position running, bid to cancel, position to
         # cancel] (see _worker.cancelled).
-        self.regions = [shared_memory.SharedMemory(create=True, size=REGION_SIZE) for _ in range(4)]
-        self.regions.append(shared_memory.SharedMemory(create=True, size=_CONTROL_SIZE))
+        self.regions: list[shared_memory.SharedMemory] = []
+        try:
+            for size in (REGION_SIZE,) * 4 + (_CONTROL_SIZE,):
+                self.regions.append(shared_memory.SharedMemory(create=True, size=size))
+        except BaseException:  # /dev/shm full or missing: leave nothing behind
+            for shm in self.regions:
+                shm.close()
+                shm.unlink()
+            for conn in (task_r, self.writer, self.reader, res_w):
+                conn.close()
+            raise
         self.result_views: list[memoryview] = [_buf(r) for r in self.regions[2:4]]
         self.progress = _buf(self.regions[4]).cast("q")
         self.progress[0] = self.progress[2] = -1
+        self.task_views = [_buf(r) for r in self.regions[:2]]
+        self.task_maps = [_mapping(r) for r in self.regions[:2]]
         _PARENT_FDS.update((self.writer.fileno(), self.reader.fileno()))
         inherited = tuple(_PARENT_FDS) if ctx.get_start_method() == "fork" else ()
         self.process = ctx.Process(  # type: ignore[attr-defined]
@@ -199,13 +216,6 @@ class _Worker:
         finally:
             task_r.close()
             res_w.close()
-        # Writing to the worker: ``lock`` guards the task regions, ``turn``, ``backlog``,
-        # ``inline_bids``, and the writes made under it: a payload copied into a region and its
-        # small header, which the pipe always has room for. ``backlog`` counts the messages in
-        # ``queue`` not yet written (STOP and inline tasks are written without the lock).
-        self.lock = threading.Lock()
-        self.task_views = [_buf(r) for r in self.regions[:2]]
-        self.task_maps = [_mapping(r) for r in self.regions[:2]]
         self.turn = 0
         self.backlog = 0
         self.inline_bids: set[int] = set()  # tasks sent in the pipe, not yet answered

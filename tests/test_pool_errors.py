@@ -818,3 +818,48 @@ def test_pool_errors_hierarchy():
     assert issubclass(BrokenPool, BrokenExecutor)
     assert issubclass(PoolClosed, RuntimeError)
     assert str(RemoteTraceback("tb text")) == "tb text"
+
+
+# -- a worker that cannot be started ---------------------------------------------------------
+
+
+def _shm_names():
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_cannot_start_raises_its_error_and_leaves_nothing(monkeypatch):
+    """fork() failing (EAGAIN: too many processes) reaches the caller as itself, and the
+    shared memory and pipes made for that worker are released."""
+    import multiprocessing.process
+
+    def refuse(self):
+        raise BlockingIOError(11, "fork failed (test)")
+
+    before = _shm_names()
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
+    with pytest.raises(BlockingIOError, match="fork failed"):
+        ProcessOrderedPool(_value, workers=2, start_method="fork")
+    assert _shm_names() - before == set()
+
+
+@pytest.mark.timeout(60)
+def test_shared_memory_that_cannot_be_made_raises_and_leaves_nothing(monkeypatch):
+    from multiprocessing import shared_memory
+
+    made = []
+    real = shared_memory.SharedMemory
+
+    def third_fails(*args, **kwargs):
+        if kwargs.get("create") and len(made) == 2:
+            raise OSError(28, "No space left on device (test)")
+        shm = real(*args, **kwargs)
+        made.append(shm.name)
+        return shm
+
+    before = _shm_names()
+    monkeypatch.setattr(shared_memory, "SharedMemory", third_fails)
+    with pytest.raises(OSError, match="No space left"):
+        ProcessOrderedPool(_value, workers=2, start_method="fork")
+    assert len(made) == 2
+    assert _shm_names() - before == set()
