@@ -339,6 +339,8 @@ def _loop(
     """
     perf_counter = time.perf_counter
     task_bufs = [r.buf for r in regions[:2]]
+    # The regions' mmaps, which slice straight to bytes (None where a Python keeps none).
+    task_maps = [getattr(r, "_mmap", None) for r in regions[:2]]
     result_bufs = [r.buf for r in regions[2:4]]
     capacity = min((len(b) for b in result_bufs), default=0)
     turn = 0
@@ -362,7 +364,10 @@ def _loop(
         progress[0] = bid
         progress[1] = 0
         try:
-            items = _wire.decode_items(task_bufs[region][:nbytes] if region >= 0 else inline)
+            if region >= 0:
+                items = _wire.decode_items(task_bufs[region][:nbytes], task_maps[region])
+            else:
+                items = _wire.decode_items(inline)
         except BaseException as exc:
             # An item that cannot be unpickled here (a class the worker cannot import) fails
             # the batch: position -1 means "every item".

@@ -316,6 +316,30 @@ def test_wire_bytes_items_round_trip_without_pickle():
     assert all(part is item for part, item in zip(parts[1:], items))
 
 
+def test_wire_bytes_items_sliced_straight_from_a_region_mapping():
+    """The worker slices bytes items out of its region's mmap; same items, exactly bytes."""
+    import mmap
+
+    items = [b"", b"x", b"\x00" * 5000, b"hello\nworld", bytes(range(256))]
+    parts, _ = _wire.encode_items(items)
+    payload = b"".join(parts)
+    region = mmap.mmap(-1, 1 << 16)
+    region[: len(payload)] = payload
+    view = memoryview(region)[: len(payload)]
+    try:
+        decoded = _wire.decode_items(view, region)
+        assert decoded == items
+        assert all(type(d) is bytes for d in decoded)
+        # pickled items ignore the mapping
+        parts, _ = _wire.encode_items([1, "a"])
+        pickled = b"".join(parts)
+        region[: len(pickled)] = pickled
+        assert _wire.decode_items(memoryview(region)[: len(pickled)], region) == [1, "a"]
+    finally:
+        view.release()
+        region.close()
+
+
 def test_wire_mixed_items_round_trip():
     items = [1, "a", b"x", None, (1, 2), {"k": [1.5, None]}, bytearray(b"ba"), 2**100]
     decoded, parts, failed = _roundtrip(items)
