@@ -622,7 +622,15 @@ class Engine:
                     room = self.window - self._inflight
                     # Wait for room for a whole batch: taking whatever room there is would
                     # cut the stream into many small batches, each paying per-batch costs.
-                    if room > 0 and room >= min(len(stream.feed), self.sizer.size):
+                    # And cut a batch only when a worker can take it soon (fewer tasks queued
+                    # than workers): the feed then waits as items, not as batches cut at an
+                    # old size. Otherwise, before the first results come back to size them,
+                    # the input ran ahead into the whole window of 16-item batches.
+                    if (
+                        room > 0
+                        and room >= min(len(stream.feed), self.sizer.size)
+                        and self._queued_locked() < self.workers
+                    ):
                         break
                     self._space.wait()
                 work = self._take_locked(stream, limit=room)
@@ -776,14 +784,22 @@ class Engine:
 
     # -- dispatch ------------------------------------------------------------------------------
 
+    def _queued_locked(self) -> int:
+        """Tasks cut into batches and waiting for a worker (any slot's, or a given slot's)."""
+        return len(self._pending) + sum(len(s.pending) for s in self._slots)
+
     def _pump_locked(self) -> None:
         """Send queued tasks: a slot's own (keyed) tasks first, then any task, least loaded
-        slot first, at most ``depth`` per slot."""
+        slot first, at most ``depth`` per slot. A feeder waiting for the queue to shrink
+        (``_take_feed``) is woken when it did."""
         depth = self.depth
+        sent = False
         for i, s in enumerate(self._slots):
             while s.pending and s.ready and not s.retiring and len(s.outstanding) < depth:
                 self._send_locked(i, s.pending.popleft())
+                sent = True
         pending = self._pending
+        before = len(pending)
         while pending:
             best, load = -1, depth
             for i, s in enumerate(self._slots):
@@ -796,6 +812,8 @@ class Engine:
                 break
             self._send_locked(best, pending.popleft())
         self._idle = sum(1 for s in self._slots if s.ready and not s.retiring and not s.outstanding)
+        if sent or len(pending) < before:
+            self._space.notify_all()
 
     def _send_locked(self, slot: int, task: Task) -> None:
         on_send = task.batch.stream.on_send

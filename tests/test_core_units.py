@@ -193,6 +193,17 @@ def test_batch_sizer_a_tiny_outlier_batch_barely_moves_the_size():
     assert 250 < s.size < 500  # moved, but not even halved
 
 
+def test_batch_sizer_recovers_fast_from_a_slow_first_batch():
+    """Cold workers make the first batch slow (page faults, imports); the next batches, at the
+    small starting size, must bring the size up within a few batches, not hundreds."""
+    s = BatchSizer(target=0.02, initial=16)
+    s.observe(16, 16 * 1e-3)  # 1 ms per item, the first time only
+    assert s.size == 20
+    for _ in range(12):
+        s.observe(s.size, s.size * 10e-6)  # really 10 us per item: 2000 per 20 ms
+    assert s.size > 1000
+
+
 def test_batch_sizer_ignores_empty_batches():
     s = BatchSizer(initial=16)
     s.observe(0, 1.0)

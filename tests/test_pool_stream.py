@@ -608,3 +608,29 @@ def test_results_after_terminate_raise_pool_closed(start_method, tmp_path):
             next(results)
     finally:
         pool.terminate()
+
+
+def _batch_of(x):
+    """The id of the batch this item ran in; the first call in each worker is slow (a cold
+    worker: imports, page faults)."""
+    from ordpool import _worker, worker_local
+
+    if worker_local().setdefault("warm", False) is False:
+        worker_local()["warm"] = True
+        time.sleep(0.3)
+    return _worker._progress[0]
+
+
+@pytest.mark.timeout(60)
+def test_the_input_is_not_cut_into_tiny_batches_while_workers_warm_up(start_method):
+    """Batches start small (16 items) until results say what an item costs. The input must not
+    run ahead meanwhile, cutting the whole window into 16-item batches: it waits as items, and
+    is cut at the measured size once the first results are back."""
+    n = 20_000
+    with ProcessOrderedPool(_batch_of, workers=2, start_method=start_method) as pool:
+        batches = pool.map(range(n))
+    assert len(batches) == n
+    runs = len(set(batches))
+    # the window (16384 items) in 16-item batches would be about a thousand; at the measured
+    # size (tens of us per item: hundreds to thousands per batch), a few dozen
+    assert runs < 150, runs
