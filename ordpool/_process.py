@@ -14,7 +14,9 @@ Why shared memory: moving a 4.7 KB message through a pipe costs the parent about
 a copy into shared memory a tenth of that (PERF.md). Each worker has two task regions and two
 result regions, used in turn. A region is reused two batches later at the earliest, and a worker
 never holds more than two batches (``DEPTH``), so by then the worker has read the task and the
-collector has copied the result out. A payload larger than its region travels in the pipe.
+collector has copied the result out. A payload larger than its region travels in the pipe, and
+so does one whose pages ``/dev/shm`` has no room for (:class:`~ordpool._worker.Reservation`:
+the pages are allocated before they are written, where writing them would raise ``SIGBUS``).
 
 Why a sender thread per worker: a write can block (a full pipe, a large inline payload) until
 that worker reads, and the worker reads only after sending its previous results. If the thread
@@ -32,6 +34,7 @@ before dying are real results), then reports the death with the worker's last pr
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import selectors
@@ -45,7 +48,7 @@ from queue import SimpleQueue
 from typing import Any, Protocol
 
 from . import _wire
-from ._worker import worker_main
+from ._worker import Reservation, worker_main
 
 __all__ = ["REGION_SIZE", "ProcessTransport", "TransportEvents", "write_frame"]
 
@@ -54,7 +57,7 @@ __all__ = ["REGION_SIZE", "ProcessTransport", "TransportEvents", "write_frame"]
 # died, and that worker would never see EOF.
 _PARENT_FDS: set[int] = set()
 _PIPE_SIZE = 1 << 20
-REGION_SIZE = 8 << 20  # bytes per shared-memory region; pages are only used once touched
+REGION_SIZE = 8 << 20  # bytes per shared-memory region; pages are allocated as they are needed
 _CONTROL_SIZE = 64
 _IOV_MAX = 1024  # Linux's IOV_MAX
 # Average bytes per part from which a task's parts are written into its region one by one
@@ -160,6 +163,7 @@ class _Worker:
         "queue",
         "reader",
         "regions",
+        "reservations",
         "result_views",
         "sender",
         "slot",
@@ -190,17 +194,25 @@ class _Worker:
             for size in (REGION_SIZE,) * 4 + (_CONTROL_SIZE,):
                 self.regions.append(shared_memory.SharedMemory(create=True, size=size))
         except BaseException:  # /dev/shm full or missing: leave nothing behind
-            for shm in self.regions:
-                shm.close()
-                shm.unlink()
+            self._release_regions()
             for conn in (task_r, self.writer, self.reader, res_w):
                 conn.close()
             raise
         self.result_views: list[memoryview] = [_buf(r) for r in self.regions[2:4]]
+        if not Reservation(getattr(self.regions[4], "_fd", None), _CONTROL_SIZE).fits(
+            _CONTROL_SIZE
+        ):
+            self._release_regions()
+            for conn in (task_r, self.writer, self.reader, res_w):
+                conn.close()
+            raise OSError(errno.ENOSPC, "no room left in /dev/shm for a worker's shared memory")
         self.progress = _buf(self.regions[4]).cast("q")
         self.progress[0] = self.progress[2] = -1
         self.task_views = [_buf(r) for r in self.regions[:2]]
         self.task_maps = [_mapping(r) for r in self.regions[:2]]
+        self.reservations = [
+            Reservation(getattr(r, "_fd", None), REGION_SIZE) for r in self.regions[:2]
+        ]
         _PARENT_FDS.update((self.writer.fileno(), self.reader.fileno()))
         inherited = tuple(_PARENT_FDS) if ctx.get_start_method() == "fork" else ()
         self.process = ctx.Process(  # type: ignore[attr-defined]
@@ -224,6 +236,11 @@ class _Worker:
             target=self._send_loop, name=f"ordpool-sender-{slot}", daemon=True
         )
 
+    def _release_regions(self) -> None:
+        for shm in self.regions:
+            shm.close()
+            shm.unlink()
+
     def send(self, msg: _Task) -> None:
         """Write a task now if that cannot block, else hand it to the sender thread.
 
@@ -237,7 +254,7 @@ class _Worker:
                 return
             if not self.backlog and not self.inline_bids and _small_header(msg):
                 size = sum(map(len, msg[2]))
-                if size <= REGION_SIZE:
+                if self.reservations[self.turn].fits(size):
                     try:
                         self._write_in_region(msg, size)
                     except OSError:
@@ -280,12 +297,12 @@ class _Worker:
                     write_frame(fd, [msg])
                     continue
                 size = sum(map(len, msg[2]))
-                if size <= REGION_SIZE:
-                    with self.lock:
-                        if self.closed:
-                            return
+                with self.lock:
+                    if self.closed:
+                        return
+                    if self.reservations[self.turn].fits(size):
                         self._write_in_region(msg, size)
-                    continue
+                        continue
                 bid, failed, parts, call = msg
                 with self.lock:
                     self.inline_bids.add(bid)

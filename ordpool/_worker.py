@@ -12,6 +12,7 @@ running (the one to blame, or retry) and which items of the batch never started.
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import gc
 import os
@@ -253,6 +254,53 @@ def keep_freed_memory() -> None:
     mallopt(m_trim_threshold, 64 << 20)
 
 
+class Reservation:
+    """The bytes of a shared-memory region whose pages are allocated, grown on demand.
+
+    A region is a file in ``/dev/shm`` (tmpfs), created at full size but with no pages: writing
+    a page that tmpfs has no room for kills the writer with ``SIGBUS`` (Docker gives containers a
+    64 MiB ``/dev/shm`` by default; a few workers' regions exceed that). So the writer first
+    allocates the pages it is about to write with ``posix_fallocate``, which fails cleanly
+    (``ENOSPC``) instead: that payload then travels in the pipe, and the pool goes on.
+    Allocation grows by doubling, so it costs a call only while a region's high-water mark
+    grows. Where ``posix_fallocate`` does not exist or is not supported, nothing is allocated
+    ahead (as before).
+    """
+
+    __slots__ = ("capacity", "fd", "reserved")
+
+    def __init__(self, fd: int | None, capacity: int) -> None:
+        self.fd = fd
+        self.capacity = capacity
+        self.reserved = capacity if fd is None or _fallocate is None else 0
+
+    def fits(self, size: int) -> bool:
+        """Whether ``size`` bytes can be written at the start of the region."""
+        if size <= self.reserved:
+            return True
+        if size > self.capacity:
+            return False
+        fallocate = _fallocate
+        if fallocate is None or self.fd is None:
+            self.reserved = self.capacity
+            return True
+        want = min(self.capacity, max(size, 2 * self.reserved, 256 << 10))
+        for length in (want, size) if want > size else (size,):
+            try:
+                fallocate(self.fd, 0, length)
+            except OSError as exc:
+                if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                    self.reserved = self.capacity  # not supported here: write as before
+                    return True
+                continue  # ENOSPC (or EINTR): try the exact size, then give up
+            self.reserved = length
+            return True
+        return False
+
+
+_fallocate = getattr(os, "posix_fallocate", None)  # patched by tests to simulate a full tmpfs
+
+
 def attach_regions(names: tuple[str, ...]) -> list[Any]:
     """Attach the parent's shared-memory regions (the parent creates and unlinks them)."""
     from multiprocessing import shared_memory
@@ -342,7 +390,7 @@ def _loop(
     # The regions' mmaps, which slice straight to bytes (None where a Python keeps none).
     task_maps = [getattr(r, "_mmap", None) for r in regions[:2]]
     result_bufs = [r.buf for r in regions[2:4]]
-    capacity = min((len(b) for b in result_bufs), default=0)
+    reservations = [Reservation(getattr(r, "_fd", None), len(r.buf)) for r in regions[2:4]]
     turn = 0
     done = 0  # items run by this process (max_tasks_per_child)
     calls: dict[bytes, Callable[[Any], Any]] = {}  # pickled stream callable -> callable
@@ -387,7 +435,7 @@ def _loop(
             # Said before the result, so the parent sends nothing more to this process.
             result_conn.send_bytes(_wire.RETIRE_FRAME)
         size = len(payload)
-        if size <= capacity:
+        if reservations[turn].fits(size):
             result_bufs[turn][:size] = payload
             result_conn.send_bytes(_wire.result_head(bid, seconds, turn, size, nerrors))
             turn ^= 1

@@ -863,3 +863,79 @@ def test_shared_memory_that_cannot_be_made_raises_and_leaves_nothing(monkeypatch
         ProcessOrderedPool(_value, workers=2, start_method="fork")
     assert len(made) == 2
     assert _shm_names() - before == set()
+
+
+# -- /dev/shm with no room left (Docker's 64 MiB default) ---------------------------------------
+
+
+def _enospc_above(limit):
+    """A stand-in for os.posix_fallocate on a tmpfs with ``limit`` bytes left per region."""
+
+    def fallocate(fd, offset, length):
+        if offset + length > limit:
+            raise OSError(28, "No space left on device")
+
+    return fallocate
+
+
+def _doc_of(raw):
+    return {"n": len(raw), "head": raw[:300].decode()}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("limit", [64, 1 << 20], ids=["no-room", "1MiB-room"])
+def test_payloads_that_find_no_room_in_dev_shm_travel_in_the_pipe(monkeypatch, limit):
+    """Writing into a shared-memory page that tmpfs has no room for would kill the writer with
+    SIGBUS; the pages are allocated first, and a payload they cannot be allocated for goes in
+    the pipe instead, in both directions (fork: the workers inherit the stand-in)."""
+    from ordpool import _worker
+
+    monkeypatch.setattr(_worker, "_fallocate", _enospc_above(limit))
+    items = [bytes([65 + i % 26]) * (300 + (i * 7919) % 5000) for i in range(6000)]
+    expected = [_doc_of(x) for x in items]
+    with ProcessOrderedPool(_doc_of, workers=2, start_method="fork") as pool:
+        assert pool.map(items) == expected  # batches of a few MB: over 1 MiB both ways
+        assert pool.map(items[:10]) == expected[:10]  # small ones fit the 1 MiB room
+
+
+@pytest.mark.timeout(60)
+def test_a_full_dev_shm_fails_the_pool_at_start_with_a_clear_error(monkeypatch):
+    from ordpool import _worker
+
+    before = _shm_names()
+    monkeypatch.setattr(_worker, "_fallocate", _enospc_above(0))
+    with pytest.raises(OSError, match="no room left in /dev/shm"):
+        ProcessOrderedPool(_value, workers=2, start_method="fork")
+    assert _shm_names() - before == set()
+
+
+def test_a_reservation_grows_by_doubling_and_falls_back_to_the_exact_size(monkeypatch):
+    from ordpool import _worker
+
+    calls = []
+
+    def fallocate(fd, offset, length):
+        calls.append(length)
+        if length > 3000:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_worker, "_fallocate", fallocate)
+    r = _worker.Reservation(fd=5, capacity=10_000)
+    assert r.fits(100) and calls == [10_000, 100]  # the whole capacity refused, then exact
+    assert r.fits(100) and r.fits(50) and len(calls) == 2  # no call within what is held
+    assert r.fits(3000) and calls[2:] == [10_000, 3000]  # the capacity again, then exact
+    assert not r.fits(3001)
+    assert not r.fits(20_000)  # over the capacity: never
+    calls.clear()
+    monkeypatch.setattr(
+        _worker, "_fallocate", lambda fd, o, n: (_ for _ in ()).throw(OSError(95, "unsupported"))
+    )
+    r = _worker.Reservation(fd=5, capacity=10_000)
+    assert r.fits(9000) and r.reserved == 10_000  # unsupported: written as before
+    assert _worker.Reservation(fd=None, capacity=10).fits(10)
+    calls.clear()
+    monkeypatch.setattr(_worker, "_fallocate", lambda fd, o, n: calls.append(n))
+    r = _worker.Reservation(fd=5, capacity=64 << 20)
+    for size in (1000, 200_000, 300_000, 600_000, 5_000_000, 4_000_000):
+        assert r.fits(size)
+    assert calls == [256 << 10, 512 << 10, 1 << 20, 5_000_000]  # doubling, or the size
