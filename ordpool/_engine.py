@@ -1121,27 +1121,45 @@ class Engine:
         task = tasks[0]
         if task.positions is not None or task.failed or task.frame is None:
             return None
-        return _wire.iter_values(task.frame, on_error, batch.indices, result)
+        values = _wire.iter_values(task.frame, on_error, batch.indices, result)
+        if values is not None:
+            task.frame = _CONSUMED  # the iterator holds the payload now (see decode)
+        return values
 
     @staticmethod
-    def decode(batch: Batch) -> tuple[list[Any], dict[int, BaseException] | None]:
-        """Values and errors (by position in the batch) of an answered batch."""
+    def decode(
+        batch: Batch, *, interruptible: bool = False
+    ) -> tuple[list[Any], dict[int, BaseException] | None]:
+        """Values and errors (by position in the batch) of an answered batch.
+
+        A result that cannot be unpickled is its items' error. So is a ``KeyboardInterrupt``
+        while unpickling, unless ``interruptible`` (a consumer's thread): then it propagates,
+        and decoding the batch again retries it. Once decoded, the batch's payloads are
+        released (see :func:`_decode_task`).
+        """
         tasks = batch.tasks
         if len(tasks) == 1 and tasks[0].positions is None:
-            return _decode_task(tasks[0])
-        values: list[Any] = [None] * len(batch)
-        errors: dict[int, BaseException] = {}
+            decoded = _decode_task(tasks[0], interruptible)
+        else:
+            values: list[Any] = [None] * len(batch)
+            errors: dict[int, BaseException] = {}
+            for task in tasks:
+                task_values, task_errors = _decode_task(task, interruptible)
+                positions = task.positions
+                if positions is None:
+                    positions = list(range(task.n))
+                for pos, value in zip(positions, task_values):
+                    values[pos] = value
+                if task_errors:
+                    for pos, err in task_errors.items():
+                        errors[positions[pos]] = err
+            decoded = values, errors or None
         for task in tasks:
-            task_values, task_errors = _decode_task(task)
-            positions = task.positions
-            if positions is None:
-                positions = list(range(task.n))
-            for pos, value in zip(positions, task_values):
-                values[pos] = value
-            if task_errors:
-                for pos, err in task_errors.items():
-                    errors[positions[pos]] = err
-        return values, errors or None
+            if task.frame is not None:
+                # Released now rather than at the cyclic GC's next pass (a batch and its tasks
+                # refer to each other): its buffer is then free for the next result.
+                task.frame = _CONSUMED
+        return decoded
 
     # -- control and introspection -------------------------------------------------------------
 
@@ -1183,14 +1201,52 @@ class Engine:
         return self._inflight
 
 
-def _decode_task(task: Task) -> tuple[list[Any], dict[int, BaseException] | None]:
+_CONSUMED = b"(consumed)"  # Task.frame once the consumer took the payload
+
+
+class Interrupted:
+    """What a consumer's batch generator yields when a ``KeyboardInterrupt`` hit it while it
+    decoded a batch: an iterator that raises the interrupt once, then is empty.
+
+    The generator cannot let the interrupt propagate (that would finish it: the iteration
+    would end there, the rest of the stream silently lost). Yielded to
+    ``chain.from_iterable``, this object raises it to the consumer instead, and ``chain`` keeps
+    it as its current iterator; iterating again finds it empty, resumes the generator, and the
+    generator decodes the same batch again.
+    """
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc: BaseException | None = exc
+
+    def __iter__(self) -> Interrupted:
+        return self
+
+    def __next__(self) -> Any:
+        if self.exc is None:
+            raise StopIteration
+        try:
+            raise self.exc  # no local holds it: that frame would make a cycle with it
+        finally:
+            self.exc = None
+
+
+def _decode_task(
+    task: Task, interruptible: bool = False
+) -> tuple[list[Any], dict[int, BaseException] | None]:
     """Values and errors (by position in the task) of an answered task, local failures merged."""
     n = task.n
-    if task.frame is None:
+    frame = task.frame
+    if frame is None:
         return [None] * n, dict(task.failed)
+    if frame is _CONSUMED:  # pragma: no cover - a bug of ours, never a user error
+        raise AssertionError(f"{task!r} was decoded twice")
     try:
-        values, errors = _wire.decode_results(task.frame)
+        values, errors = _wire.decode_results(frame)
     except BaseException as exc:  # becomes each item's error
+        if interruptible and isinstance(exc, KeyboardInterrupt):
+            raise  # not the batch's fault: the consumer decodes it again
         err = RuntimeError(f"could not unpickle the results of this batch: {exc!r}")
         err.__cause__ = exc
         return [None] * n, {pos: err for pos in range(n)}

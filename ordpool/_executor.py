@@ -60,7 +60,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from . import _wire
 from ._batching import Batch, Task
-from ._engine import Engine, PacedSequence, PoolState, Stream
+from ._engine import Engine, Interrupted, PacedSequence, PoolState, Stream
 from ._errors import (
     BrokenPool,
     PoolClosed,
@@ -617,7 +617,14 @@ class _Core:
                     if unloadable:
                         return
                     continue
-                values, errors = Engine.decode(batch)
+                while True:
+                    try:
+                        values, errors = Engine.decode(batch, interruptible=True)
+                        break
+                    except KeyboardInterrupt as exc:
+                        interrupted = Interrupted(exc)
+                    # outside the except block: see ordpool._pool._imap_batches
+                    yield interrupted  # to the caller; iterating again retries
                 if errors is None:
                     yield values
                     continue

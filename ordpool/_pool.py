@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from . import _wire
 from ._batching import Batch
-from ._engine import Engine, PoolState, Stream, fnv1a, usable_cores
+from ._engine import Engine, Interrupted, PoolState, Stream, fnv1a, usable_cores
 from ._process import ProcessTransport
 from ._stats import PoolStats
 from ._worker import worker_spec
@@ -87,7 +87,16 @@ def _imap_batches(
                 if raised:
                     return
                 continue
-            values, errs = engine.decode(batch)
+            while True:
+                try:
+                    values, errs = engine.decode(batch, interruptible=True)
+                    break
+                except KeyboardInterrupt as exc:
+                    interrupted = Interrupted(exc)
+                # Yielded outside the except block: a suspended generator holding the
+                # exception (whose traceback holds the generator) would be a reference cycle,
+                # and a consumer that leaves would not release the stream until the next GC.
+                yield interrupted  # the consumer gets it; iterating again retries
             if errs is None:
                 yield values
                 continue
@@ -126,7 +135,17 @@ def _result_batches(
             if current is not None:  # Results built as they are reached, errors in their slot
                 yield current
                 continue
-            values, errs = engine.decode(batch)
+            while True:
+                try:
+                    values, errs = engine.decode(batch, interruptible=True)
+                    break
+                except KeyboardInterrupt as exc:
+                    interrupted = Interrupted(exc)
+                # The consumer gets the interrupt; iterating again retries. If it leaves
+                # instead, the next results() starts with this batch. (Yielded outside the
+                # except block: see _imap_batches.)
+                current = _late_results(engine, batch)
+                yield interrupted
             if errs is None:
                 current = map(new, repeat(Result), zip(batch.indices, values, repeat(None)))
             else:
@@ -139,6 +158,15 @@ def _result_batches(
     finally:
         stream.leftover = current
         engine.release_consumer(stream)
+
+
+def _late_results(engine: Engine, batch: Batch) -> Iterator[Result]:
+    """The Results of a batch whose decoding a KeyboardInterrupt cut short (see
+    :func:`_result_batches`), for the next ``results()`` to start with."""
+    values, errs = engine.decode(batch)
+    errs = errs or {}
+    for pos, (index, value) in enumerate(zip(batch.indices, values)):
+        yield tuple.__new__(Result, (index, value, errs.get(pos)))
 
 
 def _primed(batches: Iterator[Any]) -> Iterator[Any]:

@@ -39,6 +39,7 @@ import fcntl
 import os
 import selectors
 import struct
+import sys
 import threading
 from collections import deque
 from multiprocessing import shared_memory
@@ -64,6 +65,12 @@ _IOV_MAX = 1024  # Linux's IOV_MAX
 # rather than joined first: a write call per part costs more than copying a small part twice.
 _WRITE_EACH_MIN = 2048
 _DIRECT_HEADER_MAX = 4096  # bytes of failed positions and callable in a directly written header
+# Result payloads of _SPARE_MIN to _SPARE_MAX bytes are copied into reused buffers, up to
+# _SPARES per worker (see _Worker._copy_out).
+_SPARE_MIN = 128 << 10
+_SPARE_MAX = 4 << 20
+_SPARES = 4
+_getrefcount = getattr(sys, "getrefcount", None)  # CPython's; without it, no reuse
 _LEN = struct.Struct("!i")
 _LEN_LONG = struct.Struct("!iQ")
 _Task = tuple[int, tuple[int, ...], list[Any], bytes]  # bid, failed positions, parts, call
@@ -167,6 +174,7 @@ class _Worker:
         "result_views",
         "sender",
         "slot",
+        "spare",
         "task_maps",
         "task_views",
         "turn",
@@ -176,6 +184,7 @@ class _Worker:
     def __init__(self, slot: int, ctx: BaseContext, spec: bytes) -> None:
         self.slot = slot
         self.closed = False
+        self.spare: list[bytearray] = []  # result payload buffers for reuse (_copy_out)
         # Writing to the worker: ``lock`` guards the task regions, ``turn``, ``backlog``,
         # ``inline_bids``, and the writes made under it: a payload copied into a region and its
         # small header, which the pipe always has room for. ``backlog`` counts the messages in
@@ -324,8 +333,31 @@ class _Worker:
         its region."""
         bid, seconds, region, nbytes, nerrors = _wire.parse_result(frame)
         if region >= 0:
-            return bid, seconds, bytes(self.result_views[region][:nbytes]), nerrors
+            return bid, seconds, self._copy_out(self.result_views[region][:nbytes]), nerrors
         return bid, seconds, memoryview(frame)[_wire.RESULT_HEAD_SIZE :], nerrors
+
+    def _copy_out(self, view: memoryview) -> Any:
+        """A copy of a result payload, in a buffer of an earlier payload when nothing refers to
+        that one any more (its batch was consumed): a new buffer of a megabyte or more costs a
+        page fault per 4 KiB the first time it is written, and glibc gives freed ones back to
+        the kernel (decode: 0.14 faults per message). Only the collector thread calls this.
+        """
+        nbytes = len(view)
+        if nbytes < _SPARE_MIN or nbytes > _SPARE_MAX or _getrefcount is None:
+            return bytes(view)
+        spare = self.spare
+        for buf in spare:
+            # References: the list, ``buf``, and getrefcount's argument. Any memoryview of it
+            # (a payload still held by a batch, an iterator, a consumer) adds one.
+            if len(buf) >= nbytes and _getrefcount(buf) == 3:
+                buf[:nbytes] = view
+                return memoryview(buf)[:nbytes]
+        buf = bytearray(nbytes + (nbytes >> 2))
+        buf[:nbytes] = view
+        if len(spare) >= _SPARES:
+            spare.remove(min(spare, key=len))
+        spare.append(buf)
+        return memoryview(buf)[:nbytes]
 
     def close(self) -> None:
         """Release pipes and shared memory (the process has exited or been killed)."""

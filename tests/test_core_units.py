@@ -541,3 +541,26 @@ def test_region_writers_copy_parts_in_place():
     finally:
         shm.close()
         shm.unlink()
+
+
+def test_result_payload_buffers_are_reused_only_once_nothing_refers_to_them():
+    """The collector copies a large result payload into the buffer of an earlier one, but only
+    when no memoryview of that buffer is alive (its batch was consumed)."""
+    import types
+
+    from ordpool import _process
+
+    worker = types.SimpleNamespace(spare=[])
+    copy_out = _process._Worker._copy_out
+    a, b, c = (bytes([i]) * (300 << 10) for i in (1, 2, 3))
+    first = copy_out(worker, memoryview(a))
+    assert first == a and isinstance(first, memoryview)
+    held = id(first.obj)  # (the spare list keeps it alive: the id stays its own)
+    second = copy_out(worker, memoryview(b))  # `first` is alive: a new buffer
+    assert id(second.obj) != held and second == b and first == a
+    del first
+    third = copy_out(worker, memoryview(c))  # nothing refers to the first buffer any more
+    assert id(third.obj) == held and third == c and second == b
+    assert len(worker.spare) == 2
+    small = copy_out(worker, memoryview(b"x" * 100))
+    assert small == b"x" * 100 and type(small) is bytes  # small payloads: plain bytes

@@ -318,6 +318,48 @@ def test_map_of_large_results_raises_where_one_cannot_be_unpickled(method: str) 
         assert executor._broken is False
 
 
+_ARMED = {"index": -1}
+
+
+def _rebuild_once(i: int) -> int:
+    """Runs in the parent while a result unpickles: a KeyboardInterrupt once, at the armed i."""
+    if i == _ARMED["index"]:
+        _ARMED["index"] = -1
+        raise KeyboardInterrupt
+    return i * i
+
+
+class _Rebuilt:
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+    def __reduce__(self):
+        return (_rebuild_once, (self.i,))
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_ctrl_c_while_map_unpickles_loses_nothing(method: str, size: str) -> None:
+    """A KeyboardInterrupt while map's results unpickle reaches the caller; iterating again
+    goes on where it stopped, nothing lost or repeated (small results: one pickle per batch;
+    large ones: chunks)."""
+    fn = _Rebuilt if size == "small" else functools.partial(_rebuilt_large, _Rebuilt)
+    n = 3000
+    with make(method) as executor:
+        _ARMED["index"] = 2000
+        values = executor.map(fn, range(n))
+        got: list = []
+        with pytest.raises(KeyboardInterrupt):
+            collect(values, got)
+        assert len(got) <= 2000
+        collect(values, got)
+    expected = [i * i for i in range(n)]
+    assert (got if size == "small" else [v[0] for v in got]) == expected
+
+
+def _rebuilt_large(make_one, i: int) -> tuple:
+    return (make_one(i), "p" * 300)
+
+
 def test_result_types_survive_the_trip() -> None:
     with make("fork") as executor:
         assert type(executor.submit(bytearray, b"ab").result(timeout=30)) is bytearray

@@ -496,6 +496,58 @@ def test_ctrl_c_while_a_large_result_unpickles_loses_nothing(start_method):
     assert all(r.error is None for r in got_results)
 
 
+def _rebuild_small(i):
+    """The parent's side of _SmallRebuilds: raises once at the armed index."""
+    if i == _ARMED["index"]:
+        _ARMED["index"] = -1
+        raise _ARMED["raise"]()
+    return _value(i)
+
+
+class _SmallRebuilds:
+    def __init__(self, i):
+        self.i = i
+
+    def __reduce__(self):
+        return (_rebuild_small, (self.i,))
+
+
+def _small_rebuilt_in_the_parent(i):
+    return _SmallRebuilds(i)  # small: a batch's results are one pickle, unpickled at once
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("errors", ["raise", "return", "skip"])
+def test_ctrl_c_while_a_batch_of_small_results_unpickles_loses_nothing(start_method, errors):
+    """A KeyboardInterrupt while the consumer unpickles a batch of small results is not that
+    batch's error (it used to fail the whole batch, or vanish under "skip"): it reaches the
+    consumer, iterating again decodes the batch again, and every index comes once, in order."""
+    n = 3000
+    with ProcessOrderedPool(
+        _small_rebuilt_in_the_parent, workers=2, start_method=start_method
+    ) as pool:
+        _ARMED["raise"] = KeyboardInterrupt
+        _ARMED["index"] = 2500
+        values = pool.imap(range(n), errors=errors)
+        got: list = []
+        assert _next_through_one_interrupt(values, got)
+        assert len(got) <= 2500
+        got.extend(values)
+        assert got == [_value(i) for i in range(n)]
+
+        _ARMED["index"] = 1700
+        for i in range(n):
+            pool.enqueue(i, i)
+        pool.close()
+        got_results: list = []
+        assert _next_through_one_interrupt(pool.results(), got_results)
+        # the results() iterator is left, as a Ctrl-C handler might; a new one resumes there
+        got_results.extend(pool.results())
+    assert [r.index for r in got_results] == list(range(n))
+    assert [r.value for r in got_results] == [_value(i) for i in range(n)]
+    assert all(r.error is None for r in got_results)
+
+
 def test_system_exit_while_a_large_result_unpickles_is_its_chunks_error(start_method):
     n = 60
     with ProcessOrderedPool(_rebuilt_in_the_parent, workers=2, start_method=start_method) as pool:
