@@ -623,13 +623,18 @@ class Engine:
                     # Wait for room for a whole batch: taking whatever room there is would
                     # cut the stream into many small batches, each paying per-batch costs.
                     # And cut a batch only when a worker can take it soon (fewer tasks queued
-                    # than workers): the feed then waits as items, not as batches cut at an
-                    # old size. Otherwise, before the first results come back to size them,
-                    # the input ran ahead into the whole window of 16-item batches.
+                    # than workers, or a worker idle with no task for any worker queued: keyed
+                    # tasks queued for a hot key's worker must not starve the others): the feed
+                    # then waits as items, not as batches cut at an old size. Otherwise, before
+                    # the first results come back to size them, the input ran ahead into the
+                    # whole window of 16-item batches.
                     if (
                         room > 0
                         and room >= min(len(stream.feed), self.sizer.size)
-                        and self._queued_locked() < self.workers
+                        and (
+                            self._queued_locked() < self.workers
+                            or (self._idle and not self._pending)
+                        )
                     ):
                         break
                     self._space.wait()
@@ -785,7 +790,8 @@ class Engine:
     # -- dispatch ------------------------------------------------------------------------------
 
     def _queued_locked(self) -> int:
-        """Tasks cut into batches and waiting for a worker (any slot's, or a given slot's)."""
+        """Tasks cut into batches and waiting for a worker: for any worker, or for a given one
+        (keyed)."""
         return len(self._pending) + sum(len(s.pending) for s in self._slots)
 
     def _pump_locked(self) -> None:
@@ -812,8 +818,8 @@ class Engine:
                 break
             self._send_locked(best, pending.popleft())
         self._idle = sum(1 for s in self._slots if s.ready and not s.retiring and not s.outstanding)
-        if sent or len(pending) < before:
-            self._space.notify_all()
+        if sent or len(pending) < before or self._idle:
+            self._space.notify_all()  # (a worker left idle may take a new batch: _take_feed)
 
     def _send_locked(self, slot: int, task: Task) -> None:
         on_send = task.batch.stream.on_send

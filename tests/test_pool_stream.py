@@ -634,3 +634,37 @@ def test_the_input_is_not_cut_into_tiny_batches_while_workers_warm_up(start_meth
     # the window (16384 items) in 16-item batches would be about a thousand; at the measured
     # size (tens of us per item: hundreds to thousands per batch), a few dozen
     assert runs < 150, runs
+
+
+def _hot_waits_for_the_cold(item):
+    """item = (i, kind, directory, cold_count). The first hot item waits until every cold item
+    has run; a cold item leaves a mark, and the last one opens the gate."""
+    i, kind, directory, cold_count = item
+    gate = os.path.join(directory, "gate")
+    if kind == "hot":
+        if i == 0:
+            _wait_for(gate)
+        return i
+    with open(os.path.join(directory, f"cold-{i}"), "w"):
+        pass
+    if len([n for n in os.listdir(directory) if n.startswith("cold-")]) >= cold_count:
+        with open(gate, "w"):
+            pass
+    return i
+
+
+@pytest.mark.timeout(60)
+def test_a_busy_hot_key_does_not_keep_other_keys_from_idle_workers(start_method, tmp_path):
+    """Tasks queued for one key's busy worker must not stop the input from being cut into
+    batches for the other, idle, workers: here the hot key's first item waits until every
+    other key's item has run, which only other workers can do (it hung before the fix)."""
+    workers = 4
+    hot = next(k for k in range(1000) if fnv1a(k) % workers == 0)
+    cold = [k for k in range(1000, 2000) if fnv1a(k) % workers != 0][:30]
+    n_hot, n_cold = 200, 120
+    pairs = [(hot, (i, "hot", str(tmp_path), n_cold)) for i in range(n_hot)]
+    pairs += [(cold[i % 30], (n_hot + i, "cold", str(tmp_path), n_cold)) for i in range(n_cold)]
+    with ProcessOrderedPool(
+        _hot_waits_for_the_cold, workers=workers, start_method=start_method
+    ) as pool:
+        assert list(pool.imap_keyed(pairs)) == list(range(n_hot + n_cold))
