@@ -205,10 +205,11 @@ class BatchSizer:
             # Exponential smoothing, with weight growing with the batch size, and one sample
             # counted as at most 4x the estimate: a tiny batch holding one very slow item (or
             # hit by a page fault) must not cut the batch size; a real change shows in several.
-            # A batch of the current size, up to 256 items, weighs fully: at the start (16
-            # items) a slow first batch of cold workers would otherwise hold the size near 16
-            # for hundreds of batches (seen on tweets: 700 batches of 16 in one run of three).
-            weight = min(1.0, n_items / min(self.size, 256))
+            # Items found cheaper than estimated are trusted sooner: a batch of the current
+            # size (up to 256) weighs fully, so that after a slow first batch (cold workers)
+            # the size leaves its starting 16 within a few batches, not hundreds.
+            full = 256 if cost > self._cost else min(self.size, 256)
+            weight = min(1.0, n_items / full)
             cost = min(cost, 4 * self._cost)
             self._cost += 0.5 * weight * (cost - self._cost)
         ideal = self.target / self._cost

@@ -613,7 +613,9 @@ class _Core:
                 taken = len(batch)
                 lazy = Engine.lazy_values(batch, _raise_unloadable)
                 if lazy is not None:
-                    yield lazy  # a value that cannot be unpickled raises where it stands
+                    # a chunk that cannot be unpickled raises at its first position (the
+                    # chunk's good values are not yielded: map ends at its first error)
+                    yield lazy
                     if unloadable:
                         return
                     continue

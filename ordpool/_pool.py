@@ -60,9 +60,11 @@ def _imap_batches(
 ) -> Iterator[Iterable[Any]]:
     """imap's values, an iterable per batch; a failed item per the ``errors`` policy.
 
-    Large results come as an iterator that unpickles each value when it is reached
-    (:meth:`Engine.lazy_values`); a value that cannot be unpickled then follows the policy
-    there, and under "raise" the iteration ends after it, as it does for any other error.
+    Large results come as an iterator that unpickles a chunk of values when it is reached
+    (:meth:`Engine.lazy_values`); each value of a chunk that cannot be unpickled then follows
+    the policy there, and under "raise" the iteration ends at the chunk's first position, as it
+    does for any other error. A KeyboardInterrupt while a batch is decoded reaches the consumer
+    without ending the iteration (:class:`~ordpool._engine.Interrupted`).
 
     ``pool`` is only held, so that ``list(ProcessOrderedPool(f).imap(xs))`` keeps the pool
     alive until the iteration ends. The caller primes the generator (see ``_primed``).

@@ -21,11 +21,11 @@ follows the header in the pipe frame when ``region`` is -1.
 ``items`` is ``b"B" n:I lengths:q*n data`` when every item is exactly ``bytes`` (the Kafka case:
 a join and an array, five times cheaper than pickling a list of bytes), else ``b"P"
 pickle(list)``. Results are ``b"P" pickle((values, errors))``, or, when they are large (the
-first one pickles to :data:`EACH_MIN` bytes or more: dicts, documents), pickled in short chunks
+first one pickles to :data:`CHUNKED_MIN` bytes or more: dicts, documents), pickled in short chunks
 of ``k`` values (a list per chunk, :func:`chunk_length`) as the worker makes them
 (:func:`ordpool._worker.run_batch`)::
 
-    b"I" n:I k:I nerr:I ends:q*ceil(n/k) errors:nerr chunk_0 chunk_1 ...
+    b"C" n:I k:I nerr:I ends:q*ceil(n/k) errors:nerr chunk_0 chunk_1 ...
 
 ``ends`` are the ends of the chunks, counted from the start of the payload; ``errors`` is
 ``pickle(errors)``, or empty when there are none. The parent unpickles a chunk only when its
@@ -97,8 +97,8 @@ _RESULT_HEAD = struct.Struct("<BqdiqI")  # kind, bid, worker seconds, region, nb
 _READY = struct.Struct("<Bq")  # kind, pid
 RESULT_HEAD_SIZE = _RESULT_HEAD.size
 _COUNT = struct.Struct("<I")
-_EACH_HEAD = struct.Struct("<BIII")  # b"I", values, values per chunk, bytes of pickled errors
-EACH_MIN = 256  # pickled bytes of a batch's first result from which results go in chunks
+_CHUNKS_HEAD = struct.Struct("<BIII")  # b"C", values, values per chunk, bytes of pickled errors
+CHUNKED_MIN = 256  # pickled bytes of a batch's first result from which results go in chunks
 CHUNK_BYTES = 16 << 10  # about this many pickled bytes of results per chunk...
 CHUNK_MAX = 16  # ...and at most this many values: the gain is in by 8 to 16
 PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -246,16 +246,22 @@ def dump_chunk(values: list[Any], base: int, errors: dict[int, Any]) -> bytes:
         except Exception as exc:
             errors[base + i] = result_pickling_error(value, exc)
             values[i] = None
-    return dumps(values)  # cloudpickle when a value needs it (a lambda, a local class)
+    try:
+        return dumps(values)  # cloudpickle when a value needs it (a lambda, a local class)
+    except Exception as exc:  # each pickles alone, not together: each value's error, then
+        for i, value in enumerate(values):
+            if value is not None:
+                errors[base + i] = result_pickling_error(value, exc)
+        return pickle.dumps([None] * len(values), PROTOCOL)
 
 
 def pack_chunks(chunks: list[bytes], n: int, k: int, errors: dict[int, Any] | None) -> bytes:
-    """``n`` results already pickled in chunks of ``k``, framed as ``b"I"`` (see the module
+    """``n`` results already pickled in chunks of ``k``, framed as ``b"C"`` (see the module
     docstring)."""
     pickled_errors = dumps(errors) if errors else b""
-    first = _EACH_HEAD.size + 8 * len(chunks) + len(pickled_errors)
+    first = _CHUNKS_HEAD.size + 8 * len(chunks) + len(pickled_errors)
     ends = array("q", accumulate(map(len, chunks), initial=first))[1:]
-    head = _EACH_HEAD.pack(b"I"[0], n, k, len(pickled_errors))
+    head = _CHUNKS_HEAD.pack(b"C"[0], n, k, len(pickled_errors))
     return b"".join([head, ends.tobytes(), pickled_errors, *chunks])
 
 
@@ -273,10 +279,10 @@ def parse_result(frame: bytes) -> tuple[int, float, int, int, int]:
 def decode_results(payload: Any) -> tuple[list[Any], dict[int, BaseException] | None]:
     """Decode a batch's ``(values, errors)`` (parent side, cyclic GC paused).
 
-    A chunk of values (``b"I"``) that cannot be unpickled here becomes the error of each of its
+    A chunk of values (``b"C"``) that cannot be unpickled here becomes the error of each of its
     values; a batch pickled as a whole fails as a whole (the caller handles the exception).
     """
-    if payload[0] != b"I"[0]:
+    if payload[0] != b"C"[0]:
         return _no_gc(pickle.loads, memoryview(payload)[1:])  # type: ignore[no-any-return]
     return _no_gc(_load_chunks, payload)  # type: ignore[no-any-return]
 
@@ -294,7 +300,7 @@ def _load_chunks(payload: Any) -> tuple[list[Any], dict[int, BaseException] | No
             errors = errors or {}
             err = unpickling_error(exc)
             for pos in range(first, last):
-                errors[pos] = err
+                errors.setdefault(pos, err)  # an error the worker reported stays
             chunk = [None] * (last - first)
         values += chunk
         start = end
@@ -311,12 +317,12 @@ def _load_chunk(data: memoryview, count: int) -> list[Any]:
 def _split_chunks(
     payload: Any,
 ) -> tuple[memoryview, int, int, array[int], int, dict[int, Any] | None]:
-    """``(data, n, k, ends, start of the first chunk, errors)`` of a ``b"I"`` payload."""
+    """``(data, n, k, ends, start of the first chunk, errors)`` of a ``b"C"`` payload."""
     data = memoryview(payload)
-    _, n, k, nerr = _EACH_HEAD.unpack_from(data)
-    start = _EACH_HEAD.size + 8 * -(-n // k)
+    _, n, k, nerr = _CHUNKS_HEAD.unpack_from(data)
+    start = _CHUNKS_HEAD.size + 8 * -(-n // k)
     ends = array("q")
-    ends.frombytes(data[_EACH_HEAD.size : start])
+    ends.frombytes(data[_CHUNKS_HEAD.size : start])
     errors = pickle.loads(data[start : start + nerr]) if nerr else None
     return data, n, k, ends, start + nerr, errors
 
@@ -327,7 +333,7 @@ def iter_values(
     indices: Any = None,
     result: type | None = None,
 ) -> Iterator[Any] | None:
-    """The values of a ``b"I"`` payload with no errors, unpickled a chunk at a time as they are
+    """The values of a ``b"C"`` payload with no errors, unpickled a chunk at a time as they are
     reached.
 
     ``None`` for any other payload (the caller decodes it with :func:`decode_results`).
@@ -336,7 +342,7 @@ def iter_values(
     value out, or raise (which ends the iteration). With ``indices`` and ``result`` (a 3-tuple
     type), the iterator yields ``result((index, value, error))`` instead, the error in its slot.
     """
-    if payload[0] != b"I"[0] or _EACH_HEAD.unpack_from(payload)[3]:
+    if payload[0] != b"C"[0] or _CHUNKS_HEAD.unpack_from(payload)[3]:
         return None
     data, n, k, ends, start, _ = _split_chunks(payload)
     return _ChunkValues(data, n, k, ends, start, on_error, indices, result)
@@ -404,10 +410,8 @@ class _ChunkValues:
             except KeyboardInterrupt:
                 raise  # not the chunk's fault: iterating again retries it
             except BaseException as exc:  # SystemExit too: the chunk's error, as in a worker
-                self._chunk, self._start = c + 1, end
                 values = self._failed(first, last, unpickling_error(exc))
             else:
-                self._chunk, self._start = c + 1, end
                 if self._result is not None:
                     values = list(
                         map(
@@ -416,23 +420,27 @@ class _ChunkValues:
                             zip(self._indices[first:last], values, repeat(None)),
                         )
                     )
+            values.reverse()
+            # The chunk is handed over in one statement, only once all of it is ready: a
+            # KeyboardInterrupt before this point leaves the chunk to be loaded again.
+            self._ready, self._chunk, self._start = values, c + 1, end
             if values:
-                values.reverse()
-                self._ready = values
                 return values.pop()
 
     def _failed(self, first: int, last: int, err: BaseException) -> list[Any]:
-        """What stands for positions ``first`` to ``last``, whose chunk failed to unpickle."""
+        """What stands for positions ``first`` to ``last``, whose chunk failed to unpickle.
+        ``on_error`` raising ends the iteration (a ``KeyboardInterrupt`` does not: iterating
+        again retries the chunk)."""
         if self._result is not None:
-            return [
-                tuple.__new__(self._result, (self._indices[p], None, err))
-                for p in range(first, last)
-            ]
+            new, result, indices = tuple.__new__, self._result, self._indices
+            return [new(result, (indices[p], None, err)) for p in range(first, last)]
         assert self._on_error is not None  # iter_values gets one of the two
         out = []
         for pos in range(first, last):
             try:
                 value = self._on_error(pos, err)
+            except KeyboardInterrupt:
+                raise
             except BaseException:
                 self._chunk = len(self._ends)  # on_error raising ends the iteration
                 raise

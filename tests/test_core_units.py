@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from ordpool import _wire, _worker
+from ordpool import Result, _wire, _worker
 from ordpool._batching import Batcher, BatchSizer, compact_indices
 from ordpool._engine import fnv1a
 from ordpool._reorder import ReorderBuffer
@@ -202,6 +202,14 @@ def test_batch_sizer_recovers_fast_from_a_slow_first_batch():
     for _ in range(12):
         s.observe(s.size, s.size * 10e-6)  # really 10 us per item: 2000 per 20 ms
     assert s.size > 1000
+
+
+def test_batch_sizer_one_slow_item_in_a_small_batch_barely_moves_the_size():
+    s = BatchSizer(target=0.02, initial=16)
+    s.observe(16, 16 * 1e-3)
+    assert s.size == 20
+    s.observe(20, 0.1 + 19 * 1e-3)  # one item of 100 ms: costlier items are trusted slowly
+    assert s.size >= 17
 
 
 def test_batch_sizer_ignores_empty_batches():
@@ -401,8 +409,8 @@ def test_wire_results_round_trip_and_unpicklable_result():
 
 
 def _doc(i):
-    """A result large enough to travel in chunks (see _wire.EACH_MIN)."""
-    return {"i": i, "text": "x" * _wire.EACH_MIN, "values": [i, float(i), (i, "t")]}
+    """A result large enough to travel in chunks (see _wire.CHUNKED_MIN)."""
+    return {"i": i, "text": "x" * _wire.CHUNKED_MIN, "values": [i, float(i), (i, "t")]}
 
 
 def _run(fn, items, failed=()):
@@ -422,7 +430,7 @@ def test_small_results_travel_as_one_pickle_and_large_ones_in_chunks():
     small, _ = _run(lambda i: (i, "t"), list(range(n)))
     large, _ = _run(_doc, list(range(n)))
     assert small[:1] == b"P"
-    assert large[:1] == b"I"
+    assert large[:1] == b"C"
     assert 1 < _k(_doc(0)) <= _wire.CHUNK_MAX < n  # several chunks, the last one short
     for payload, fn in ((small, lambda i: (i, "t")), (large, _doc)):
         values, errors = _wire.decode_results(payload)
@@ -447,7 +455,7 @@ def _doc_or_fault(i):
     if i == 3:
         raise ValueError("three")
     if i == 5:
-        return {"lock": threading.Lock(), "pad": "x" * _wire.EACH_MIN}
+        return {"lock": threading.Lock(), "pad": "x" * _wire.CHUNKED_MIN}
     if i == 6:
         return lambda: "made in the worker"  # needs cloudpickle
     return _doc(i)
@@ -459,7 +467,7 @@ def test_chunked_results_keep_every_failure_at_its_position(n, monkeypatch):
     # leaves its neighbour alone
     monkeypatch.setattr(_wire, "CHUNK_MAX", 2)
     payload, nerrors = _run(_doc_or_fault, list(range(n)), failed={7})
-    assert payload[:1] == b"I"
+    assert payload[:1] == b"C"
     values, errors = _wire.decode_results(payload)
     assert sorted(errors) == [0, 1, 3, 5]
     assert nerrors == 4
@@ -485,7 +493,7 @@ def _refuse_to_load():
 
 
 def _doc_or_unloadable(i):
-    return {"odd": _RefusesToLoad(), "pad": "x" * _wire.EACH_MIN} if i == 20 else _doc(i)
+    return {"odd": _RefusesToLoad(), "pad": "x" * _wire.CHUNKED_MIN} if i == 20 else _doc(i)
 
 
 def test_a_value_that_cannot_be_unpickled_fails_its_chunk_only():
@@ -564,3 +572,61 @@ def test_result_payload_buffers_are_reused_only_once_nothing_refers_to_them():
     assert len(worker.spare) == 2
     small = copy_out(worker, memoryview(b"x" * 100))
     assert small == b"x" * 100 and type(small) is bytes  # small payloads: plain bytes
+
+
+def _fault_then_unloadable(i):
+    if i == 3:
+        raise KeyError("a real error at 3")
+    return {"odd": _RefusesToLoad(), "pad": "x" * _wire.CHUNKED_MIN} if i == 5 else _doc(i)
+
+
+def test_an_unloadable_chunk_keeps_the_errors_the_worker_reported_in_it():
+    payload, nerrors = _run(_fault_then_unloadable, list(range(20)))
+    assert nerrors == 1
+    _, errors = _wire.decode_results(payload)
+    assert isinstance(errors[3], KeyError)  # not replaced by the chunk's unpickling error
+    assert type(errors[5]) is RuntimeError and "could not unpickle" in str(errors[5])
+
+
+def test_a_chunk_that_pickles_value_by_value_but_not_whole_fails_its_values(monkeypatch):
+    """The last resort of dump_chunk: each value pickles alone (cloudpickle), the chunk does
+    not; its values fail, the worker goes on."""
+    real = _wire.dumps
+
+    def no_lists(obj):
+        if isinstance(obj, list):
+            raise pickle.PicklingError("not together (test)")
+        return real(obj)
+
+    monkeypatch.setattr(_wire, "dumps", no_lists)
+    errors: dict = {}
+    chunk = [lambda: 1, None, _doc(2)]  # the lambda makes pickle fail, then cloudpickle
+    data = _wire.dump_chunk(chunk, 10, errors)
+    assert pickle.loads(data) == [None, None, None]
+    assert sorted(errors) == [10, 12]
+    err = pickle.loads(pickle.dumps(errors[10]))  # as it reaches the parent
+    assert isinstance(err, pickle.PicklingError) and "not together" in str(err)
+
+
+class _IndicesInterruptedOnce(list):
+    armed = True
+
+    def __getitem__(self, key):
+        if type(self).armed:
+            type(self).armed = False
+            raise KeyboardInterrupt
+        return super().__getitem__(key)
+
+
+def test_ctrl_c_while_a_chunk_becomes_results_loses_none_of_it():
+    """Interrupted after its values are unpickled but before they are handed over, a chunk
+    is loaded again on the next call: nothing skipped."""
+    n = 40
+    payload, _ = _run(_doc, list(range(n)))
+    indices = _IndicesInterruptedOnce(range(100, 100 + n))
+    lazy = _wire.iter_values(payload, None, indices, Result)
+    with pytest.raises(KeyboardInterrupt):
+        next(lazy)
+    got = list(lazy)
+    assert [r.index for r in got] == list(range(100, 100 + n))
+    assert [r.value for r in got] == [_doc(i) for i in range(n)]

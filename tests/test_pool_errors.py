@@ -366,7 +366,7 @@ def test_result_that_cannot_be_unpickled_fails_its_batch(start_method):
 
 
 def _big(i):
-    """A result large enough to travel pickled in chunks (ordpool._wire.EACH_MIN)."""
+    """A result large enough to travel pickled in chunks (ordpool._wire.CHUNKED_MIN)."""
     return {"i": i, "pad": "p" * 300}
 
 
@@ -961,7 +961,7 @@ def test_a_full_dev_shm_fails_the_pool_at_start_with_a_clear_error(monkeypatch):
     assert _shm_names() - before == set()
 
 
-def test_a_reservation_grows_by_doubling_and_falls_back_to_the_exact_size(monkeypatch):
+def test_a_reservation_grows_ahead_and_falls_back_to_the_exact_size(monkeypatch):
     from ordpool import _worker
 
     calls = []
@@ -973,12 +973,17 @@ def test_a_reservation_grows_by_doubling_and_falls_back_to_the_exact_size(monkey
 
     monkeypatch.setattr(_worker, "_fallocate", fallocate)
     r = _worker.Reservation(fd=5, capacity=10_000)
-    assert r.fits(100) and calls == [10_000, 100]  # the whole capacity refused, then exact
+    assert r.fits(100) and calls == [10_000, 100]  # 256 KiB ahead (capped) refused, then exact
     assert r.fits(100) and r.fits(50) and len(calls) == 2  # no call within what is held
-    assert r.fits(3000) and calls[2:] == [10_000, 3000]  # the capacity again, then exact
-    assert not r.fits(3001)
-    assert not r.fits(20_000)  # over the capacity: never
+    assert r.fits(3000) and calls[2:] == [10_000, 3000]
+    assert not r.fits(3001) and calls[4:] == [10_000, 3001]
     calls.clear()
+    for _ in range(_worker.Reservation.RETRY_AFTER):
+        assert not r.fits(5000)  # refused lately: the pipe, without asking again
+    assert calls == []
+    assert not r.fits(5000) and calls == [10_000, 5000]  # then it asks again
+    assert r.fits(2000) and len(calls) == 2  # held already
+    assert not r.fits(20_000)  # over the capacity: never
     monkeypatch.setattr(
         _worker, "_fallocate", lambda fd, o, n: (_ for _ in ()).throw(OSError(95, "unsupported"))
     )
@@ -990,4 +995,4 @@ def test_a_reservation_grows_by_doubling_and_falls_back_to_the_exact_size(monkey
     r = _worker.Reservation(fd=5, capacity=64 << 20)
     for size in (1000, 200_000, 300_000, 600_000, 5_000_000, 4_000_000):
         assert r.fits(size)
-    assert calls == [256 << 10, 512 << 10, 1 << 20, 5_000_000]  # doubling, or the size
+    assert calls == [256 << 10, 375_000, 750_000, 6_250_000]  # a quarter ahead, 256 KiB at least
