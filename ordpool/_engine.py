@@ -1140,8 +1140,9 @@ class Engine:
 
         A result that cannot be unpickled is its items' error. So is a ``KeyboardInterrupt``
         while unpickling, unless ``interruptible`` (a consumer's thread): then it propagates,
-        and decoding the batch again retries it. Once decoded, the batch's payloads are
-        released (see :func:`_decode_task`).
+        and decoding the batch again retries it; the caller releases the batch with
+        :meth:`release` once it holds the values (a Ctrl-C can land anywhere before that).
+        Otherwise the batch is released here.
         """
         tasks = batch.tasks
         if len(tasks) == 1 and tasks[0].positions is None:
@@ -1160,12 +1161,18 @@ class Engine:
                     for pos, err in task_errors.items():
                         errors[positions[pos]] = err
             decoded = values, errors or None
-        for task in tasks:
-            if task.frame is not None:
-                # Released now rather than at the cyclic GC's next pass (a batch and its tasks
-                # refer to each other): its buffer is then free for the next result.
-                task.frame = _CONSUMED
+        if not interruptible:
+            Engine.release(batch)
         return decoded
+
+    @staticmethod
+    def release(batch: Batch) -> None:
+        """Drop a decoded batch's payloads now rather than at the cyclic GC's next pass (a
+        batch and its tasks refer to each other): their buffers are then free for the next
+        results (``_Worker._copy_out``)."""
+        for task in batch.tasks:
+            if task.frame is not None:
+                task.frame = _CONSUMED
 
     # -- control and introspection -------------------------------------------------------------
 

@@ -627,6 +627,7 @@ class _Core:
                         interrupted = Interrupted(exc)
                     # outside the except block: see ordpool._pool._imap_batches
                     yield interrupted  # to the caller; iterating again retries
+                Engine.release(batch)
                 if errors is None:
                     yield values
                     continue

@@ -99,6 +99,7 @@ def _imap_batches(
                 # exception (whose traceback holds the generator) would be a reference cycle,
                 # and a consumer that leaves would not release the stream until the next GC.
                 yield interrupted  # the consumer gets it; iterating again retries
+            Engine.release(batch)
             if errs is None:
                 yield values
                 continue
@@ -146,7 +147,7 @@ def _result_batches(
                 # The consumer gets the interrupt; iterating again retries. If it leaves
                 # instead, the next results() starts with this batch. (Yielded outside the
                 # except block: see _imap_batches.)
-                current = _late_results(engine, batch)
+                current = _LateResults(batch)
                 yield interrupted
             if errs is None:
                 current = map(new, repeat(Result), zip(batch.indices, values, repeat(None)))
@@ -156,19 +157,42 @@ def _result_batches(
                     new(Result, (index, value, get(pos)))
                     for pos, (index, value) in enumerate(zip(batch.indices, values))
                 )
+            Engine.release(batch)  # after `current` holds the values (see _LateResults)
             yield current
     finally:
         stream.leftover = current
         engine.release_consumer(stream)
 
 
-def _late_results(engine: Engine, batch: Batch) -> Iterator[Result]:
-    """The Results of a batch whose decoding a KeyboardInterrupt cut short (see
-    :func:`_result_batches`), for the next ``results()`` to start with."""
-    values, errs = engine.decode(batch)
-    errs = errs or {}
-    for pos, (index, value) in enumerate(zip(batch.indices, values)):
-        yield tuple.__new__(Result, (index, value, errs.get(pos)))
+class _LateResults:
+    """The Results of a batch whose decoding a KeyboardInterrupt cut short, for the next
+    ``results()`` to start with when the consumer leaves after it (see _result_batches). An
+    iterator object: another Ctrl-C while it decodes leaves it to decode again."""
+
+    __slots__ = ("batch", "ready")
+
+    def __init__(self, batch: Batch) -> None:
+        self.batch = batch
+        self.ready: list[Result] | None = None
+
+    def __iter__(self) -> _LateResults:
+        return self
+
+    def __next__(self) -> Result:
+        if self.ready is None:
+            batch = self.batch
+            values, errs = Engine.decode(batch, interruptible=True)
+            get = (errs or {}).get
+            ready = [
+                tuple.__new__(Result, (index, value, get(pos)))
+                for pos, (index, value) in enumerate(zip(batch.indices, values))
+            ]
+            ready.reverse()
+            self.ready = ready
+            Engine.release(batch)
+        if not self.ready:
+            raise StopIteration
+        return self.ready.pop()
 
 
 def _primed(batches: Iterator[Any]) -> Iterator[Any]:

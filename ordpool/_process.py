@@ -39,7 +39,6 @@ import fcntl
 import os
 import selectors
 import struct
-import sys
 import threading
 from collections import deque
 from multiprocessing import shared_memory
@@ -70,7 +69,6 @@ _DIRECT_HEADER_MAX = 4096  # bytes of failed positions and callable in a directl
 _SPARE_MIN = 128 << 10
 _SPARE_MAX = 4 << 20
 _SPARES = 4
-_getrefcount = getattr(sys, "getrefcount", None)  # CPython's; without it, no reuse
 _LEN = struct.Struct("!i")
 _LEN_LONG = struct.Struct("!iQ")
 _Task = tuple[int, tuple[int, ...], list[Any], bytes]  # bid, failed positions, parts, call
@@ -341,22 +339,31 @@ class _Worker:
         that one any more (its batch was consumed): a new buffer of a megabyte or more costs a
         page fault per 4 KiB the first time it is written, and glibc gives freed ones back to
         the kernel (decode: 0.14 faults per message). Only the collector thread calls this.
+
+        A buffer is free when it can be resized: a ``bytearray`` refuses while any memoryview
+        of it is alive (``BufferError``). Popping its last byte and putting it back is that
+        test, without a reallocation (a buffer keeps one byte more than any payload in it).
         """
         nbytes = len(view)
-        if nbytes < _SPARE_MIN or nbytes > _SPARE_MAX or _getrefcount is None:
+        if nbytes < _SPARE_MIN or nbytes > _SPARE_MAX:
             return bytes(view)
         spare = self.spare
-        for buf in spare:
-            # References: the list, ``buf``, and getrefcount's argument. Any memoryview of it
-            # (a payload still held by a batch, an iterator, a consumer) adds one.
-            if len(buf) >= nbytes and _getrefcount(buf) == 3:
-                buf[:nbytes] = view
-                return memoryview(buf)[:nbytes]
-        buf = bytearray(nbytes + (nbytes >> 2))
+        best = None
+        for i, buf in enumerate(spare):
+            if len(buf) > nbytes and (best is None or len(buf) < len(spare[best])):
+                try:
+                    buf.append(buf.pop())  # raises if a view of it is alive
+                except BufferError:
+                    continue
+                best = i
+        if best is not None:
+            buf = spare[best]
+        else:
+            buf = bytearray(nbytes + (nbytes >> 2) + 1)
+            if len(spare) >= _SPARES:
+                del spare[min(range(len(spare)), key=lambda i: len(spare[i]))]
+            spare.append(buf)
         buf[:nbytes] = view
-        if len(spare) >= _SPARES:
-            spare.remove(min(spare, key=len))
-        spare.append(buf)
         return memoryview(buf)[:nbytes]
 
     def close(self) -> None:

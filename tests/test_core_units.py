@@ -570,6 +570,10 @@ def test_result_payload_buffers_are_reused_only_once_nothing_refers_to_them():
     third = copy_out(worker, memoryview(c))  # nothing refers to the first buffer any more
     assert id(third.obj) == held and third == c and second == b
     assert len(worker.spare) == 2
+    part = second[10:20]  # a slice keeps the buffer in use too
+    del second
+    fourth = copy_out(worker, memoryview(a))
+    assert id(fourth.obj) not in (id(third.obj), id(part.obj)) and part == b[10:20]
     small = copy_out(worker, memoryview(b"x" * 100))
     assert small == b"x" * 100 and type(small) is bytes  # small payloads: plain bytes
 

@@ -497,9 +497,11 @@ def test_ctrl_c_while_a_large_result_unpickles_loses_nothing(start_method):
 
 
 def _rebuild_small(i):
-    """The parent's side of _SmallRebuilds: raises once at the armed index."""
+    """The parent's side of _SmallRebuilds: raises at the armed index, ``times`` times."""
     if i == _ARMED["index"]:
-        _ARMED["index"] = -1
+        _ARMED["times"] = _ARMED.get("times", 1) - 1
+        if _ARMED["times"] <= 0:
+            _ARMED["index"] = -1
         raise _ARMED["raise"]()
     return _value(i)
 
@@ -546,6 +548,63 @@ def test_ctrl_c_while_a_batch_of_small_results_unpickles_loses_nothing(start_met
     assert [r.index for r in got_results] == list(range(n))
     assert [r.value for r in got_results] == [_value(i) for i in range(n)]
     assert all(r.error is None for r in got_results)
+
+
+@pytest.mark.timeout(60)
+def test_a_second_ctrl_c_while_a_left_batch_decodes_reaches_the_next_consumer(start_method):
+    """A consumer leaves results() after a Ctrl-C cut a batch's decoding short; the next
+    results() starts with that batch, and a second Ctrl-C there reaches that consumer too
+    instead of becoming the batch's errors. A third results() gets everything."""
+    n = 3000
+    with ProcessOrderedPool(
+        _small_rebuilt_in_the_parent, workers=2, start_method=start_method
+    ) as pool:
+        _ARMED["raise"] = KeyboardInterrupt
+        _ARMED["index"], _ARMED["times"] = 1700, 2
+        for i in range(n):
+            pool.enqueue(i, i)
+        pool.close()
+        got: list = []
+        assert _next_through_one_interrupt(pool.results(), got)
+        assert _next_through_one_interrupt(pool.results(), got)  # the left batch, again
+        got.extend(pool.results())
+    assert [r.index for r in got] == list(range(n))
+    assert [r.value for r in got] == [_value(i) for i in range(n)]
+    assert all(r.error is None for r in got)
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_just_after_a_batch_is_decoded_loses_nothing(monkeypatch):
+    """A Ctrl-C can land anywhere, also after the values are decoded but before the consumer
+    took them: decoding again must work (the payload is released only after)."""
+    from ordpool._engine import Engine
+
+    real = Engine.decode
+    armed = [True]
+
+    def decode_then_interrupted(batch, *, interruptible=False):
+        decoded = real(batch, interruptible=interruptible)
+        if interruptible and armed[0] and batch.indices[0] >= 1000:
+            armed[0] = False
+            raise KeyboardInterrupt
+        return decoded
+
+    monkeypatch.setattr(Engine, "decode", staticmethod(decode_then_interrupted))
+    n = 3000
+    with ProcessOrderedPool(_value, workers=2, start_method="fork") as pool:
+        values = pool.imap(range(n))
+        got: list = []
+        assert _next_through_one_interrupt(values, got)
+        got.extend(values)
+        assert got == [_value(i) for i in range(n)]
+        armed[0] = True
+        for i in range(n):
+            pool.enqueue(i, i)
+        pool.close()
+        results: list = []
+        assert _next_through_one_interrupt(pool.results(), results)
+        results.extend(pool.results())
+    assert [r.value for r in results] == [_value(i) for i in range(n)]
 
 
 def test_system_exit_while_a_large_result_unpickles_is_its_chunks_error(start_method):
