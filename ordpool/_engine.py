@@ -253,6 +253,7 @@ class Engine:
         max_delay: float,
         retries: int,
         depth: int = DEPTH,
+        stream_depth: int | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)  # producers wait for window room
@@ -264,6 +265,10 @@ class Engine:
         self.max_delay = max_delay  # seconds a partial batch may wait before it is sent (0.005)
         self.retries = retries  # times a crashed item is re-run before it fails (0)
         self.depth = depth  # tasks a worker may hold at once (2)
+        # ...when they are batches of an imap/map stream: a worker then has the next batch at
+        # hand when it finishes one. An executor holds its submit jobs to one per worker (as
+        # the stdlib's shared call queue does) but not its map batches.
+        self.stream_depth = depth if stream_depth is None else stream_depth
         self.sizer = BatchSizer(batch_size)
         self.sizer.limit(max(1, window // (workers * (depth + 1))))
         self._slots = [_Slot() for _ in range(workers)]
@@ -290,9 +295,12 @@ class Engine:
         if batch_size is None and target:
             self.sizer.target = target
         max_depth = getattr(self.transport, "max_depth", depth)
-        if depth > max_depth:
+        if max(depth, self.stream_depth) > max_depth:
             self.transport.stop(graceful=False)
-            raise ValueError(f"depth {depth} exceeds what the transport supports ({max_depth})")
+            raise ValueError(
+                f"depth {max(depth, self.stream_depth)} exceeds what the transport supports "
+                f"({max_depth})"
+            )
         self._flusher = threading.Thread(
             target=self._flush_loop, name="ordpool-flusher", daemon=True
         )
@@ -807,7 +815,8 @@ class Engine:
         pending = self._pending
         before = len(pending)
         while pending:
-            best, load = -1, depth
+            limit = self.stream_depth if pending[0].batch.stream.kind == "imap" else depth
+            best, load = -1, limit
             for i, s in enumerate(self._slots):
                 n = len(s.outstanding)
                 if n < load and s.ready and not s.retiring:

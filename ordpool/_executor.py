@@ -672,10 +672,13 @@ class _Core:
             batch_size=1 if exact else None,
             max_delay=_MAX_DELAY,
             retries=0,
-            # One task per worker: a queued task goes to whichever worker frees up first, as
-            # with the stdlib's shared call queue (a second task in a worker's pipe would wait
-            # behind a long task while another worker idles).
+            # One submit job per worker: a queued job goes to whichever worker frees up first,
+            # as with the stdlib's shared call queue (a second job in a worker's pipe would
+            # wait behind a long one while another worker idles). A map's batches may be two
+            # per worker, so that a worker has the next at hand when it finishes one (a map
+            # over `transform`: 197k against 229k msg/s with one).
             depth=1,
+            stream_depth=2,
         )
         # Batches of a map hold a few per worker within its window; the first batch is one
         # item, so a burst of long tasks is not bundled before their cost is measured.

@@ -726,3 +726,41 @@ def test_map_of_a_function_that_cannot_be_pickled_fails_at_its_first_item() -> N
         with pytest.raises(TypeError, match="pickle"):
             next(results)
         assert list(executor.map(square, [3])) == [9]  # the executor goes on
+
+
+def wait_for_file(path: str, value: int) -> int:
+    """Block until ``path`` exists, then return ``value``."""
+    while not os.path.exists(path):
+        time.sleep(0.005)
+    return value
+
+
+def test_a_queued_submit_job_waits_for_a_free_worker_not_behind_a_busy_one(
+    tmp_path: pathlib.Path,
+) -> None:
+    """As with the stdlib's shared call queue: a job never waits in a busy worker's pipe
+    while another worker could run it."""
+    gate = tmp_path / "gate"
+    with make("fork") as executor:
+        try:
+            stuck = executor.submit(wait_for_file, str(gate), 1)  # holds one worker
+            others = [executor.submit(square, i) for i in range(20)]
+            assert [f.result(timeout=20) for f in others] == [i * i for i in range(20)]
+            assert not stuck.done()
+        finally:
+            gate.touch()
+        assert stuck.result(timeout=30) == 1
+
+
+def test_map_keeps_two_batches_per_worker(tmp_path: pathlib.Path) -> None:
+    """A map's batches, unlike submit jobs, may be two per worker, so a worker has its next
+    batch at hand when it finishes one."""
+    gate = tmp_path / "gate"
+    with make("fork") as executor:
+        try:
+            values = executor.map(functools.partial(wait_for_file, str(gate)), range(200))
+            engine = executor._core.engine
+            assert wait_until(lambda: max(len(s.outstanding) for s in engine._slots) == 2)
+        finally:
+            gate.touch()
+        assert list(values) == list(range(200))
