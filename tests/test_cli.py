@@ -364,6 +364,15 @@ def test_bench_scripts_run_small(tmp_path: Path) -> None:
     proc = run("bench/floor.py", "--messages", "200", "--rounds", "2", module="")
     assert proc.returncode == 0, proc.stderr
     assert "pickle.loads, chunks of" in proc.stdout and "2 cores, parent + workers" in proc.stdout
+    ndjson = tmp_path / "small.ndjson"
+    ndjson.write_text("".join(f'{{"id": {i}, "pad": "{"x" * 2000}"}}\n' for i in range(300)))
+    proc = run(
+        "bench/copyfloor.py",
+        *("--input", str(ndjson), "--fn", "json:loads", "--rounds", "1", "--processes", "1"),
+        module="",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "one copy into shared memory, alone" in proc.stdout
     proc = run("bench/contention.py", "--messages", "500", "--repeat", "1", module="")
     assert proc.returncode == 0, proc.stderr
     assert "ceiling for 2 workers" in proc.stdout
