@@ -43,7 +43,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Generator, Iterable, Iterator
 
 import psutil
 
@@ -1224,6 +1224,24 @@ class Engine:
 
 
 _CONSUMED = b"(consumed)"  # Task.frame once the consumer took the payload
+
+
+def decode_retrying(
+    batch: Batch,
+) -> Generator[Interrupted, None, tuple[list[Any], dict[int, BaseException] | None]]:
+    """``Engine.decode(batch)`` for a consumer's batch generator (``yield from`` it): a
+    KeyboardInterrupt while decoding is yielded as :class:`Interrupted`, and the batch decoded
+    again once the consumer iterates again. Returns the values and errors; the caller releases
+    the batch (:meth:`Engine.release`) once it holds them."""
+    while True:
+        try:
+            return Engine.decode(batch, interruptible=True)
+        except KeyboardInterrupt as exc:
+            interrupted = Interrupted(exc)
+        # Yielded outside the except block: a suspended generator holding the exception (whose
+        # traceback holds the generator) would be a reference cycle, and a consumer that leaves
+        # would not release its stream until the next GC pass.
+        yield interrupted
 
 
 class Interrupted:

@@ -60,7 +60,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from . import _wire
 from ._batching import Batch, Task
-from ._engine import Engine, Interrupted, PacedSequence, PoolState, Stream
+from ._engine import Engine, PacedSequence, PoolState, Stream, decode_retrying
 from ._errors import (
     BrokenPool,
     PoolClosed,
@@ -619,14 +619,7 @@ class _Core:
                     if unloadable:
                         return
                     continue
-                while True:
-                    try:
-                        values, errors = Engine.decode(batch, interruptible=True)
-                        break
-                    except KeyboardInterrupt as exc:
-                        interrupted = Interrupted(exc)
-                    # outside the except block: see ordpool._pool._imap_batches
-                    yield interrupted  # to the caller; iterating again retries
+                values, errors = yield from decode_retrying(batch)  # Ctrl-C: see there
                 Engine.release(batch)
                 if errors is None:
                     yield values

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from . import _wire
 from ._batching import Batch
-from ._engine import Engine, Interrupted, PoolState, Stream, fnv1a, usable_cores
+from ._engine import Engine, PoolState, Stream, decode_retrying, fnv1a, usable_cores
 from ._process import ProcessTransport
 from ._stats import PoolStats
 from ._worker import worker_spec
@@ -89,16 +89,8 @@ def _imap_batches(
                 if raised:
                     return
                 continue
-            while True:
-                try:
-                    values, errs = engine.decode(batch, interruptible=True)
-                    break
-                except KeyboardInterrupt as exc:
-                    interrupted = Interrupted(exc)
-                # Yielded outside the except block: a suspended generator holding the
-                # exception (whose traceback holds the generator) would be a reference cycle,
-                # and a consumer that leaves would not release the stream until the next GC.
-                yield interrupted  # the consumer gets it; iterating again retries
+            # the consumer gets a Ctrl-C there; iterating again decodes the batch again
+            values, errs = yield from decode_retrying(batch)
             Engine.release(batch)
             if errs is None:
                 yield values
@@ -138,17 +130,10 @@ def _result_batches(
             if current is not None:  # Results built as they are reached, errors in their slot
                 yield current
                 continue
-            while True:
-                try:
-                    values, errs = engine.decode(batch, interruptible=True)
-                    break
-                except KeyboardInterrupt as exc:
-                    interrupted = Interrupted(exc)
-                # The consumer gets the interrupt; iterating again retries. If it leaves
-                # instead, the next results() starts with this batch. (Yielded outside the
-                # except block: see _imap_batches.)
-                current = _LateResults(batch)
-                yield interrupted
+            # The consumer gets a Ctrl-C there; iterating again decodes the batch again. If it
+            # leaves instead, the next results() starts with this batch.
+            current = _LateResults(batch)
+            values, errs = yield from decode_retrying(batch)
             if errs is None:
                 current = map(new, repeat(Result), zip(batch.indices, values, repeat(None)))
             else:

@@ -208,15 +208,21 @@ def encode_results(values: list[Any], errors: dict[int, Any] | None) -> bytes:
     except Exception:
         pass
     errors = dict(errors or {})
-    for pos, value in enumerate(values):
-        if pos in errors:
+    _drop_unpicklable(values, 0, errors)
+    return b"P" + dumps((values, errors))
+
+
+def _drop_unpicklable(values: list[Any], base: int, errors: dict[int, Any]) -> None:
+    """Replace each value that cannot be pickled by ``None``, and record its error at
+    ``base + position`` (failed positions already hold ``None``)."""
+    for i, value in enumerate(values):
+        if value is None:
             continue
         try:
             dumps(value)
         except Exception as exc:
-            errors[pos] = result_pickling_error(value, exc)
-            values[pos] = None
-    return b"P" + dumps((values, errors))
+            errors[base + i] = result_pickling_error(value, exc)
+            values[i] = None
 
 
 def result_pickling_error(value: Any, exc: BaseException) -> Any:
@@ -238,14 +244,7 @@ def dump_chunk(values: list[Any], base: int, errors: dict[int, Any]) -> bytes:
         return pickle.dumps(values, PROTOCOL)
     except Exception:
         pass
-    for i, value in enumerate(values):
-        if value is None:
-            continue
-        try:
-            dumps(value)
-        except Exception as exc:
-            errors[base + i] = result_pickling_error(value, exc)
-            values[i] = None
+    _drop_unpicklable(values, base, errors)
     try:
         return dumps(values)  # cloudpickle when a value needs it (a lambda, a local class)
     except Exception as exc:  # each pickles alone, not together: each value's error, then

@@ -434,20 +434,23 @@ def test_large_result_that_cannot_be_unpickled_fails_its_chunk_under_every_polic
 _ARMED = {"index": -1, "raise": KeyboardInterrupt}  # the parent's side of _Rebuilds
 
 
-def _rebuild(i):
-    """Runs in the parent, while a result is unpickled: raises once at the armed index."""
+def _rebuild(i, small=False):
+    """Runs in the parent, while a result is unpickled: raises at the armed index (``times``
+    times, once by default); else gives back ``_value(i)`` when small, ``_big(i)`` when not."""
     if i == _ARMED["index"]:
-        _ARMED["index"] = -1
+        _ARMED["times"] = _ARMED.get("times", 1) - 1
+        if _ARMED["times"] <= 0:
+            _ARMED["index"] = -1
         raise _ARMED["raise"]()
-    return _big(i)
+    return _value(i) if small else _big(i)
 
 
 class _Rebuilds:
-    def __init__(self, i):
-        self.i = i
+    def __init__(self, i, small=False):
+        self.i, self.small = i, small
 
     def __reduce__(self):
-        return (_rebuild, (self.i,))
+        return (_rebuild, (self.i, self.small))
 
 
 def _rebuilt_in_the_parent(i):
@@ -496,26 +499,26 @@ def test_ctrl_c_while_a_large_result_unpickles_loses_nothing(start_method):
     assert all(r.error is None for r in got_results)
 
 
-def _rebuild_small(i):
-    """The parent's side of _SmallRebuilds: raises at the armed index, ``times`` times."""
-    if i == _ARMED["index"]:
-        _ARMED["times"] = _ARMED.get("times", 1) - 1
-        if _ARMED["times"] <= 0:
-            _ARMED["index"] = -1
-        raise _ARMED["raise"]()
-    return _value(i)
+def _results_through_one_interrupt(pool, n):
+    """Enqueue ``n`` items, close, and take results() until a KeyboardInterrupt; then leave
+    that iterator, as a Ctrl-C handler might, and take the rest from a new results()."""
+    for i in range(n):
+        pool.enqueue(i, i)
+    pool.close()
+    got: list = []
+    assert _next_through_one_interrupt(pool.results(), got)
+    got.extend(pool.results())
+    return got
 
 
-class _SmallRebuilds:
-    def __init__(self, i):
-        self.i = i
-
-    def __reduce__(self):
-        return (_rebuild_small, (self.i,))
+def _every_value_once_in_order(results, n):
+    assert [r.index for r in results] == list(range(n))
+    assert [r.value for r in results] == [_value(i) for i in range(n)]
+    assert all(r.error is None for r in results)
 
 
 def _small_rebuilt_in_the_parent(i):
-    return _SmallRebuilds(i)  # small: a batch's results are one pickle, unpickled at once
+    return _Rebuilds(i, small=True)  # small: a batch's results are one pickle, loaded at once
 
 
 @pytest.mark.timeout(60)
@@ -538,16 +541,8 @@ def test_ctrl_c_while_a_batch_of_small_results_unpickles_loses_nothing(start_met
         assert got == [_value(i) for i in range(n)]
 
         _ARMED["index"] = 1700
-        for i in range(n):
-            pool.enqueue(i, i)
-        pool.close()
-        got_results: list = []
-        assert _next_through_one_interrupt(pool.results(), got_results)
-        # the results() iterator is left, as a Ctrl-C handler might; a new one resumes there
-        got_results.extend(pool.results())
-    assert [r.index for r in got_results] == list(range(n))
-    assert [r.value for r in got_results] == [_value(i) for i in range(n)]
-    assert all(r.error is None for r in got_results)
+        got_results = _results_through_one_interrupt(pool, n)
+    _every_value_once_in_order(got_results, n)
 
 
 @pytest.mark.timeout(60)
@@ -568,9 +563,7 @@ def test_a_second_ctrl_c_while_a_left_batch_decodes_reaches_the_next_consumer(st
         assert _next_through_one_interrupt(pool.results(), got)
         assert _next_through_one_interrupt(pool.results(), got)  # the left batch, again
         got.extend(pool.results())
-    assert [r.index for r in got] == list(range(n))
-    assert [r.value for r in got] == [_value(i) for i in range(n)]
-    assert all(r.error is None for r in got)
+    _every_value_once_in_order(got, n)
 
 
 @pytest.mark.timeout(60)
@@ -598,13 +591,8 @@ def test_ctrl_c_just_after_a_batch_is_decoded_loses_nothing(monkeypatch):
         got.extend(values)
         assert got == [_value(i) for i in range(n)]
         armed[0] = True
-        for i in range(n):
-            pool.enqueue(i, i)
-        pool.close()
-        results: list = []
-        assert _next_through_one_interrupt(pool.results(), results)
-        results.extend(pool.results())
-    assert [r.value for r in results] == [_value(i) for i in range(n)]
+        results = _results_through_one_interrupt(pool, n)
+    _every_value_once_in_order(results, n)
 
 
 def test_system_exit_while_a_large_result_unpickles_is_its_chunks_error(start_method):
