@@ -786,7 +786,11 @@ class Engine:
                     if stream.closed or self._stopping:
                         continue  # close() stopped its intake: nothing more goes out
                     room = self.window - self._inflight
-                    if room <= 0:
+                    if room <= 0 or self._queued_locked() >= self.workers:
+                        # No room, or tasks already wait for every worker: a batch cut now
+                        # would only wait too, at a size chosen before results came back (an
+                        # imap's feeder holds back for the same reason: _take_feed). A worker
+                        # that frees up takes the pending items (_take_for_idle_locked).
                         break
                     # (enqueue never lets batcher + in-flight exceed the window)
                     work = self._take_locked(stream, limit=room)
