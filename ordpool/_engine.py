@@ -264,7 +264,7 @@ class Engine:
         self.window = window  # most items taken into batches and not yet consumed (16384)
         self.max_delay = max_delay  # seconds a partial batch may wait before it is sent (0.005)
         self.retries = retries  # times a crashed item is re-run before it fails (0)
-        self.depth = depth  # tasks a worker may hold at once (2)
+        self.depth = depth  # tasks a worker may hold at once (2; an executor's submit jobs: 1)
         # ...when they are batches of an imap/map stream: a worker then has the next batch at
         # hand when it finishes one. An executor holds its submit jobs to one per worker (as
         # the stdlib's shared call queue does) but not its map batches.
@@ -786,12 +786,14 @@ class Engine:
                     if stream.closed or self._stopping:
                         continue  # close() stopped its intake: nothing more goes out
                     room = self.window - self._inflight
-                    if room <= 0 or self._queued_locked() >= self.workers:
-                        # No room, or tasks already wait for every worker: a batch cut now
-                        # would only wait too, at a size chosen before results came back (an
-                        # imap's feeder holds back for the same reason: _take_feed). A worker
-                        # that frees up takes the pending items (_take_for_idle_locked).
+                    if room <= 0:
                         break
+                    if stream.kind == "imap" and self._queued_locked() >= self.workers:
+                        # Tasks already wait for every worker: an imap batch cut now would
+                        # only wait too, at a size chosen before results came back (its feeder
+                        # holds back for the same reason: _take_feed). A lone job of an
+                        # enqueue stream (a submit) still goes after max_delay.
+                        continue
                     # (enqueue never lets batcher + in-flight exceed the window)
                     work = self._take_locked(stream, limit=room)
                     if work is not None:
@@ -808,7 +810,8 @@ class Engine:
 
     def _pump_locked(self) -> None:
         """Send queued tasks: a slot's own (keyed) tasks first, then any task, least loaded
-        slot first, at most ``depth`` per slot. A feeder waiting for the queue to shrink
+        slot first, at most ``depth`` per slot (``stream_depth`` for an imap/map stream's
+        batches, and only behind other such batches). A feeder waiting for the queue to shrink
         (``_take_feed``) is woken when it did."""
         depth = self.depth
         sent = False
@@ -819,11 +822,17 @@ class Engine:
         pending = self._pending
         before = len(pending)
         while pending:
-            limit = self.stream_depth if pending[0].batch.stream.kind == "imap" else depth
-            best, load = -1, limit
+            stream_task = pending[0].batch.stream.kind == "imap"
+            best, load = -1, self.stream_depth if stream_task else depth
             for i, s in enumerate(self._slots):
                 n = len(s.outstanding)
                 if n < load and s.ready and not s.retiring:
+                    if (
+                        n
+                        and stream_task
+                        and any(t.batch.stream.kind != "imap" for t in s.outstanding)
+                    ):
+                        continue  # not behind a job (an executor's submit), which may be long
                     best, load = i, n
                     if n == 0:
                         break
@@ -1225,6 +1234,11 @@ class Engine:
     @property
     def inflight(self) -> int:
         return self._inflight
+
+
+def _holds_a_job(slot: _Slot) -> bool:
+    """Whether a worker holds a task that is not an imap/map batch (a submit job)."""
+    return any(t.batch.stream.kind != "imap" for t in slot.outstanding)
 
 
 _CONSUMED = b"(consumed)"  # Task.frame once the consumer took the payload

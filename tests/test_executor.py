@@ -764,3 +764,50 @@ def test_map_keeps_two_batches_per_worker(tmp_path: pathlib.Path) -> None:
         finally:
             gate.touch()
         assert list(values) == list(range(200))
+
+
+def test_a_map_does_not_queue_behind_a_long_submit_job(tmp_path: pathlib.Path) -> None:
+    """A map's second batch for a worker goes only behind other map batches: behind a long
+    submit job, it (and the ordered map after it) would wait for that job."""
+    gate = tmp_path / "gate"
+    with make("fork") as executor:
+        try:
+            stuck = executor.submit(wait_for_file, str(gate), -1)  # holds one worker
+            squares = executor.map(square, range(40), timeout=30)
+            assert list(squares) == [i * i for i in range(40)]
+            assert not stuck.done()
+        finally:
+            gate.touch()
+        assert stuck.result(timeout=30) == -1
+
+
+def spin(x: int) -> int:
+    """About 50 us of CPU."""
+    end = time.perf_counter() + 50e-6
+    while time.perf_counter() < end:
+        pass
+    return x
+
+
+def test_a_submit_during_a_long_map_does_not_wait_for_the_map() -> None:
+    """While a map keeps tasks queued for every worker, a lone submit job still goes out
+    (after the flusher's delay) and completes long before the map ends."""
+    with make("fork") as executor:
+        seen: list = []
+        map_done = threading.Event()
+
+        def consume() -> None:
+            for value in executor.map(spin, iter(range(150_000))):
+                seen.append(value)
+            map_done.set()
+
+        consumer = threading.Thread(target=consume)
+        consumer.start()
+        try:
+            assert wait_until(lambda: len(seen) > 1000, timeout=30)
+            for i in range(15):
+                assert executor.submit(add, i, 1).result(timeout=30) == i + 1
+            assert not map_done.is_set()  # every job came back while the map ran
+        finally:
+            consumer.join(60)
+        assert seen == list(range(150_000))
