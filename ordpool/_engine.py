@@ -827,11 +827,7 @@ class Engine:
             for i, s in enumerate(self._slots):
                 n = len(s.outstanding)
                 if n < load and s.ready and not s.retiring:
-                    if (
-                        n
-                        and stream_task
-                        and any(t.batch.stream.kind != "imap" for t in s.outstanding)
-                    ):
+                    if n and stream_task and _holds_a_job(s):
                         continue  # not behind a job (an executor's submit), which may be long
                     best, load = i, n
                     if n == 0:

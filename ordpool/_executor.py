@@ -668,8 +668,8 @@ class _Core:
             # One submit job per worker: a queued job goes to whichever worker frees up first,
             # as with the stdlib's shared call queue (a second job in a worker's pipe would
             # wait behind a long one while another worker idles). A map's batches may be two
-            # per worker, so that a worker has the next at hand when it finishes one (a map
-            # over `transform`: 197k against 229k msg/s with one).
+            # per worker, so that a worker has the next at hand when it finishes one (with
+            # one, a map over `transform` ran at 0.86x `imap`'s throughput side by side).
             depth=1,
             stream_depth=2,
         )

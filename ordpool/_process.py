@@ -201,17 +201,13 @@ class _Worker:
             for size in (REGION_SIZE,) * 4 + (_CONTROL_SIZE,):
                 self.regions.append(shared_memory.SharedMemory(create=True, size=size))
         except BaseException:  # /dev/shm full or missing: leave nothing behind
-            self._release_regions()
-            for conn in (task_r, self.writer, self.reader, res_w):
-                conn.close()
+            self._abandon(task_r, res_w)
             raise
         self.result_views: list[memoryview] = [_buf(r) for r in self.regions[2:4]]
         if not Reservation(getattr(self.regions[4], "_fd", None), _CONTROL_SIZE).fits(
             _CONTROL_SIZE
         ):
-            self._release_regions()
-            for conn in (task_r, self.writer, self.reader, res_w):
-                conn.close()
+            self._abandon(task_r, res_w)
             raise OSError(errno.ENOSPC, "no room left in /dev/shm for a worker's shared memory")
         self.progress = _buf(self.regions[4]).cast("q")
         self.progress[0] = self.progress[2] = -1
@@ -243,10 +239,13 @@ class _Worker:
             target=self._send_loop, name=f"ordpool-sender-{slot}", daemon=True
         )
 
-    def _release_regions(self) -> None:
+    def _abandon(self, task_r: Connection, res_w: Connection) -> None:
+        """Release what ``__init__`` made before it failed: regions and pipes."""
         for shm in self.regions:
             shm.close()
             shm.unlink()
+        for conn in (task_r, self.writer, self.reader, res_w):
+            conn.close()
 
     def send(self, msg: _Task) -> None:
         """Write a task now if that cannot block, else hand it to the sender thread.
