@@ -42,22 +42,23 @@ class Task:
         slot: the worker slot the task must run on, or ``None`` for the least-loaded worker.
         positions: positions of the task's items in the batch (``[0, 3, 4]``), or ``None`` for
             all of them in order (the unkeyed case).
-        parts: the encoded items as buffers (see :mod:`ordpool._wire`): the items' own ``bytes``
-            objects when they are bytes, so nothing is copied before the wire.
+        payload: the encoded items (:class:`ordpool._wire.Payload`): the items' own ``bytes``
+            objects when they are bytes, so nothing is copied before the wire; ``None`` once
+            sent and answered, or when nothing is to be sent.
         failed: items that fail without running, by position in the task: an item that could not
             be pickled, or one whose worker died too often (``{2: WorkerCrashed(...)}``).
         attempts: position in the task -> times it was running when its worker died.
         frame: the pickled results once answered, else ``None``.
     """
 
-    __slots__ = ("attempts", "batch", "bid", "failed", "frame", "n", "parts", "positions", "slot")
+    __slots__ = ("attempts", "batch", "bid", "failed", "frame", "n", "payload", "positions", "slot")
 
     def __init__(
         self,
         batch: Batch,
         bid: int,
         n: int,
-        parts: list[Any],
+        payload: Any,
         failed: dict[int, BaseException],
         slot: int | None = None,
         positions: list[int] | None = None,
@@ -65,7 +66,7 @@ class Task:
         self.batch = batch
         self.bid = bid
         self.n = n  # number of items
-        self.parts = parts
+        self.payload = payload
         self.failed = failed
         self.slot = slot
         self.positions = positions

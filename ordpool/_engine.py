@@ -10,7 +10,7 @@ Data flow, and which thread does what::
         |  Batch(seq) carried by Task(bid): one task, or one per worker when keys route items
         v
     _pump: pinned tasks to their slot, others to the least-loaded ready slot, DEPTH per slot
-        |  transport.send(slot, bid, failed, parts)      (never waits for a worker)
+        |  transport.send(slot, bid, failed, payload)    (never waits for a worker)
         v
     worker process / actor: fn over the task's items -> results
         |
@@ -138,6 +138,8 @@ class Stream:
         abandoned: the consumer went away: results are dropped as they arrive.
         batcher: pending items of an enqueue stream.
         feed: pending items of an imap stream (appended without the lock by its feeder).
+        feed_locked: the feed changes only under the lock (a sequence's feeder adds a slice at a
+            time under it), so a take may hand the list itself to the batch, not a copy.
         fed: items of an imap stream taken into batches so far (the next item's index).
         consumer: a consumer is iterating this stream (one at a time).
         leftover: what a consumer that left its loop mid-batch did not take (the next
@@ -153,6 +155,7 @@ class Stream:
         "consumer",
         "fed",
         "feed",
+        "feed_locked",
         "keyed",
         "kind",
         "leftover",
@@ -188,6 +191,7 @@ class Stream:
         self.abandoned = False
         self.batcher = Batcher()
         self.feed: list[Any] = []
+        self.feed_locked = False
         self.fed = 0
         self.consumer = False
         self.leftover: Any = None
@@ -217,8 +221,8 @@ class _Slot:
 
 
 _LIVE_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
-# (slot or None, positions in the batch or None for all, encoded parts, failed positions)
-_Encoded = tuple[int | None, list[int] | None, list[Any], dict[int, BaseException]]
+# (slot or None, positions in the batch or None for all, encoded items, failed positions)
+_Encoded = tuple[int | None, list[int] | None, _wire.Payload, dict[int, BaseException]]
 
 
 class PacedSequence:
@@ -575,27 +579,36 @@ class Engine:
     ) -> bool | BaseException:
         """Pull ``iterable`` into the feed: True at its end, False if the stream went away, or
         the exception the input raised. Exceptions of the engine itself propagate."""
-        feed = stream.feed
-        append = feed.append
         sizer = self.sizer
         size = sizer.size
         if isinstance(iterable, (list, tuple, PacedSequence)):
-            # A sequence cannot block: feed it by slices, at C speed.
+            # A sequence cannot block: feed it by slices, at C speed, each under the lock (once
+            # a batch), so that a take can hand a whole slice to its batch without copying it:
+            # each copy touches every item's reference count, in memory long out of the caches.
             room = iterable.room if isinstance(iterable, PacedSequence) else None
             seq = iterable.items if isinstance(iterable, PacedSequence) else iterable
             start, end = 0, len(seq)
+            with self._lock:
+                stream.feed_locked = True
             while start < end:
                 if room is not None:
                     try:
                         size = min(size, room(start))
                     except BaseException as exc:  # the pacer stopped the input: at its position
                         return exc
-                feed.extend(seq[start : start + size])
+                chunk = seq[start : start + size]
+                with self._lock:
+                    if stream.feed:
+                        stream.feed.extend(chunk)
+                    else:
+                        stream.feed = chunk if type(chunk) is list else list(chunk)
                 start += size
                 if not self._take_feed(stream):
                     return False
                 size = sizer.size
             return True
+        feed = stream.feed  # appended to without the lock: never swapped (feed_locked)
+        append = feed.append
         it = iter(iterable)
         while True:
             # The loop is in its own try so that only the input's exceptions count as the
@@ -664,7 +677,7 @@ class Engine:
             batch = Batch(stream.next_seq, stream, range(index, index + 1))
             stream.next_seq += 1
             stream.open_batches += 1
-            task = Task(batch, self._new_bid(), 1, [], {0: exc})
+            task = Task(batch, self._new_bid(), 1, None, {0: exc})
             batch.tasks.append(task)
             batch.unanswered = 1
             stream.closed = stream.complete = True
@@ -690,8 +703,12 @@ class Engine:
             n = len(feed) if limit is None else min(len(feed), limit, max(self.sizer.size, 1))
             if n <= 0:
                 return None
-            items = feed[:n]
-            del feed[:n]
+            if n == len(feed) and stream.feed_locked:
+                items = feed
+                stream.feed = []
+            else:
+                items = feed[:n]
+                del feed[:n]
             idx = range(stream.fed, stream.fed + n)
             stream.fed += n
             self.submitted += n
@@ -714,16 +731,16 @@ class Engine:
                 groups.setdefault(slot, []).append(pos)
             encoded: list[_Encoded] = []
             for slot, positions in groups.items():
-                parts, failed = _wire.encode_items([items[p] for p in positions])
-                encoded.append((slot, positions if len(groups) > 1 else None, parts, failed))
+                payload, failed = _wire.encode_items([items[p] for p in positions])
+                encoded.append((slot, positions if len(groups) > 1 else None, payload, failed))
         else:
-            parts, failed = _wire.encode_items(items)
-            encoded = [(None, None, parts, failed)]
+            payload, failed = _wire.encode_items(items)
+            encoded = [(None, None, payload, failed)]
         with self._lock:
-            for task_slot, task_positions, task_parts, task_failed in encoded:
+            for task_slot, task_positions, task_payload, task_failed in encoded:
                 n = len(task_positions) if task_positions is not None else len(items)
                 task = Task(
-                    batch, self._new_bid(), n, task_parts, task_failed, task_slot, task_positions
+                    batch, self._new_bid(), n, task_payload, task_failed, task_slot, task_positions
                 )
                 batch.tasks.append(task)
             batch.unanswered = len(batch.tasks)
@@ -844,11 +861,13 @@ class Engine:
         if on_send is not None:
             on_send(task)
             if len(task.failed) == task.n:  # every item was cancelled meanwhile
-                task.parts = []
+                task.payload = None
                 self._answer_locked(task)
                 return
         self._slots[slot].outstanding.append(task)
-        self.transport.send(slot, task.bid, tuple(task.failed), task.parts, task.batch.stream.call)
+        self.transport.send(
+            slot, task.bid, tuple(task.failed), task.payload, task.batch.stream.call
+        )
 
     # -- events from the transport (its thread) ------------------------------------------------
 
@@ -902,7 +921,7 @@ class Engine:
             stream.closed = True
             if stream.kind == "enqueue" and len(stream.batcher):
                 batch, items, _ = self._take_locked(stream)  # type: ignore[misc]
-                task = Task(batch, self._new_bid(), len(items), [], {})
+                task = Task(batch, self._new_bid(), len(items), None, {})
                 batch.tasks.append(task)
                 batch.unanswered = 1
                 self._fail_task_locked(task, error)
@@ -916,7 +935,7 @@ class Engine:
         broken.__cause__ = error
         for pos in range(task.n):
             task.failed.setdefault(pos, broken)
-        task.parts = []
+        task.payload = None
         self._answer_locked(task)
 
     def on_result(
@@ -932,7 +951,7 @@ class Engine:
             self.sizer.observe(task.n, seconds)
             s.tasks += task.n
             task.frame = payload
-            task.parts = []
+            task.payload = None
             self._answer_locked(task, nerrors)
             self._pump_locked()
             works = self._take_for_idle_locked()
@@ -1038,7 +1057,7 @@ class Engine:
                     if tries > self.retries:
                         task.failed[pos] = crashed
                 if len(task.failed) == task.n:
-                    task.parts = []
+                    task.payload = None
                     self._answer_locked(task)
                     continue
             (requeue_any if task.slot is None else requeue_pinned).append(task)

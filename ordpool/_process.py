@@ -1,7 +1,7 @@
 """Local transport: worker processes, their pipes and shared memory, and the threads that
 move bytes.
 
-    engine --send(slot, bid, failed, parts)--> [direct, or SimpleQueue -> sender thread]
+    engine --send(slot, bid, failed, payload)--> [direct, or SimpleQueue -> sender thread]
                                                      |  payload -> task region (shared memory)
                                                      v  header  -> task pipe
                                               worker process
@@ -71,7 +71,7 @@ _SPARE_MAX = 4 << 20
 _SPARES = 4
 _LEN = struct.Struct("!i")
 _LEN_LONG = struct.Struct("!iQ")
-_Task = tuple[int, tuple[int, ...], list[Any], bytes]  # bid, failed positions, parts, call
+_Task = tuple[int, tuple[int, ...], _wire.Payload, bytes]  # bid, failed positions, items, call
 
 
 class TransportEvents(Protocol):
@@ -259,7 +259,7 @@ class _Worker:
             if self.closed:
                 return
             if not self.backlog and not self.inline_bids and _small_header(msg):
-                size = sum(map(len, msg[2]))
+                size = msg[2].nbytes
                 if self.reservations[self.turn].fits(size):
                     try:
                         self._write_in_region(msg, size)
@@ -276,19 +276,23 @@ class _Worker:
 
     def _write_in_region(self, msg: _Task, size: int) -> None:
         """Copy the payload into the next task region and write its header (``lock`` held)."""
-        bid, failed, parts, call = msg
+        bid, failed, payload, call = msg
         turn = self.turn
-        if len(parts) == 1:
-            self.task_views[turn][:size] = parts[0]
-        elif size < _WRITE_EACH_MIN * len(parts):
-            self.task_views[turn][:size] = b"".join(parts)  # small parts: one copy is cheaper
+        view = self.task_views[turn]
+        head, body = payload.head, payload.body
+        start = len(head)
+        view[:start] = head
+        if len(body) == 1:
+            view[start:size] = body[0]
+        elif size < _WRITE_EACH_MIN * len(body):
+            view[start:size] = b"".join(body)  # small items: one copy more is cheaper
         else:
-            # Each part copied straight into the region (the file position advances), in C:
+            # Each item copied straight into the region (the file position advances), in C:
             # a join would first copy the whole batch into a new buffer, whose pages the
             # kernel must fault in again for each batch (tweets: 14% of the parent's CPU).
             mapping = self.task_maps[turn]
-            mapping.seek(0)
-            deque(map(mapping.write, parts), maxlen=0)
+            mapping.seek(start)
+            deque(map(mapping.write, body), maxlen=0)
         write_frame(self.writer.fileno(), [_wire.task_head(bid, failed, turn, size, call)])
         self.turn = turn ^ 1
 
@@ -302,19 +306,19 @@ class _Worker:
                 if msg is _wire.STOP_FRAME:
                     write_frame(fd, [msg])
                     continue
-                size = sum(map(len, msg[2]))
+                size = msg[2].nbytes
                 with self.lock:
                     if self.closed:
                         return
                     if self.reservations[self.turn].fits(size):
                         self._write_in_region(msg, size)
                         continue
-                bid, failed, parts, call = msg
+                bid, failed, payload, call = msg
                 with self.lock:
                     self.inline_bids.add(bid)
                 # This write can block until the worker reads: no lock held, and send() keeps
                 # off the pipe meanwhile (backlog > 0), so frames never interleave.
-                write_frame(fd, [_wire.task_head(bid, failed, -1, size, call), *parts])
+                write_frame(fd, [_wire.task_head(bid, failed, -1, size, call), *payload.buffers()])
             except OSError:
                 # The worker died; the collector reports it and the engine re-dispatches
                 # whatever this worker held, this batch included. Keep draining until told.
@@ -466,7 +470,12 @@ class ProcessTransport:
         self._wake()
 
     def send(
-        self, slot: int, bid: int, failed: tuple[int, ...], parts: list[Any], call: bytes = b""
+        self,
+        slot: int,
+        bid: int,
+        failed: tuple[int, ...],
+        payload: _wire.Payload,
+        call: bytes = b"",
     ) -> None:
         """Send a task to the worker of ``slot``; never waits for a worker (see _Worker.send).
 
@@ -476,7 +485,7 @@ class ProcessTransport:
         """
         worker = self._workers.get(slot)
         if worker is not None:
-            worker.send((bid, failed, parts, call))
+            worker.send((bid, failed, payload, call))
 
     def pids(self) -> dict[int, int]:
         with self._lock:

@@ -1,6 +1,6 @@
 """Ray transport: the engine's workers are Ray actors, on this machine or across a cluster.
 
-    engine --send(slot, bid, failed, parts)--> actor.run.remote(bid, failed, payload)
+    engine --send(slot, bid, failed, payload)--> actor.run.remote(bid, failed, payload)
                                                      |  one encoded blob per batch (``_wire``);
                                                      |  Ray moves it (inline, or through its
                                                      v  object store when over ~100 KB)
@@ -303,7 +303,12 @@ class RayTransport:
         self._queue.put((_WAKE, None, None, None))  # the collector must track its deadline
 
     def send(
-        self, slot: int, bid: int, failed: tuple[int, ...], parts: list[Any], call: bytes = b""
+        self,
+        slot: int,
+        bid: int,
+        failed: tuple[int, ...],
+        payload: _wire.Payload,
+        call: bytes = b"",
     ) -> None:
         """Submit one batch to the actor of ``slot``; never blocks.
 
@@ -313,8 +318,7 @@ class RayTransport:
         actor = self._actors.get(slot)
         if actor is None or actor.dead:
             return
-        payload = parts[0] if len(parts) == 1 else b"".join(parts)
-        pending = _Call(bid, actor.handle.run.remote(bid, failed, payload, call))
+        pending = _Call(bid, actor.handle.run.remote(bid, failed, payload.join(), call))
         actor.calls.append(pending)  # before the callback can fire: the collector looks it up
         pending.ref.future().add_done_callback(functools.partial(self._post, _DONE, actor, pending))
 

@@ -320,19 +320,21 @@ def test_fnv1a_is_identical_in_a_process_with_another_hash_seed():
 
 
 def _roundtrip(items):
-    parts, failed = _wire.encode_items(items)
-    return _wire.decode_items(memoryview(b"".join(parts))), parts, failed
+    payload, failed = _wire.encode_items(items)
+    joined = payload.join()
+    assert len(joined) == payload.nbytes
+    return _wire.decode_items(memoryview(joined)), payload, failed
 
 
 def test_wire_bytes_items_round_trip_without_pickle():
     items = [b"", b"x", b"\x00" * 1000, b"hello\nworld", bytes(range(256))]
-    decoded, parts, failed = _roundtrip(items)
+    decoded, payload, failed = _roundtrip(items)
     assert decoded == items
     assert all(type(d) is bytes for d in decoded)
     assert failed == {}
-    assert bytes(parts[0][:1]) == b"B"  # the bytes fast path
-    # the items themselves are the parts: nothing copied before the wire
-    assert all(part is item for part, item in zip(parts[1:], items))
+    assert payload.head[:1] == b"B"  # the bytes fast path
+    # the items themselves are the payload: nothing copied before the wire
+    assert payload.body is items
 
 
 def test_wire_bytes_items_sliced_straight_from_a_region_mapping():
@@ -340,8 +342,7 @@ def test_wire_bytes_items_sliced_straight_from_a_region_mapping():
     import mmap
 
     items = [b"", b"x", b"\x00" * 5000, b"hello\nworld", bytes(range(256))]
-    parts, _ = _wire.encode_items(items)
-    payload = b"".join(parts)
+    payload = _wire.encode_items(items)[0].join()
     region = mmap.mmap(-1, 1 << 16)
     region[: len(payload)] = payload
     view = memoryview(region)[: len(payload)]
@@ -350,8 +351,7 @@ def test_wire_bytes_items_sliced_straight_from_a_region_mapping():
         assert decoded == items
         assert all(type(d) is bytes for d in decoded)
         # pickled items ignore the mapping
-        parts, _ = _wire.encode_items([1, "a"])
-        pickled = b"".join(parts)
+        pickled = _wire.encode_items([1, "a"])[0].join()
         region[: len(pickled)] = pickled
         assert _wire.decode_items(memoryview(region)[: len(pickled)], region) == [1, "a"]
     finally:
@@ -361,11 +361,11 @@ def test_wire_bytes_items_sliced_straight_from_a_region_mapping():
 
 def test_wire_mixed_items_round_trip():
     items = [1, "a", b"x", None, (1, 2), {"k": [1.5, None]}, bytearray(b"ba"), 2**100]
-    decoded, parts, failed = _roundtrip(items)
+    decoded, payload, failed = _roundtrip(items)
     assert decoded == items
     assert [type(d) for d in decoded] == [type(i) for i in items]
     assert failed == {}
-    assert bytes(parts[0][:1]) == b"P"
+    assert payload.head == b"P"
 
 
 def test_wire_lambda_item_goes_through_cloudpickle():

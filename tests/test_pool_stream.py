@@ -104,13 +104,33 @@ def _keyed_step(state, item):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind", ["iterator", "list"])
+@pytest.mark.parametrize("kind", ["iterator", "list", "tuple"])
 def test_imap_order_with_random_costs_matches_serial(start_method, kind):
     n = 50_000
     expected = [(i, (i * i) % 1009) for i in range(n)]
-    source = range(n) if kind == "iterator" else list(range(n))
+    source = {
+        "iterator": range,
+        "list": lambda n: list(range(n)),
+        "tuple": lambda n: tuple(range(n)),
+    }[kind](n)
     with ProcessOrderedPool(_uneven, workers=2, start_method=start_method) as pool:
         assert list(pool.imap(source)) == expected
+    assert list(source) == list(range(n))  # slices of a sequence go to batches, never itself
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("batch_size", [None, 7, 1000])
+def test_imap_over_a_list_of_bytes_in_batches_of_any_size(start_method, batch_size):
+    """Bytes items travel as the batch's own slice of the input (no copy of the list): every
+    item once, in order, and the caller's list untouched."""
+    messages = [bytes([i % 251]) * (i % 3000) for i in range(20_000)]
+    kept = list(messages)
+    with ProcessOrderedPool(
+        len, workers=2, batch_size=batch_size, start_method=start_method
+    ) as pool:
+        assert list(pool.imap(messages)) == [len(m) for m in kept]
+        assert list(pool.imap(tuple(messages[:5000]))) == [len(m) for m in kept[:5000]]
+    assert messages == kept
 
 
 @pytest.mark.timeout(60)
