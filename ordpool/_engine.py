@@ -535,7 +535,7 @@ class Engine:
                 batcher.check(index)
             n = batcher.add(index, item, slot)
             self.submitted += 1
-            if n < self.sizer.size and not (self._idle and not self._pending):
+            if n < self.sizer.size and not self._starts_now(stream, slot):
                 if n == 1 and self._flusher_idle:
                     self._flush.notify()
                 return
@@ -618,7 +618,7 @@ class Engine:
                 for item in it:
                     append(item)
                     n = len(feed)
-                    if n >= size or (self._idle and not self._pending):
+                    if n >= size or self._starts_now(stream):
                         break
                     if n == 1 and self._flusher_idle:
                         with self._lock:
@@ -963,6 +963,31 @@ class Engine:
         if closing:
             self._maybe_stop()
 
+    def _starts_now(self, stream: Stream, slot: int | None = None) -> bool:
+        """Whether a partial batch of ``stream`` cut now would start at once on an idle worker.
+
+        A worker is idle and no task waits for any worker. For a keyed stream, the item's own
+        worker (``slot``, when known) must be idle with nothing waiting for it; when it is not
+        known (a keyed imap's items are routed later), no task may wait for any given worker.
+        With a hot key, every item may be for the one busy worker while the others idle:
+        cutting at each item then made one-item tasks (100,000 items of one key: 11 s against
+        0.05 s unkeyed). Now its items wait while a task waits for that worker, and go as one
+        batch once it is sent. A feeder calls this without the lock: a hint, where a stale
+        answer costs a batch cut early or late, nothing else.
+        """
+        if not self._idle or self._pending:
+            return False
+        if not stream.keyed:
+            return True
+        if slot is not None:
+            return self._slot_free(slot)
+        return not any(s.pending for s in self._slots)
+
+    def _slot_free(self, slot: int) -> bool:
+        """The worker of ``slot`` is ready, holds no task, and none waits for it."""
+        s = self._slots[slot]
+        return s.ready and not s.retiring and not s.outstanding and not s.pending
+
     def _take_for_idle_locked(self) -> list[tuple[Batch, list[Any], list[int]]]:
         """A worker went idle with nothing queued: take the streams' partial batches now.
 
@@ -976,6 +1001,8 @@ class Engine:
         for stream in self._streams:
             if stream.abandoned or stream.closed or not stream.pending():
                 continue
+            if stream.keyed and not self._keyed_items_for_idle(stream):
+                continue
             room = self.window - self._inflight
             if room <= 0:
                 continue
@@ -983,6 +1010,14 @@ class Engine:
             if work is not None:
                 works.append(work)
         return works
+
+    def _keyed_items_for_idle(self, stream: Stream) -> bool:
+        """Whether a keyed stream's pending items include one for a free worker (enqueue: their
+        slots are known), or may (imap: see :meth:`_starts_now`)."""
+        if stream.kind != "enqueue":
+            return self._starts_now(stream)
+        free = {i for i in range(self.workers) if self._slot_free(i)}
+        return bool(free) and not free.isdisjoint(stream.batcher.slots)
 
     def on_death(
         self, slot: int, exitcode: int | None, pid: int, progress: tuple[int, int]

@@ -688,3 +688,32 @@ def test_a_busy_hot_key_does_not_keep_other_keys_from_idle_workers(start_method,
         _hot_waits_for_the_cold, workers=workers, start_method=start_method
     ) as pool:
         assert list(pool.imap_keyed(pairs)) == list(range(n_hot + n_cold))
+
+
+def _task_id(x):
+    """The wire id of the task this item ran in."""
+    from ordpool import _worker
+
+    return _worker._progress[0]
+
+
+@pytest.mark.timeout(60)
+def test_a_single_hot_key_is_not_cut_into_one_item_tasks(start_method):
+    """Every item of one key goes to one worker while the others idle. An idle worker used to
+    make the feeder cut a batch at each item, so a hot key ran as one-item tasks (100,000
+    items: 11 s, against 0.05 s unkeyed); its items now wait as a batch while a task waits for
+    that worker. Both ways in: imap_keyed over a generator, and keyed enqueue."""
+    n = 20_000
+    with ProcessOrderedPool(_task_id, workers=2, start_method=start_method) as pool:
+        tasks = list(pool.imap_keyed(("hot", i) for i in range(n)))
+    assert len(tasks) == n
+    assert len(set(tasks)) < n // 20, len(set(tasks))
+
+    n = 10_000  # within the window: the results are read after the last enqueue
+    with ProcessOrderedPool(_task_id, workers=2, start_method=start_method) as pool:
+        for i in range(n):
+            pool.enqueue(i, i, key="hot")
+        pool.close()
+        tasks = [r.get() for r in pool.results()]
+    assert len(tasks) == n
+    assert len(set(tasks)) < n // 20, len(set(tasks))
