@@ -24,7 +24,7 @@ from concurrent.futures import CancelledError, Future
 from typing import Any, Callable
 
 from ._batching import Batch, Task
-from ._engine import Engine, Stream, fnv1a, usable_cores
+from ._engine import Engine, KeyRouter, Stream, usable_cores
 from ._errors import OrdpoolError, PoolClosed
 from ._process import ProcessTransport
 from ._stats import PoolStats
@@ -118,6 +118,7 @@ class KeyedPool:
         self._space = threading.Condition(self._lock)  # submitters wait for room in a queue
         self._submit_lock = threading.Lock()  # keeps indices in submission order
         self._state = _State.NEW
+        self._route = KeyRouter(workers)
         self._queued = [0] * workers  # jobs per slot submitted and not yet answered ([3, 100])
         self._futures: dict[int, _JobFuture] = {}  # index -> future of a job not yet answered
         self._next_index = 0
@@ -131,7 +132,7 @@ class KeyedPool:
 
     def slot_of(self, key: str | bytes | int) -> int:
         """The worker slot ``key`` is routed to (``fnv1a(key) % num_workers``)."""
-        return fnv1a(key) % self._workers
+        return self._route(key)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -240,7 +241,7 @@ class KeyedPool:
             PoolClosed: the pool is not running (call ``start()`` or use ``with``).
             TypeError: ``key`` is not str, bytes or int.
         """
-        slot = fnv1a(key) % self._workers
+        slot = self._route(key)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._space:
             self._check_running()

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from . import _wire
 from ._batching import Batch
-from ._engine import Engine, PoolState, Stream, decode_retrying, fnv1a, usable_cores
+from ._engine import Engine, PoolState, Stream, decode_retrying, usable_cores
 from ._process import ProcessTransport
 from ._stats import PoolStats
 from ._worker import worker_spec
@@ -335,7 +335,7 @@ class ProcessOrderedPool:
                 "give a key for every item of the stream or for none "
                 f"(this stream is {'keyed' if stream.keyed else 'unkeyed'})"
             )
-        slot = fnv1a(key) % engine.workers if key is not None else None
+        slot = engine.route(key) if key is not None else None
         engine.enqueue(stream, index, item, slot, timeout)
 
     def results(self) -> Iterator[Result]:

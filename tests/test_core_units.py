@@ -17,7 +17,7 @@ import pytest
 
 from ordpool import Result, _wire, _worker
 from ordpool._batching import Batcher, BatchSizer, compact_indices
-from ordpool._engine import fnv1a
+from ordpool._engine import KeyRouter, fnv1a
 from ordpool._reorder import ReorderBuffer
 
 # -- ReorderBuffer ------------------------------------------------------------------------------
@@ -295,10 +295,27 @@ def test_fnv1a_rejects_other_types(bad):
         fnv1a(bad)
 
 
+def test_key_router_gives_fnv1a_slots_and_remembers_only_small_exact_keys():
+    route = KeyRouter(5, size=64)
+    keys = ["", "a", "user-42", b"user-42", 0, 1, -7, 2**62, 2**70, "x" * 1000, b"y" * 300]
+    keys += [f"k{i}" for i in range(200)]  # more than the cache holds: it is emptied and refilled
+    for _ in range(2):
+        assert [route(k) for k in keys] == [fnv1a(k) % 5 for k in keys]
+    assert len(route.cache) <= 64
+    assert all(type(k) in (str, bytes, int) for k in route.cache)
+    assert "x" * 1000 not in route.cache and 2**70 not in route.cache  # large keys: computed
+    # 1 is cached; True and 1.0 are equal to it as dict keys, and must still be refused
+    route(1)
+    for bad in (True, 1.0, None):
+        with pytest.raises(TypeError, match="keys must be str, bytes or int"):
+            route(bad)
+    assert route(bytearray(b"ab")) == fnv1a(b"ab") % 5  # buffers route, uncached
+
+
 def test_fnv1a_is_identical_in_a_process_with_another_hash_seed():
     keys = ["", "a", "foobar", "user-42", "ключ", 0, -7, 2**70]
     code = (
-        "import sys; from ordpool._engine import fnv1a; "
+        "import sys; from ordpool._engine import KeyRouter, fnv1a; "
         f"keys = {keys!r}; "
         "print(hash('foobar')); print(*[fnv1a(k) for k in keys])"
     )
