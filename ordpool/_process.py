@@ -11,10 +11,11 @@ move bytes.
                                                      ^-- result pipes, process sentinels, wakeup
 
 Why shared memory: moving a 4.7 KB message through a pipe costs the parent about 4 us of CPU,
-a copy into shared memory a tenth of that (PERF.md). Each worker has two task regions and two
-result regions, used in turn. A region is reused two batches later at the earliest, and a worker
-never holds more than two batches (``DEPTH``), so by then the worker has read the task and the
-collector has copied the result out. A payload larger than its region travels in the pipe, and
+a copy into shared memory a tenth of that (PERF.md). Each worker has ``TURNS`` (two) task regions
+and as many result regions, used in turn. A region is reused ``TURNS`` batches later at the
+earliest, and a worker never holds more than ``TURNS`` batches (``max_depth``), so by then the
+worker has read the task and the collector has copied the result out. (Three turns, tried on
+``decode``, gave no measurable gain.) A payload larger than its region travels in the pipe, and
 so does one whose pages ``/dev/shm`` has no room for (:class:`~ordpool._worker.Reservation`:
 the pages are allocated before they are written, where writing them would raise ``SIGBUS``).
 
@@ -58,6 +59,7 @@ __all__ = ["REGION_SIZE", "ProcessTransport", "TransportEvents", "write_frame"]
 _PARENT_FDS: set[int] = set()
 _PIPE_SIZE = 1 << 20
 REGION_SIZE = 8 << 20  # bytes per shared-memory region; pages are allocated as they are needed
+TURNS = 2  # shared-memory regions each way per worker: the most tasks a worker may hold
 _CONTROL_SIZE = 64
 _IOV_MAX = 1024  # Linux's IOV_MAX
 # Average bytes per part from which a task's parts are written into its region one by one
@@ -193,28 +195,28 @@ class _Worker:
         self.reader, res_w = ctx.Pipe(duplex=False)  # parent reads READY/RESULT frames
         _enlarge(self.writer)
         _enlarge(self.reader)
-        # [task 0, task 1, result 0, result 1, control]; created (and unlinked) by the parent.
+        # [task 0..TURNS-1, result 0..TURNS-1, control]; created (and unlinked) by the parent.
         # control holds four int64: [bid running, position running, bid to cancel, position to
         # cancel] (see _worker.cancelled).
         self.regions: list[shared_memory.SharedMemory] = []
         try:
-            for size in (REGION_SIZE,) * 4 + (_CONTROL_SIZE,):
+            for size in (REGION_SIZE,) * (2 * TURNS) + (_CONTROL_SIZE,):
                 self.regions.append(shared_memory.SharedMemory(create=True, size=size))
         except BaseException:  # /dev/shm full or missing: leave nothing behind
             self._abandon(task_r, res_w)
             raise
-        self.result_views: list[memoryview] = [_buf(r) for r in self.regions[2:4]]
-        if not Reservation(getattr(self.regions[4], "_fd", None), _CONTROL_SIZE).fits(
+        self.result_views: list[memoryview] = [_buf(r) for r in self.regions[TURNS:-1]]
+        if not Reservation(getattr(self.regions[-1], "_fd", None), _CONTROL_SIZE).fits(
             _CONTROL_SIZE
         ):
             self._abandon(task_r, res_w)
             raise OSError(errno.ENOSPC, "no room left in /dev/shm for a worker's shared memory")
-        self.progress = _buf(self.regions[4]).cast("q")
+        self.progress = _buf(self.regions[-1]).cast("q")
         self.progress[0] = self.progress[2] = -1
-        self.task_views = [_buf(r) for r in self.regions[:2]]
-        self.task_maps = [_mapping(r) for r in self.regions[:2]]
+        self.task_views = [_buf(r) for r in self.regions[:TURNS]]
+        self.task_maps = [_mapping(r) for r in self.regions[:TURNS]]
         self.reservations = [
-            Reservation(getattr(r, "_fd", None), REGION_SIZE) for r in self.regions[:2]
+            Reservation(getattr(r, "_fd", None), REGION_SIZE) for r in self.regions[:TURNS]
         ]
         _PARENT_FDS.update((self.writer.fileno(), self.reader.fileno()))
         inherited = tuple(_PARENT_FDS) if ctx.get_start_method() == "fork" else ()
@@ -294,7 +296,7 @@ class _Worker:
             mapping.seek(start)
             deque(map(mapping.write, body), maxlen=0)
         write_frame(self.writer.fileno(), [_wire.task_head(bid, failed, turn, size, call)])
-        self.turn = turn ^ 1
+        self.turn = (turn + 1) % TURNS
 
     def _send_loop(self) -> None:
         fd, get = self.writer.fileno(), self.queue.get
@@ -400,7 +402,7 @@ class ProcessTransport:
     """Starts worker processes and moves frames to and from them."""
 
     # A worker holds at most this many tasks: one shared-memory region each way per task.
-    max_depth = 2
+    max_depth = TURNS
 
     def __init__(self, ctx: BaseContext, spec: bytes, events: TransportEvents) -> None:
         self._ctx = ctx

@@ -344,7 +344,7 @@ def worker_main(
         regions = attach_regions(region_names)
     except OSError:
         os._exit(4)  # the parent is gone already, or /dev/shm is not usable
-    progress = _progress = regions[4].buf.cast("q")
+    progress = _progress = regions[-1].buf.cast("q")
     try:
         fn, init, initargs, max_tasks = pickle.loads(spec)
         if init is not None:
@@ -389,11 +389,12 @@ def _loop(
     the same region, because it never lets a worker hold more than two batches.
     """
     perf_counter = time.perf_counter
-    task_bufs = [r.buf for r in regions[:2]]
+    turns = (len(regions) - 1) // 2  # regions each way
+    task_bufs = [r.buf for r in regions[:turns]]
     # The regions' mmaps, which slice straight to bytes (None where a Python keeps none).
-    task_maps = [getattr(r, "_mmap", None) for r in regions[:2]]
-    result_bufs = [r.buf for r in regions[2:4]]
-    reservations = [Reservation(getattr(r, "_fd", None), len(r.buf)) for r in regions[2:4]]
+    task_maps = [getattr(r, "_mmap", None) for r in regions[:turns]]
+    result_bufs = [r.buf for r in regions[turns:-1]]
+    reservations = [Reservation(getattr(r, "_fd", None), len(r.buf)) for r in regions[turns:-1]]
     turn = 0
     done = 0  # items run by this process (max_tasks_per_child)
     calls: dict[bytes, Callable[[Any], Any]] = {}  # pickled stream callable -> callable
@@ -441,7 +442,7 @@ def _loop(
         if reservations[turn].fits(size):
             result_bufs[turn][:size] = payload
             result_conn.send_bytes(_wire.result_head(bid, seconds, turn, size, nerrors))
-            turn ^= 1
+            turn = (turn + 1) % turns
         else:
             result_conn.send_bytes(_wire.result_head(bid, seconds, -1, size, nerrors) + payload)
         if retire:

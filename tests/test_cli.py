@@ -376,3 +376,21 @@ def test_bench_scripts_run_small(tmp_path: Path) -> None:
     proc = run("bench/contention.py", "--messages", "500", "--repeat", "1", module="")
     assert proc.returncode == 0, proc.stderr
     assert "ceiling for 2 workers" in proc.stdout
+
+
+def test_peak_rss_sees_a_peak_that_came_and_went_during_the_run():
+    """The benchmark's RSS measure: a block allocated, touched and freed inside the run counts
+    in its peak, though it is gone before the end (and the peak before the run does not)."""
+    import psutil
+
+    from ordpool._bench import _PeakRss
+
+    first = bytearray(200 << 20)  # a peak *before* the run, freed: it must not count
+    del first
+    with _PeakRss([]) as rss:
+        before = psutil.Process().memory_info().rss
+        block = bytearray(96 << 20)  # zero-filled: every page touched
+        del block
+    assert rss.peak_parent == rss.peak_total
+    assert rss.peak_parent >= before + (80 << 20)
+    assert rss.peak_parent < before + (150 << 20)
