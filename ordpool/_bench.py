@@ -1088,7 +1088,11 @@ def _rate(value: float | None) -> str:
 
 
 class Progress:
-    """A progress bar on stderr, drawn by a thread after the first second; silent off a tty."""
+    """A progress bar on stderr, drawn by a thread after the first second; silent off a tty.
+
+    The thread draws when a step starts or ends, and otherwise every few seconds (the elapsed
+    time): a thread that wakes often takes the GIL from the parent being measured.
+    """
 
     def __init__(self, total: int, enabled: bool = True, delay: float = 1.0) -> None:
         self.enabled = enabled and sys.stderr.isatty()
@@ -1098,6 +1102,7 @@ class Progress:
         self._delay = delay
         self._t0 = time.monotonic()
         self._stop = threading.Event()
+        self._changed = threading.Event()
         self._drawn = False
         self._width = 110
         self._thread = threading.Thread(target=self._run, name="bench-progress", daemon=True)
@@ -1107,16 +1112,20 @@ class Progress:
     def step(self, what: str) -> None:
         """A step is starting (``what`` names it); the previous one is done."""
         self.what = what
+        self._changed.set()
 
     def advance(self) -> None:
         """One step finished."""
         self.done = min(self.total, self.done + 1)
+        self._changed.set()
 
     def _run(self) -> None:
         if self._stop.wait(self._delay):
             return
-        while not self._stop.wait(0.2):
+        while not self._stop.is_set():
+            self._changed.clear()
             self._draw()
+            self._changed.wait(3.0)
 
     def _draw(self) -> None:
         width = 24
@@ -1132,6 +1141,7 @@ class Progress:
     def close(self) -> None:
         """Stop drawing and clear the line."""
         self._stop.set()
+        self._changed.set()
         if self.enabled:
             self._thread.join()
             if self._drawn:

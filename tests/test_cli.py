@@ -394,3 +394,29 @@ def test_peak_rss_sees_a_peak_that_came_and_went_during_the_run():
     assert rss.peak_parent == rss.peak_total
     assert rss.peak_parent >= before + (80 << 20)
     assert rss.peak_parent < before + (150 << 20)
+
+
+def test_progress_bar_draws_on_steps_on_a_terminal_only(monkeypatch):
+    import io
+    import time
+
+    from ordpool._bench import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, drawn in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        progress = Progress(2, delay=0.0)
+        progress.step("first step")
+        progress.advance()
+        progress.step("second step")
+        deadline = time.monotonic() + 10
+        while drawn and "second step" not in stream.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        progress.close()
+        out = stream.getvalue()
+        assert ("second step" in out and "1/2" in out) is drawn, out
+        if drawn:
+            assert out.endswith("\r")  # the line is cleared at the end
