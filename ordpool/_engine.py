@@ -37,13 +37,14 @@ from __future__ import annotations
 
 import atexit
 import enum
+import functools
 import multiprocessing.util  # noqa: F401 - import before registering our atexit hook
 import os
 import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Callable, Generator, Iterable, Iterator
+from typing import Any, Callable, Generator, Iterable, TypeVar
 
 import psutil
 
@@ -53,7 +54,19 @@ from ._errors import BrokenPool, PoolClosed, WorkerCrashed, WorkerInitError, des
 from ._reorder import ReorderBuffer
 from ._stats import PoolStats, WorkerStats, worker_usage
 
-__all__ = ["DEPTH", "Engine", "KeyRouter", "PoolState", "Stream", "fnv1a", "usable_cores"]
+__all__ = [
+    "DEPTH",
+    "Engine",
+    "KeyRouter",
+    "PoolState",
+    "Stream",
+    "decode_retrying",
+    "fnv1a",
+    "retrying",
+    "usable_cores",
+]
+
+T = TypeVar("T")
 
 # Tasks queued per worker: one running, one waiting in its pipe, so the worker never idles
 # while its result travels back and the next task travels out.
@@ -1229,7 +1242,7 @@ class Engine:
         batch: Batch,
         on_error: Callable[[int, BaseException], Any] | None = None,
         result: type | None = None,
-    ) -> Iterator[Any] | None:
+    ) -> _wire.ChunkValues | None:
         """The batch's values unpickled a chunk at a time as they are iterated, or ``None`` when
         the batch cannot go that way (small results pickled as one list, errors in the batch,
         a keyed batch merged from several tasks): then use :meth:`decode`. Each value of a chunk
@@ -1338,22 +1351,28 @@ def _holds_a_job(slot: _Slot) -> bool:
 _CONSUMED = b"(consumed)"  # Task.frame once the consumer took the payload
 
 
-def decode_retrying(
-    batch: Batch,
-) -> Generator[Interrupted, None, tuple[list[Any], dict[int, BaseException] | None]]:
-    """``Engine.decode(batch)`` for a consumer's batch generator (``yield from`` it): a
-    KeyboardInterrupt while decoding is yielded as :class:`Interrupted`, and the batch decoded
-    again once the consumer iterates again. Returns the values and errors; the caller releases
-    the batch (:meth:`Engine.release`) once it holds them."""
+def retrying(call: Callable[[], T]) -> Generator[Interrupted, None, T]:
+    """``call()`` for a consumer's batch generator (``yield from`` it): a KeyboardInterrupt in
+    it is yielded as :class:`Interrupted`, and ``call()`` made again once the consumer iterates
+    again. ``call`` must leave things as they were when interrupted (decoding a batch, loading
+    a chunk: :meth:`Engine.decode`, ``_wire.ChunkValues.next_chunk``)."""
     while True:
         try:
-            return Engine.decode(batch, interruptible=True)
+            return call()
         except KeyboardInterrupt as exc:
             interrupted = Interrupted(exc)
         # Yielded outside the except block: a suspended generator holding the exception (whose
         # traceback holds the generator) would be a reference cycle, and a consumer that leaves
         # would not release its stream until the next GC pass.
         yield interrupted
+
+
+def decode_retrying(
+    batch: Batch,
+) -> Generator[Interrupted, None, tuple[list[Any], dict[int, BaseException] | None]]:
+    """``Engine.decode(batch)`` through :func:`retrying`. Returns the values and errors; the
+    caller releases the batch (:meth:`Engine.release`) once it holds them."""
+    return retrying(functools.partial(Engine.decode, batch, interruptible=True))
 
 
 class Interrupted:

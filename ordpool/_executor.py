@@ -60,7 +60,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from . import _wire
 from ._batching import Batch, Task
-from ._engine import Engine, PacedSequence, PoolState, Stream, decode_retrying
+from ._engine import Engine, PacedSequence, PoolState, Stream, decode_retrying, retrying
 from ._errors import (
     BrokenPool,
     PoolClosed,
@@ -579,12 +579,9 @@ class _Core:
         self, engine: Engine, stream: Stream, feed: _MapFeed, end_time: float | None
     ) -> Iterator[Iterable[Any]]:
         """map()'s values, an iterable per batch, in order; ``[]`` first (see :meth:`map`)."""
-        unloadable = False
 
         def _raise_unloadable(pos: int, err: BaseException) -> None:
-            nonlocal unloadable
-            unloadable = True  # map ends after an error, as the stdlib's does
-            raise err
+            raise err  # map ends at its first error, as the stdlib's does
 
         try:
             yield []
@@ -615,9 +612,8 @@ class _Core:
                 if lazy is not None:
                     # a chunk that cannot be unpickled raises at its first position (the
                     # chunk's good values are not yielded: map ends at its first error)
-                    yield lazy
-                    if unloadable:
-                        return
+                    while (chunk := (yield from retrying(lazy.next_chunk))) is not None:
+                        yield chunk
                     continue
                 values, errors = yield from decode_retrying(batch)  # Ctrl-C: see there
                 Engine.release(batch)

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from . import _wire
 from ._batching import Batch
-from ._engine import Engine, PoolState, Stream, decode_retrying, usable_cores
+from ._engine import Engine, PoolState, Stream, decode_retrying, retrying, usable_cores
 from ._process import ProcessTransport
 from ._stats import PoolStats
 from ._worker import worker_spec
@@ -60,34 +60,30 @@ def _imap_batches(
 ) -> Iterator[Iterable[Any]]:
     """imap's values, an iterable per batch; a failed item per the ``errors`` policy.
 
-    Large results come as an iterator that unpickles a chunk of values when it is reached
+    Large results come a chunk of values at a time, unpickled when the consumer reaches it
     (:meth:`Engine.lazy_values`); each value of a chunk that cannot be unpickled then follows
     the policy there, and under "raise" the iteration ends at the chunk's first position, as it
-    does for any other error. A KeyboardInterrupt while a batch is decoded reaches the consumer
-    without ending the iteration (:class:`~ordpool._engine.Interrupted`).
+    does for any other error. A KeyboardInterrupt while a batch or a chunk is decoded reaches
+    the consumer without ending the iteration (:func:`~ordpool._engine.retrying`).
 
     ``pool`` is only held, so that ``list(ProcessOrderedPool(f).imap(xs))`` keeps the pool
     alive until the iteration ends. The caller primes the generator (see ``_primed``).
     """
-    raised = False
 
     def on_error(pos: int, err: BaseException) -> Any:
-        nonlocal raised
         if errors == "return":
             return err
         if errors == "skip":
             return _wire.SKIP
-        raised = True
-        raise err
+        raise err  # ends the iteration here, through this generator
 
     try:
         yield []
         for batch in _batches(engine, stream):
             lazy = engine.lazy_values(batch, on_error)
             if lazy is not None:
-                yield lazy
-                if raised:
-                    return
+                while (chunk := (yield from retrying(lazy.next_chunk))) is not None:
+                    yield chunk
                 continue
             # the consumer gets a Ctrl-C there; iterating again decodes the batch again
             values, errs = yield from decode_retrying(batch)
@@ -126,9 +122,16 @@ def _result_batches(
         if current is not None:
             yield current
         for batch in _batches(engine, stream):
-            current = engine.lazy_values(batch, result=Result)
-            if current is not None:  # Results built as they are reached, errors in their slot
-                yield current
+            lazy = engine.lazy_values(batch, result=Result)
+            if lazy is not None:  # Results built a chunk at a time, errors in their slot
+                while True:
+                    current = lazy  # a Ctrl-C while a chunk loads: the next results() retries it
+                    chunk = yield from retrying(lazy.next_chunk)
+                    if chunk is None:
+                        break
+                    rest = iter(chunk)
+                    current = chain(rest, lazy)  # what is left if the consumer leaves
+                    yield rest
                 continue
             # The consumer gets a Ctrl-C there; iterating again decodes the batch again. If it
             # leaves instead, the next results() starts with this batch.

@@ -17,7 +17,7 @@ import time
 import pytest
 from conftest import wait_until
 
-from ordpool import PoolClosed, ProcessOrderedPool, fnv1a
+from ordpool import PoolClosed, ProcessOrderedPool, _wire, fnv1a
 
 # -- functions run by the workers ----------------------------------------------------------------
 
@@ -717,3 +717,27 @@ def test_a_single_hot_key_is_not_cut_into_one_item_tasks(start_method):
         tasks = [r.get() for r in pool.results()]
     assert len(tasks) == n
     assert len(set(tasks)) < n // 20, len(set(tasks))
+
+
+def _large(i):
+    return i, "v" * 400  # pickles to more than CHUNKED_MIN: results travel in chunks
+
+
+@pytest.mark.timeout(60)
+def test_results_left_mid_chunk_resume_where_they_were_left(start_method):
+    """Large results are handed out a chunk at a time; a consumer that leaves in the middle of
+    a chunk (or of a batch) leaves the rest to the next results(): every index once, in order."""
+    n = 500
+    with ProcessOrderedPool(_large, workers=2, batch_size=100, start_method=start_method) as pool:
+        for i in range(n):
+            pool.enqueue(i, i)
+        pool.close()
+        seen: list = []
+        for stop in (5, 5 + _wire.CHUNK_MAX + 3, 250):  # mid-chunk, across chunks, mid-batch
+            for result in pool.results():
+                seen.append(result)
+                if len(seen) == stop:
+                    break
+        seen.extend(pool.results())
+    assert [r.index for r in seen] == list(range(n))
+    assert [r.value for r in seen] == [_large(i) for i in range(n)]
