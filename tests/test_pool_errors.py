@@ -577,7 +577,9 @@ def test_ctrl_c_just_after_a_batch_is_decoded_loses_nothing(monkeypatch):
 
     def decode_then_interrupted(batch, *, interruptible=False):
         decoded = real(batch, interruptible=interruptible)
-        if interruptible and armed[0] and batch.indices[0] >= 1000:
+        # Not the first batch: any later one (a fixed index may fall inside the first
+        # batch big enough to hold it, whose size depends on the machine's load).
+        if interruptible and armed[0] and batch.indices[0] > 0:
             armed[0] = False
             raise KeyboardInterrupt
         return decoded
