@@ -675,8 +675,8 @@ class Engine:
                 for item in it:
                     append(item)
                     n = len(feed)
-                    if n >= size or self._starts_now(stream):
-                        break
+                    if n >= size or (self._idle and self._starts_now(stream)):
+                        break  # (_idle first: no call per item while every worker is busy)
                     if n == 1 and self._flusher_idle:
                         with self._lock:
                             self._flush.notify()

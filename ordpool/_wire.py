@@ -19,11 +19,11 @@ worker when it fits there (a copy into shared memory costs a tenth of a pipe wri
 follows the header in the pipe frame when ``region`` is -1.
 
 ``items`` is ``b"B" n:I lengths:q*n data`` when every item is exactly ``bytes`` (the Kafka case:
-a join and an array, five times cheaper than pickling a list of bytes), else ``b"P"
-pickle(list)``. Results are ``b"P" pickle((values, errors))``, or, when they are large (the
-first one pickles to :data:`CHUNKED_MIN` bytes or more: dicts, documents), pickled in short chunks
-of ``k`` values (a list per chunk, :func:`chunk_length`) as the worker makes them
-(:func:`ordpool._worker.run_batch`)::
+a table of lengths and the bytes themselves, five times cheaper than pickling a list of bytes),
+else ``b"P" pickle(list)``. Results are ``b"P" pickle((values, errors))``, or, when they are
+large (the first one pickles to :data:`CHUNKED_MIN` bytes or more: dicts, documents), pickled
+in short chunks of ``k`` values (a list per chunk, :func:`chunk_length`) as the worker makes
+them (:func:`ordpool._worker.run_batch`)::
 
     b"C" n:I k:I nerr:I ends:q*ceil(n/k) errors:nerr chunk_0 chunk_1 ...
 
@@ -132,9 +132,9 @@ class Payload:
     """An encoded batch of items: ``head``, then the buffers in ``body``; ``nbytes`` in all.
 
     For ``bytes`` items, ``body`` is the list of items itself (the batch's own list, not a copy):
-    the transport copies each straight into shared memory or hands it to ``os.writev``, so the
-    parent never copies a message before the wire, and never touches each item's reference
-    count to build a list of buffers.
+    the transport copies them into shared memory (small ones joined first) or hands them to
+    ``os.writev``, so the parent copies no message before the wire, and touches no item's
+    reference count to build a list of buffers.
     """
 
     __slots__ = ("body", "head", "nbytes")
