@@ -126,26 +126,28 @@ class KeyRouter:
     True
     """
 
-    __slots__ = ("cache", "size", "workers")
+    __slots__ = ("caches", "size", "workers")
 
     MAX_KEY_BYTES = 256
 
     def __init__(self, workers: int, size: int = 1 << 16) -> None:
         self.workers = workers
-        self.size = size
-        self.cache: dict[Any, int] = {}
+        self.size = size  # keys remembered, per key type
+        # One dict per type: "a" and b"a" hash alike, and comparing them warns under -b.
+        self.caches: dict[type, dict[Any, int]] = {str: {}, bytes: {}, int: {}}
 
     def __call__(self, key: Any) -> int:
         kind = type(key)
         if ((kind is str or kind is bytes) and len(key) <= self.MAX_KEY_BYTES) or (
             kind is int and -_INT_BOUND <= key < _INT_BOUND
         ):
-            slot = self.cache.get(key)
+            cache = self.caches[kind]
+            slot = cache.get(key)
             if slot is None:
                 slot = fnv1a(key) % self.workers
-                if len(self.cache) >= self.size:
-                    self.cache.clear()
-                self.cache[key] = slot
+                if len(cache) >= self.size:
+                    cache.clear()
+                cache[key] = slot
             return slot
         return fnv1a(key) % self.workers
 
@@ -675,7 +677,9 @@ class Engine:
                 for item in it:
                     append(item)
                     n = len(feed)
-                    if n >= size or (self._idle and self._starts_now(stream)):
+                    if n >= size or (
+                        self._idle and self._starts_now(stream, self._slot_of(stream, item))
+                    ):
                         break  # (_idle first: no call per item while every worker is busy)
                     if n == 1 and self._flusher_idle:
                         with self._lock:
@@ -708,7 +712,7 @@ class Engine:
                     # whole window of 16-item batches.
                     if (
                         room > 0
-                        and room >= min(len(stream.feed), self.sizer.size)
+                        and room >= min(len(stream.feed), self.sizer.size, self.window)
                         and (
                             self._queued_locked() < self.workers
                             or (self._idle and not self._pending)
@@ -862,7 +866,11 @@ class Engine:
                     room = self.window - self._inflight
                     if room <= 0:
                         break
-                    if stream.kind == "imap" and self._queued_locked() >= self.workers:
+                    if (
+                        stream.kind == "imap"
+                        and self._queued_locked() >= self.workers
+                        and not (stream.keyed and self._has_items_for_free_slot(stream))
+                    ):
                         # Tasks already wait for every worker: an imap batch cut now would
                         # only wait too, at a size chosen before results came back (its feeder
                         # holds back for the same reason: _take_feed). A lone job of an
@@ -1023,27 +1031,51 @@ class Engine:
     def _starts_now(self, stream: Stream, slot: int | None = None) -> bool:
         """Whether a partial batch of ``stream`` cut now would start at once on an idle worker.
 
-        A worker is idle and no task waits for any worker. For a keyed stream, the item's own
-        worker (``slot``, when known) must be idle with nothing waiting for it; when it is not
-        known (a keyed imap's items are routed later), no task may wait for any given worker.
-        With a hot key, every item may be for the one busy worker while the others idle:
-        cutting at each item then made one-item tasks (100,000 items of one key: 11 s against
-        0.05 s unkeyed). Now its items wait while a task waits for that worker, and go as one
-        batch once it is sent. A feeder calls this without the lock: a hint, where a stale
+        A worker is idle and no task waits for any worker. For a keyed ordered stream, also
+        the new item's own worker (``slot``) must be free: with a hot key, every item may be
+        for the one busy worker while the others idle, and cutting at each item made one-item
+        tasks (100,000 items of one key: 11 s against 0.05 s unkeyed). Its items now wait
+        while that worker is busy, and go as one batch once it is free; an item for a free
+        worker still goes at once. A callback stream (``KeyedPool``'s jobs) is cut as before:
+        a batch completes as a whole, so a job for a free worker must not wait in a batch with
+        one for a busy worker. A feeder calls this without the lock: a hint, where a stale
         answer costs a batch cut early or late, nothing else.
         """
         if not self._idle or self._pending:
             return False
-        if not stream.keyed:
+        if not stream.keyed or stream.on_batch is not None:
             return True
-        if slot is not None:
-            return self._slot_free(slot)
-        return not any(s.pending for s in self._slots)
+        return slot is None or self._slot_free(slot)
+
+    def _slot_of(self, stream: Stream, pair: Any) -> int | None:
+        """The worker slot of a keyed imap item (a ``(key, item)`` pair), ``None`` otherwise or
+        if it is malformed (encoding it raises later, at its position)."""
+        if not stream.keyed:
+            return None
+        try:
+            return self.route(pair[0])
+        except Exception:
+            return None
 
     def _slot_free(self, slot: int) -> bool:
         """The worker of ``slot`` is ready, holds no task, and none waits for it."""
         s = self._slots[slot]
         return s.ready and not s.retiring and not s.outstanding and not s.pending
+
+    def _has_items_for_free_slot(self, stream: Stream) -> bool:
+        """Whether a keyed ordered stream's pending items include one for a free worker (their
+        slots: known for ``enqueue``, routed here for ``imap_keyed``; once a batch, not per
+        item). A malformed pair says True: encoding it raises, as it should."""
+        free = {i for i in range(self.workers) if self._slot_free(i)}
+        if not free:
+            return False
+        if stream.kind == "enqueue":
+            return not free.isdisjoint(stream.batcher.slots)
+        route = self.route
+        try:
+            return any(route(pair[0]) in free for pair in stream.feed)
+        except Exception:
+            return True
 
     def _take_for_idle_locked(self) -> list[tuple[Batch, list[Any], list[int]]]:
         """A worker went idle with nothing queued: take the streams' partial batches now.
@@ -1058,7 +1090,11 @@ class Engine:
         for stream in self._streams:
             if stream.abandoned or stream.closed or not stream.pending():
                 continue
-            if stream.keyed and not self._keyed_items_for_idle(stream):
+            if (
+                stream.keyed
+                and stream.on_batch is None
+                and not self._has_items_for_free_slot(stream)
+            ):
                 continue
             room = self.window - self._inflight
             if room <= 0:
@@ -1067,14 +1103,6 @@ class Engine:
             if work is not None:
                 works.append(work)
         return works
-
-    def _keyed_items_for_idle(self, stream: Stream) -> bool:
-        """Whether a keyed stream's pending items include one for a free worker (enqueue: their
-        slots are known), or may (imap: see :meth:`_starts_now`)."""
-        if stream.kind != "enqueue":
-            return self._starts_now(stream)
-        free = {i for i in range(self.workers) if self._slot_free(i)}
-        return bool(free) and not free.isdisjoint(stream.batcher.slots)
 
     def on_death(
         self, slot: int, exitcode: int | None, pid: int, progress: tuple[int, int]

@@ -164,7 +164,7 @@ def encode_items(items: list[Any]) -> tuple[Payload, dict[int, BaseException]]:
         # which parses each length with PyArg_Parse.
         lengths = list(map(len, items))
         n = len(items)
-        head = b"B" + _COUNT.pack(n) + struct.pack(f"<{n}q", *lengths)
+        head = b"B" + _COUNT.pack(n) + struct.pack(f"={n}q", *lengths)  # native, as array
         return Payload(head, items, len(head) + sum(lengths)), {}
     try:
         return _pickled(dumps(items)), {}

@@ -87,6 +87,28 @@ def test_different_keys_run_in_parallel(start_method: str, tmp_path) -> None:
         assert f1.result(timeout=30) and f2.result(timeout=30)
 
 
+@pytest.mark.timeout(60)
+def test_a_job_for_an_idle_worker_does_not_wait_for_a_busy_keys_queue(
+    start_method: str, tmp_path
+) -> None:
+    """A job queued behind a long job of one key must not hold back a job of another key whose
+    worker is idle (a batch completes as a whole: the two must not share one)."""
+    gate = str(tmp_path / "gate")
+    with KeyedPool(2, start_method=start_method) as pool:
+        busy, idle = keys_on_distinct_slots(pool)
+        pool.submit(busy, str, 0).result(timeout=30)
+        pool.submit(idle, str, 0).result(timeout=30)
+        blocked = pool.submit(busy, wait_for_file, gate, 60.0)
+        queued = pool.submit(busy, str, 1)  # waits for its worker
+        try:
+            # the gate opens only after this returns: it cannot wait for `blocked`
+            assert pool.submit(idle, str, 2).result(timeout=20) == "2"
+            assert not blocked.done() and not queued.done()
+        finally:
+            open(gate, "w").close()
+        assert blocked.result(timeout=30) is True and queued.result(timeout=30) == "1"
+
+
 def test_slot_is_stable_across_processes_and_hash_seeds() -> None:
     keys = ["alice", "bob", b"\x00\xff", 0, -1, 2**70, "ünïcödé"]
     code = "import ordpool, sys; keys = eval(sys.argv[1]); print([ordpool.fnv1a(k) for k in keys])"

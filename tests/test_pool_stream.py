@@ -690,6 +690,43 @@ def test_a_busy_hot_key_does_not_keep_other_keys_from_idle_workers(start_method,
         assert list(pool.imap_keyed(pairs)) == list(range(n_hot + n_cold))
 
 
+def _hot_until_cold_ran(item):
+    """item = (kind, directory): the hot key's first item waits until a cold item has run."""
+    kind, directory = item
+    if kind == "hot-first":
+        _wait_for(os.path.join(directory, "cold-ran"))
+    elif kind == "cold":
+        with open(os.path.join(directory, "cold-ran"), "w"):
+            pass
+    return kind
+
+
+@pytest.mark.timeout(60)
+def test_a_cold_key_item_goes_to_its_idle_worker_while_the_input_pauses(start_method, tmp_path):
+    """A hot key's worker is busy with a backlog; then one item of another key arrives, and the
+    input pauses until the hot key's first item is done. That item waits for the cold one to
+    have run, so the cold item must be sent to its idle worker while the input is quiet (it
+    waited for more input, or for the backlog to drain: here, for ever)."""
+    workers = 2
+    hot = next(k for k in range(1000) if fnv1a(k) % workers == 0)
+    cold = next(k for k in range(1000) if fnv1a(k) % workers == 1)
+    directory = str(tmp_path)
+
+    def pairs():
+        yield hot, ("hot-first", directory)
+        for _ in range(40):
+            yield hot, ("hot", directory)
+        yield cold, ("cold", directory)
+        _wait_for(os.path.join(directory, "cold-ran"))  # the input pauses meanwhile
+        yield hot, ("hot", directory)
+
+    with ProcessOrderedPool(
+        _hot_until_cold_ran, workers=workers, start_method=start_method
+    ) as pool:
+        out = list(pool.imap_keyed(pairs()))
+    assert out == ["hot-first"] + ["hot"] * 40 + ["cold", "hot"]
+
+
 def _task_id(x):
     """The wire id of the task this item ran in."""
     from ordpool import _worker
@@ -741,3 +778,16 @@ def test_results_left_mid_chunk_resume_where_they_were_left(start_method):
         seen.extend(pool.results())
     assert [r.index for r in seen] == list(range(n))
     assert [r.value for r in seen] == [_large(i) for i in range(n)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["list", "iterator"])
+def test_a_fixed_batch_size_larger_than_the_window_does_not_hang(start_method, kind):
+    """The feeder waited for room for a whole batch, which a window smaller than the batch
+    size never has: it hung for ever. Batches are then as large as the window allows."""
+    n = 5000
+    source = list(range(n)) if kind == "list" else iter(range(n))
+    with ProcessOrderedPool(
+        abs, workers=2, batch_size=10**6, window=1000, start_method=start_method
+    ) as pool:
+        assert list(pool.imap(source)) == list(range(n))
