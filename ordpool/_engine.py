@@ -1064,8 +1064,10 @@ class Engine:
 
     def _has_items_for_free_slot(self, stream: Stream) -> bool:
         """Whether a keyed ordered stream's pending items include one for a free worker (their
-        slots: known for ``enqueue``, routed here for ``imap_keyed``; once a batch, not per
-        item). A malformed pair says True: encoding it raises, as it should."""
+        slots: known for ``enqueue``, routed here for ``imap_keyed``). Called per answered
+        task and per flusher tick, not per item; it scans the pending items (at most about a
+        batch: a cached route each, 0.1 us) until one is for a free worker. A malformed pair
+        says True: encoding it raises, as it should."""
         free = {i for i in range(self.workers) if self._slot_free(i)}
         if not free:
             return False
