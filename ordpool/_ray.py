@@ -146,7 +146,9 @@ class OrdpoolActor:
             results = _wire.encode_results([], {-1: wrap_exception(exc)})
         else:
             fn = _worker.stream_call(call, self._call, self._calls)
-            results, _ = _worker.run_batch(fn, items, set(failed), progress)
+            encoded, _ = _worker.run_batch(fn, items, set(failed), progress)
+            assert encoded is not None  # no region given: the results come back in memory
+            results = encoded
             self._done += len(items)
             del items
         self._retired = self._max_tasks is not None and self._done >= self._max_tasks

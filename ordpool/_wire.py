@@ -25,12 +25,14 @@ large (the first one pickles to :data:`CHUNKED_MIN` bytes or more: dicts, docume
 in short chunks of ``k`` values (a list per chunk, :func:`chunk_length`) as the worker makes
 them (:func:`ordpool._worker.run_batch`)::
 
-    b"C" n:I k:I nerr:I ends:q*ceil(n/k) errors:nerr chunk_0 chunk_1 ...
+    b"C" n:I k:I nerr:I ends:q*ceil(n/k) chunk_0 chunk_1 ... errors:nerr
 
-``ends`` are the ends of the chunks, counted from the start of the payload; ``errors`` is
-``pickle(errors)``, or empty when there are none. The parent unpickles a chunk only when its
-consumer reaches it (:func:`iter_values`): a few values alive at a time, where a whole batch of
-rebuilt dicts would make the cyclic GC traverse all of them and fall out of the CPU caches.
+``ends`` are the ends of the chunks, counted from the start of the payload; ``errors``, after
+the last chunk, is ``pickle(errors)``, or empty when there are none (the worker writes the
+chunks into its region as it makes them, :class:`ChunkWriter`; the errors are known last).
+The parent unpickles a chunk only when its consumer reaches it (:func:`iter_values`): a few
+values alive at a time, where a whole batch of rebuilt dicts would make the cyclic GC traverse
+all of them and fall out of the CPU caches.
 Why chunks rather than single values: the values of a chunk share one pickle memo, so the keys
 their dicts have in common (one ``str`` object each in the worker, as ``orjson`` makes them)
 are written once and rebuilt once, and a call serves several values. Measured on ``orjson``
@@ -73,6 +75,7 @@ __all__ = [
     "STOP",
     "TASK",
     "ChunkValues",
+    "ChunkWriter",
     "Payload",
     "chunk_length",
     "decode_items",
@@ -82,7 +85,6 @@ __all__ = [
     "encode_items",
     "encode_results",
     "iter_values",
-    "pack_chunks",
     "parse_result",
     "parse_task",
     "result_head",
@@ -286,14 +288,95 @@ def dump_chunk(values: list[Any], base: int, errors: dict[int, Any]) -> bytes:
         return pickle.dumps([None] * len(values), PROTOCOL)
 
 
-def pack_chunks(chunks: list[bytes], n: int, k: int, errors: dict[int, Any] | None) -> bytes:
-    """``n`` results already pickled in chunks of ``k``, framed as ``b"C"`` (see the module
-    docstring)."""
-    pickled_errors = dumps(errors) if errors else b""
-    first = _CHUNKS_HEAD.size + 8 * len(chunks) + len(pickled_errors)
-    ends = array("q", accumulate(map(len, chunks), initial=first))[1:]
-    head = _CHUNKS_HEAD.pack(b"C"[0], n, k, len(pickled_errors))
-    return b"".join([head, ends.tobytes(), pickled_errors, *chunks])
+class ChunkWriter:
+    """Writes a batch's large results as a ``b"C"`` payload, a chunk at a time, straight into
+    a shared-memory region (a worker's result region), or into memory once they outgrow it,
+    or when there is no region (Ray, tests).
+
+    One pickler, made once, pickles every chunk it is given: ``pickle.dumps`` per chunk made
+    a pickler, its memo table and an output buffer grown by copies each time, and the chunks
+    were then joined and the whole payload copied into the region. Measured on 600-byte
+    dicts in chunks of 16, per value: 1.02 us that way, 0.76 this way.
+
+    Use: :meth:`target` (the region, if any), :meth:`begin`, :meth:`dump` per chunk, then
+    :meth:`finish`, which returns the payload, or ``None`` when it lies in the region
+    (:attr:`size` bytes from its start).
+    """
+
+    __slots__ = ("_ends", "_fits", "_k", "_n", "_pickler", "_spill", "_start", "_view", "size")
+
+    def __init__(self) -> None:
+        self._pickler = pickle.Pickler(self, PROTOCOL)  # writes through self.write
+        self._view: Any = _NO_REGION
+        self._fits: Callable[[int], bool] | None = None
+        self._spill: bytearray | None = None
+        self._ends = array("q")
+        self._n = self._k = self._start = self.size = 0
+
+    def target(self, view: Any, fits: Callable[[int], bool] | None) -> None:
+        """Write the next payload into ``view`` while ``fits(nbytes)`` says its first
+        ``nbytes`` may be written (see ``_worker.Reservation``)."""
+        self._view, self._fits = view, fits
+
+    def begin(self, n: int, k: int) -> None:
+        """Start a payload of ``n`` values in chunks of ``k``."""
+        self._n, self._k = n, k
+        # The head and the table of ends are written last, in the room kept for them here.
+        self._start = self.size = _CHUNKS_HEAD.size + 8 * -(-n // k)
+        self._spill = None
+        self._ends = array("q")
+
+    def write(self, data: Any) -> int:
+        """The pickler's file: append ``data`` to the payload."""
+        pos = self.size
+        end = pos + len(data)
+        spill = self._spill
+        if spill is None:
+            fits = self._fits
+            if end <= len(self._view) and (fits is None or fits(end)):
+                self._view[pos:end] = data
+                self.size = end
+                return end - pos
+            # Too large for the region (or no region): the payload goes on in memory.
+            view = self._view
+            spill = self._spill = bytearray(view[:pos]) if pos <= len(view) else bytearray(pos)
+        spill += data
+        self.size = end
+        return end - pos
+
+    def dump(self, values: list[Any], base: int, errors: dict[int, Any]) -> None:
+        """Append the chunk of the values of positions ``base`` on. A value that cannot be
+        pickled becomes that position's error in ``errors``, and ``None`` in the chunk."""
+        pos = self.size
+        try:
+            self._pickler.dump(values)
+        except Exception:
+            # Undo what the failed dump wrote (a large chunk is written in frames as it goes).
+            self.size = pos
+            if self._spill is not None:
+                del self._spill[pos:]
+            self.write(dump_chunk(values, base, errors))
+        finally:
+            self._pickler.clear_memo()  # chunks unpickle alone; and no value is kept alive
+        self._ends.append(self.size)
+
+    def finish(self, errors: dict[int, Any] | None) -> bytes | None:
+        """End the payload: ``None`` when it lies in the region (``size`` bytes), else it."""
+        pickled_errors = dumps(errors) if errors else b""
+        if pickled_errors:
+            self.write(pickled_errors)
+        head = _CHUNKS_HEAD.pack(b"C"[0], self._n, self._k, len(pickled_errors))
+        head += self._ends.tobytes()
+        spill, self._spill = self._spill, None
+        view, self._view = self._view, _NO_REGION  # no view of the region kept between batches
+        if spill is None:
+            view[: self._start] = head
+            return None
+        spill[: self._start] = head
+        return bytes(spill)
+
+
+_NO_REGION = memoryview(b"")
 
 
 def result_head(bid: int, seconds: float, region: int, nbytes: int, nerrors: int) -> bytes:
@@ -354,8 +437,8 @@ def _split_chunks(
     start = _CHUNKS_HEAD.size + 8 * -(-n // k)
     ends = array("q")
     ends.frombytes(data[_CHUNKS_HEAD.size : start])
-    errors = pickle.loads(data[start : start + nerr]) if nerr else None
-    return data, n, k, ends, start + nerr, errors
+    errors = pickle.loads(data[ends[-1] : ends[-1] + nerr]) if nerr else None
+    return data, n, k, ends, start, errors
 
 
 def iter_values(

@@ -81,9 +81,17 @@ def cancelled() -> bool:
 
 
 def run_batch(
-    call: Callable[[Any], Any], items: list[Any], failed: set[int], progress: Any
-) -> tuple[bytes, int]:
+    call: Callable[[Any], Any],
+    items: list[Any],
+    failed: set[int],
+    progress: Any,
+    out: _wire.ChunkWriter | None = None,
+) -> tuple[bytes | None, int]:
     """Run ``call`` over ``items``; returns the encoded results and how many items failed.
+
+    Large results are written by ``out`` (a new :class:`~ordpool._wire.ChunkWriter` when
+    ``None``) into the region it targets, if any: the encoded results are then ``None``, and
+    lie in that region (``out.size`` bytes).
 
     ``progress[1]`` is set to each position before its call, ``len(items)`` after the last.
     The first result decides the encoding (:mod:`ordpool._wire`): small results are kept and
@@ -108,7 +116,8 @@ def run_batch(
         except Exception:
             size = 0
         if size >= _wire.CHUNKED_MIN:
-            return _run_chunks(call, items, failed, progress, values, size, errors)
+            out = out if out is not None else _wire.ChunkWriter()
+            return _run_chunks(call, items, failed, progress, values, size, errors, out)
         break
     _run_range(call, items, failed, progress, start, n, append, errors)
     progress[1] = n
@@ -147,29 +156,30 @@ def _run_chunks(
     done: list[Any],
     first_size: int,
     errors: dict[int, Any],
-) -> tuple[bytes, int]:
+    out: _wire.ChunkWriter,
+) -> tuple[bytes | None, int]:
     """:func:`run_batch` once the results in ``done`` are made, the last of which pickled to
     ``first_size`` bytes: the rest made and pickled in chunks (``_wire.chunk_length``)."""
     n = len(items)
     k = _wire.chunk_length(first_size)
-    dump = _wire.dump_chunk
-    chunks = []
+    out.begin(n, k)
+    dump = out.dump
     base = 0
     while len(done) - base > k:  # positions up to the first result: errors, or not run
-        chunks.append(dump(done[base : base + k], base, errors))
+        dump(done[base : base + k], base, errors)
         base += k
     chunk = done[base:]
     lo = len(done)
     while True:
         _run_range(call, items, failed, progress, lo, min(base + k, n), chunk.append, errors)
-        chunks.append(dump(chunk, base, errors))
+        dump(chunk, base, errors)
         base += k
         if base >= n:
             break
         chunk = []
         lo = base
     progress[1] = n
-    return _wire.pack_chunks(chunks, n, k, errors), len(errors)
+    return out.finish(errors or None), len(errors)
 
 
 def _parent_alive(pid: int) -> bool:
@@ -396,6 +406,7 @@ def _loop(
     result_bufs = [r.buf for r in regions[turns:-1]]
     reservations = [Reservation(getattr(r, "_fd", None), len(r.buf)) for r in regions[turns:-1]]
     turn = 0
+    out = _wire.ChunkWriter()  # writes large results straight into the result region
     done = 0  # items run by this process (max_tasks_per_child)
     calls: dict[bytes, Callable[[Any], Any]] = {}  # pickled stream callable -> callable
     while True:
@@ -423,11 +434,12 @@ def _loop(
         except BaseException as exc:
             # An item that cannot be unpickled here (a class the worker cannot import) fails
             # the batch: position -1 means "every item".
-            payload = _wire.encode_results([], {-1: wrap_exception(exc)})
+            payload: bytes | None = _wire.encode_results([], {-1: wrap_exception(exc)})
             nerrors = _wire.ALL_FAILED
         else:
+            out.target(result_bufs[turn], reservations[turn].fits)
             payload, nerrors = run_batch(
-                stream_call(call_bytes, call, calls), items, failed, progress
+                stream_call(call_bytes, call, calls), items, failed, progress, out
             )
             done += len(items)
             del items  # freed before the collector runs again
@@ -438,6 +450,12 @@ def _loop(
         if retire:
             # Said before the result, so the parent sends nothing more to this process.
             result_conn.send_bytes(_wire.RETIRE_FRAME)
+        if payload is None:  # written in the result region of this turn already
+            result_conn.send_bytes(_wire.result_head(bid, seconds, turn, out.size, nerrors))
+            turn = (turn + 1) % turns
+            if retire:
+                return
+            continue
         size = len(payload)
         if reservations[turn].fits(size):
             result_bufs[turn][:size] = payload

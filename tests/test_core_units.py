@@ -500,6 +500,81 @@ def test_chunked_results_keep_every_failure_at_its_position(n, monkeypatch):
     assert _wire.iter_values(payload, _fail_on_error) is None
 
 
+def _run_into(fn, items, out, view, fits=None, failed=()):
+    """run_batch with results written by ``out`` into ``view``: the payload, and whether it
+    was left in the region."""
+    progress = memoryview(bytearray(32)).cast("q")
+    out.target(view, fits)
+    payload, nerrors = _worker.run_batch(fn, items, set(failed), progress, out)
+    if payload is None:
+        return bytes(view[: out.size]), nerrors, True
+    return payload, nerrors, False
+
+
+@pytest.mark.parametrize(
+    ("room", "limit", "in_region"),
+    [(1 << 20, None, True), (3000, None, False), (1 << 20, 2000, False), (0, None, False)],
+    ids=["fits", "outgrows-the-region", "tmpfs-refuses", "no-region"],
+)
+def test_chunked_results_written_into_the_region_or_spilled(room, limit, in_region, monkeypatch):
+    """The worker's ChunkWriter writes the chunks straight into the result region; results
+    that outgrow it (or that tmpfs has no room for) go on in memory, and arrive the same."""
+    monkeypatch.setattr(_wire, "CHUNK_MAX", 2)
+    out = _wire.ChunkWriter()
+    region = memoryview(bytearray(room))
+    fits = None if limit is None else (lambda nbytes: nbytes <= limit)
+    n = 60
+    for _ in range(2):  # the same writer (and pickler) serves batch after batch
+        payload, nerrors, left = _run_into(_doc_or_fault, list(range(n)), out, region, fits)
+        assert left is in_region
+        assert payload[:1] == b"C" and nerrors == 4
+        values, errors = _wire.decode_results(payload)
+        assert sorted(errors) == [0, 1, 3, 5]
+        good = [i for i in range(n) if i not in (0, 1, 3, 5, 6)]
+        assert [values[i] for i in good] == [_doc(i) for i in good]
+        assert values[6]() == "made in the worker"
+
+
+_SHARED_KEY = "shared key " + "k" * 40  # one str object in every result of every batch
+
+
+def _doc_with_shared_key(i):
+    return {_SHARED_KEY: i, "pad": "x" * _wire.CHUNKED_MIN}
+
+
+def test_each_chunk_unpickles_alone_across_batches():
+    """The writer's pickler forgets what it pickled after each chunk: a chunk that refers to
+    an object pickled in an earlier chunk (or batch) cannot be unpickled on its own."""
+    out = _wire.ChunkWriter()
+    region = memoryview(bytearray(1 << 20))
+    first, _, _ = _run_into(_doc_with_shared_key, list(range(40)), out, region)
+    second, _, _ = _run_into(_doc_with_shared_key, list(range(40, 80)), out, region)
+    for payload, base in ((first, 0), (second, 40)):
+        assert list(_wire.iter_values(payload, _fail_on_error)) == [
+            _doc_with_shared_key(base + i) for i in range(40)
+        ]
+
+
+def _big_then_unpicklable(i):
+    if i == 2:  # its big bytes are written before the lock fails the pickle
+        return {"big": b"b" * (200 << 10), "lock": threading.Lock()}
+    return {"i": i, "big": b"a" * (40 << 10)}  # over CHUNK_BYTES: a chunk per value
+
+
+@pytest.mark.parametrize("room", [1 << 20, 0], ids=["region", "memory"])
+def test_a_chunk_that_fails_midway_leaves_no_bytes_behind(room):
+    """Pickling writes a large chunk in frames as it goes; one that then fails is undone
+    before the chunk is written again with its value's error."""
+    out = _wire.ChunkWriter()
+    payload, nerrors, _ = _run_into(
+        _big_then_unpicklable, list(range(5)), out, memoryview(bytearray(room))
+    )
+    assert nerrors == 1
+    values, errors = _wire.decode_results(payload)
+    assert list(errors) == [2] and isinstance(errors[2], pickle.PicklingError)
+    assert values == [_big_then_unpicklable(i) if i != 2 else None for i in range(5)]
+
+
 class _RefusesToLoad:
     def __reduce__(self):
         return (_refuse_to_load, ())
