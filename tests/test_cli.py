@@ -376,6 +376,10 @@ def test_bench_scripts_run_small(tmp_path: Path) -> None:
     proc = run("bench/contention.py", "--messages", "500", "--repeat", "1", module="")
     assert proc.returncode == 0, proc.stderr
     assert "ceiling for 2 workers" in proc.stdout
+    proc = run("bench/bare.py", "--messages", "3000", "--rounds", "1", module="")
+    assert proc.returncode == 0, proc.stderr  # it checks each engine's results against serial
+    for engine in ("bare pool (pickle)", "bare pool (marshal)", "ordpool", "ProcessPoolExecutor"):
+        assert engine in proc.stdout
 
 
 def test_peak_rss_sees_a_peak_that_came_and_went_during_the_run():
