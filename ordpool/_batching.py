@@ -47,7 +47,9 @@ class Task:
             sent and answered, or when nothing is to be sent.
         failed: items that fail without running, by position in the task: an item that could not
             be pickled, or one whose worker died too often (``{2: WorkerCrashed(...)}``).
-        attempts: position in the task -> times it was running when its worker died.
+        attempts: position in the task -> times it was running when its worker died; -1: the
+            worker died after running every item (the task then runs once more); -2: deaths
+            that blamed only items already failed (see ``Engine._requeue_lost_locked``).
         frame: the pickled results once answered, else ``None``.
     """
 

@@ -1171,13 +1171,24 @@ class Engine:
                 else:
                     # position -1 (unknown, e.g. a lost Ray actor) or n again: all of them
                     blamed = [position] if 0 <= position < n else range(n)
+                newly_blamed = False
                 for pos in blamed:
                     if pos in task.failed:
                         continue
+                    newly_blamed = True
                     tries = task.attempts.get(pos, 0) + 1
                     task.attempts[pos] = tries
                     if tries > self.retries:
                         task.failed[pos] = crashed
+                if blamed and not newly_blamed:
+                    # Every item it blames has failed already: the death came after them
+                    # (while the results were pickled or written, say), and running the task
+                    # again may only repeat it. Count it against the task, then fail the rest.
+                    tries = task.attempts.get(-2, 0) + 1
+                    task.attempts[-2] = tries
+                    if tries > self.retries:
+                        for pos in range(n):
+                            task.failed.setdefault(pos, crashed)
                 if len(task.failed) == task.n:
                     task.payload = None
                     self._answer_locked(task)

@@ -112,6 +112,7 @@ class OrdpoolActor:
         _worker._progress = self._progress
         self._call: Callable[[Any], Any] | None = None
         self._calls: dict[bytes, Callable[[Any], Any]] = {}  # stream callables, unpickled
+        self._writer = _wire.ChunkWriter()  # large results, in memory (no region here)
         self._initerr: bytes | None = None  # the INITERR frame when init raised
         self._max_tasks: int | None = None  # retire after this many items (max_tasks_per_child)
         self._done = 0  # items run by this actor
@@ -146,7 +147,7 @@ class OrdpoolActor:
             results = _wire.encode_results([], {-1: wrap_exception(exc)})
         else:
             fn = _worker.stream_call(call, self._call, self._calls)
-            encoded, _ = _worker.run_batch(fn, items, set(failed), progress)
+            encoded, _ = _worker.run_batch(fn, items, set(failed), progress, self._writer)
             assert encoded is not None  # no region given: the results come back in memory
             results = encoded
             self._done += len(items)

@@ -90,8 +90,8 @@ def run_batch(
     """Run ``call`` over ``items``; returns the encoded results and how many items failed.
 
     Large results are written by ``out`` (a new :class:`~ordpool._wire.ChunkWriter` when
-    ``None``) into the region it targets, if any: the encoded results are then ``None``, and
-    lie in that region (``out.size`` bytes).
+    ``None``) into the region it targets, if any, when they fit there: the encoded results
+    are then ``None``, and lie in that region (``out.size`` bytes).
 
     ``progress[1]`` is set to each position before its call, ``len(items)`` after the last.
     The first result decides the encoding (:mod:`ordpool._wire`): small results are kept and
@@ -162,7 +162,7 @@ def _run_chunks(
     ``first_size`` bytes: the rest made and pickled in chunks (``_wire.chunk_length``)."""
     n = len(items)
     k = _wire.chunk_length(first_size)
-    out.begin(n, k)
+    out.begin(n, k, first_size * n)  # an estimate (chunks share keys: usually a little less)
     dump = out.dump
     base = 0
     while len(done) - base > k:  # positions up to the first result: errors, or not run

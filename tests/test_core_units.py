@@ -535,6 +535,103 @@ def test_chunked_results_written_into_the_region_or_spilled(room, limit, in_regi
         assert values[6]() == "made in the worker"
 
 
+class _WatchedRegion:
+    """A region that records the bytes read or written, and a ``fits`` that allows the first
+    ``limit`` bytes (as ``Reservation.fits`` allows the pages it has allocated)."""
+
+    def __init__(self, size, limit):
+        self.data = bytearray(size)
+        self.limit = limit
+        self.allowed = 0  # the most fits() has allowed
+        self.touched = 0  # the end of the furthest byte read or written
+
+    def fits(self, nbytes):
+        if nbytes <= self.limit:
+            self.allowed = max(self.allowed, nbytes)
+            return True
+        return False
+
+    def __len__(self):
+        return len(self.data)
+
+    def _touch(self, key):
+        assert isinstance(key, slice) and key.step is None
+        self.touched = max(self.touched, key.indices(len(self.data))[1])
+
+    def __getitem__(self, key):
+        self._touch(key)
+        return memoryview(self.data)[key]
+
+    def __setitem__(self, key, value):
+        self._touch(key)
+        self.data[key] = value
+
+
+def _growing_doc(i):
+    """Results that grow: the first one's size underestimates the batch."""
+    return {"i": i, "pad": "x" * (_wire.CHUNKED_MIN + 10 * i)}
+
+
+@pytest.mark.parametrize(
+    ("limit", "in_region"),
+    [(1 << 20, True), (200_000, False), (0, False)],
+    ids=["fits", "outgrows-what-fits-midway", "refused-from-the-start"],
+)
+def test_the_writer_touches_only_region_bytes_that_fits_allowed(limit, in_region):
+    """A full tmpfs kills a process that touches (even reads) a page it has not allocated:
+    the writer reads and writes only bytes that fits() allowed, whether the payload stays in
+    the region or goes on in memory."""
+    region = _WatchedRegion(1 << 20, limit)
+    out = _wire.ChunkWriter()
+    payload, nerrors, left = _run_into(_growing_doc, list(range(300)), out, region, region.fits)
+    assert left is in_region and nerrors == 0
+    assert region.touched <= region.allowed
+    assert (region.allowed > 0) is (limit > 0)  # midway: it was in the region at first
+    values, errors = _wire.decode_results(payload)
+    assert errors is None and values == [_growing_doc(i) for i in range(300)]
+
+
+def test_a_payload_larger_than_the_region_never_enters_it():
+    """The estimate (the first result's size times the batch) keeps a payload that cannot fit
+    out of the region from the start: it would take the region's pages only to travel in the
+    pipe."""
+    region = _WatchedRegion(50_000, 50_000)
+    out = _wire.ChunkWriter()
+    payload, _, left = _run_into(_doc, list(range(500)), out, region, region.fits)
+    assert not left and region.touched == 0 and region.allowed == 0
+    assert list(_wire.iter_values(payload, _fail_on_error)) == [_doc(i) for i in range(500)]
+
+
+def _with_buffers(i):
+    from array import array
+
+    return {
+        "i": i,
+        "raw": pickle.PickleBuffer(bytearray(bytes([i]) * (70 << 10))),  # over a pickle frame
+        "doubles": pickle.PickleBuffer(array("d", [float(i)] * 10_000)),  # 80 KB, typed
+    }
+
+
+def test_large_pickle_buffers_are_written_without_the_fallback(monkeypatch):
+    """The pickler hands a large in-band PickleBuffer (what numpy arrays reduce to) to the
+    file as it is: its raw bytes are written, and the chunk is not pickled a second time."""
+    from array import array
+
+    def no_fallback(values, base, errors):
+        raise AssertionError("the chunk went to dump_chunk")
+
+    monkeypatch.setattr(_wire, "dump_chunk", no_fallback)
+    out = _wire.ChunkWriter()
+    payload, nerrors, left = _run_into(
+        _with_buffers, list(range(6)), out, memoryview(bytearray(4 << 20))
+    )
+    assert left and nerrors == 0
+    values = list(_wire.iter_values(payload, _fail_on_error))
+    assert [v["raw"] for v in values] == [bytearray(bytes([i]) * (70 << 10)) for i in range(6)]
+    doubles = [array("d", bytes(v["doubles"])) for v in values]
+    assert doubles == [array("d", [float(i)] * 10_000) for i in range(6)]
+
+
 _SHARED_KEY = "shared key " + "k" * 40  # one str object in every result of every batch
 
 

@@ -771,6 +771,37 @@ def test_retries_hide_a_transient_crash(start_method, tmp_path):
         assert len(set(pool.worker_pids()) - pids_before) == 1
 
 
+class _ExitWhenPickled:
+    """A result that kills its worker as it is pickled (after its item has run)."""
+
+    def __reduce__(self):
+        os._exit(5)
+
+
+def _result_kills_when_pickled(i):
+    value = {"i": i, "pad": "x" * 300}  # large results: pickled in chunks after their items
+    if i == 3:
+        value["bomb"] = _ExitWhenPickled()
+    return value
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_death_that_blames_only_failed_items_does_not_requeue_forever(start_method, retries):
+    """The worker dies while pickling a chunk of results: the item it blames (the chunk's last
+    run) fails, and the task runs again without it; the death repeats, blaming the same,
+    already failed, item. The task then counts the deaths against itself and fails after the
+    retries, instead of being re-queued for ever (a hang, and a fork per death)."""
+    with ProcessOrderedPool(
+        _result_kills_when_pickled, workers=1, retries=retries, start_method=start_method
+    ) as pool:
+        results = pool.map(list(range(8)), errors="return")  # one batch, one chunk
+        assert len(results) == 8
+        assert all(isinstance(r, WorkerCrashed) and r.exitcode == 5 for r in results)
+        assert pool.stats().restarts == 2 * (retries + 1)
+        assert pool.map(range(4, 6)) == [_result_kills_when_pickled(i) for i in (4, 5)]
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("retries", [0, 2])
 def test_a_permanent_poison_item_fails_after_retries_plus_one_attempts(
