@@ -20,9 +20,10 @@ none of ordpool's features (no threads, no error handling, no keys, no backpress
 general-purpose pool can use it; it shows what the codec, not the pool, costs.
 
 Each round runs every engine once over the same messages (serial, the bare pool(s), ordpool,
-``ProcessPoolExecutor.map`` at ``--chunksize``), all pools started before the data is built,
-with ``forkserver``. The report gives medians over the rounds of throughput, ratios to serial
-taken within each round, and CPU per message of the parent and of the workers.
+``ProcessPoolExecutor.map`` and ``multiprocessing.Pool.imap`` at ``--chunksize``), all pools
+started before the data is built, with ``forkserver``. The report gives medians over the
+rounds of throughput, of ratios to serial and to the faster stdlib pool taken within each
+round, and of CPU per message of the parent and of the workers.
 
 Usage: ``python bench/bare.py [--workload decode|transform] [--rounds 7] [--messages 200000]
 [--codec pickle,marshal]``
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     bare = {c: BarePool(args.workers, args.workload, c, ctx) for c in args.codec.split(",")}
     pool = ProcessOrderedPool(workload.fn, workers=args.workers, start_method="forkserver")
     executor = ProcessPoolExecutor(args.workers, mp_context=ctx)
+    mp_pool = ctx.Pool(args.workers)
     try:
         messages = make_messages(args.messages)
         warm = messages[:5000]
@@ -208,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             assert list(b.imap(warm, args.batch)) == expected, codec
         assert list(pool.imap(warm)) == expected
         assert list(executor.map(workload.fn, warm, chunksize=chunksize)) == expected
+        assert list(mp_pool.imap(workload.fn, warm, chunksize)) == expected
         engines: dict[str, tuple[Callable[[], Iterator[Any]], list[int]]] = {
             "serial": (lambda: map(workload.fn, messages), []),
         }
@@ -220,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         engines[f"ProcessPoolExecutor.map ({chunksize})"] = (
             lambda: executor.map(workload.fn, messages, chunksize=chunksize),
             [p.pid for p in executor._processes.values()],  # type: ignore[union-attr]
+        )
+        engines[f"multiprocessing.Pool.imap ({chunksize})"] = (
+            lambda: mp_pool.imap(workload.fn, messages, chunksize),
+            [p.pid for p in mp_pool._pool],  # type: ignore[attr-defined]
         )
         rows: dict[str, list[tuple[float, float, float]]] = collections.defaultdict(list)
         for _ in range(args.rounds):  # rounds: a drift of the machine hits every engine alike
@@ -237,16 +244,29 @@ def main(argv: list[str] | None = None) -> int:
         pool.close()
         pool.join()
         executor.shutdown()
+        mp_pool.close()
+        mp_pool.join()
     serial = rows["serial"]
+    stdlib = [name for name in rows if "Pool" in name]
+    # The best stdlib pool of each round: the base of the last column.
+    best = [max(rows[name][i][0] for name in stdlib) for i in range(args.rounds)]
     print(
         f"{args.workload}, {args.workers} workers, {args.messages:,} messages, "
-        f"medians of {args.rounds} rounds"
+        f"medians of {args.rounds} rounds (ratios taken within each round)"
     )
-    print(f"{'engine':<34} {'k msg/s':>8} {'x serial':>9} {'parent us':>10} {'worker us':>10}")
+    print(
+        f"{'engine':<34} {'k msg/s':>8} {'x serial':>9} {'x stdlib':>9} "
+        f"{'parent us':>10} {'worker us':>10}"
+    )
     for name, runs in rows.items():
         ratio = statistics.median(r[0] / s[0] for r, s in zip(runs, serial))
+        vs_best = statistics.median(r[0] / b for r, b in zip(runs, best))
         rate, parent, worker = (statistics.median(r[i] for r in runs) for i in range(3))
-        print(f"{name:<34} {rate / 1e3:8.1f} {ratio:9.2f} {parent:10.2f} {worker:10.2f}")
+        print(
+            f"{name:<34} {rate / 1e3:8.1f} {ratio:9.2f} {vs_best:9.2f} "
+            f"{parent:10.2f} {worker:10.2f}"
+        )
+    print("x stdlib: against the faster of the two stdlib pools in the same round")
     return 0
 
 

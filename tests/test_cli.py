@@ -378,7 +378,7 @@ def test_bench_scripts_run_small(tmp_path: Path) -> None:
     assert "ceiling for 2 workers" in proc.stdout
     proc = run("bench/bare.py", "--messages", "3000", "--rounds", "1", module="")
     assert proc.returncode == 0, proc.stderr  # it checks each engine's results against serial
-    for engine in ("bare pool (pickle)", "bare pool (marshal)", "ordpool", "ProcessPoolExecutor"):
+    for engine in ("bare pool (pickle)", "bare pool (marshal)", "ordpool", "Executor", "Pool.imap"):
         assert engine in proc.stdout
 
 
