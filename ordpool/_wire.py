@@ -60,6 +60,7 @@ import struct
 from array import array
 from collections.abc import Callable
 from itertools import accumulate, pairwise, repeat
+from operator import countOf
 from typing import Any
 
 import cloudpickle
@@ -161,7 +162,7 @@ def encode_items(items: list[Any]) -> tuple[Payload, dict[int, BaseException]]:
     ``failed`` maps the position of every item that cannot be pickled to the exception that says
     why; those positions travel as ``None`` and the worker skips them.
     """
-    if items and set(map(type, items)) == {bytes}:
+    if items and countOf(map(type, items), bytes) == len(items):  # (C, no set: 20 ns/item)
         # A list of lengths packed by struct: half the cost of array("q", map(len, items)),
         # which parses each length with PyArg_Parse.
         lengths = list(map(len, items))
