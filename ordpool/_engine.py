@@ -357,6 +357,8 @@ class Engine:
         target = getattr(self.transport, "batch_target", None)
         if batch_size is None and target:
             self.sizer.target = target
+        # A transport whose payloads travel best under some size (shared-memory regions).
+        self.sizer.max_bytes = getattr(self.transport, "max_payload", None)
         max_depth = getattr(self.transport, "max_depth", depth)
         if max(depth, self.stream_depth) > max_depth:
             self.transport.stop(graceful=False)
@@ -798,6 +800,7 @@ class Engine:
             payload, failed = _wire.encode_items(items)
             encoded = [(None, None, payload, failed)]
         with self._lock:
+            self.sizer.observe_bytes(len(items), sum(e[2].nbytes for e in encoded))
             for task_slot, task_positions, task_payload, task_failed in encoded:
                 n = len(task_positions) if task_positions is not None else len(items)
                 task = Task(
@@ -1014,6 +1017,7 @@ class Engine:
             if task.bid != bid:  # pragma: no cover - a protocol bug, never a user error
                 raise AssertionError(f"worker {slot} answered task {bid}, expected {task.bid}")
             self.sizer.observe(task.n, seconds)
+            self.sizer.observe_bytes(task.n, len(payload), results=True)
             s.tasks += task.n
             task.frame = payload
             task.payload = None

@@ -209,7 +209,8 @@ class ProcessOrderedPool:
             ``enqueue`` blocks and ``imap`` stops reading its input while it is full.
             Default: ``max(16384, 2048 * workers)`` (``12288 * workers`` for Ray).
         batch_size: items per batch; default ``None`` adapts it to the measured cost per item
-            (batches of about 20 ms of worker time; a lone item goes at once to an idle worker).
+            (batches of about 40 ms of worker time, and of at most 6 MiB of items or of
+            results; a lone item goes at once to an idle worker).
         max_delay: seconds a partial batch waits for more items before it is sent anyway.
         retries: times an item whose worker died is re-run before it fails with
             :class:`~ordpool.WorkerCrashed`. Items of the batch that were not running when the

@@ -403,6 +403,9 @@ class ProcessTransport:
 
     # A worker holds at most this many tasks: one shared-memory region each way per task.
     max_depth = TURNS
+    # Batches are sized to carry at most this many bytes of items, or of results (the engine's
+    # BatchSizer): a payload larger than a region goes through the pipe, several times slower.
+    max_payload = REGION_SIZE * 3 // 4
 
     def __init__(self, ctx: BaseContext, spec: bytes, events: TransportEvents) -> None:
         self._ctx = ctx

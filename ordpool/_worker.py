@@ -421,7 +421,7 @@ def _loop(
         # The cyclic GC is paused while a batch runs: building a list of thousands of results
         # (dicts, lists) would otherwise trigger collections that traverse that growing list
         # again and again, several times the cost of the work itself. The pause is bounded by
-        # one batch (about 20 ms of work); garbage cycles made meanwhile are collected after.
+        # one batch (about 40 ms of work); garbage cycles made meanwhile are collected after.
         gc_was_enabled = gc.isenabled()
         gc.disable()
         progress[0] = bid

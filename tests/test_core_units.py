@@ -212,6 +212,39 @@ def test_batch_sizer_one_slow_item_in_a_small_batch_barely_moves_the_size():
     assert s.size >= 17
 
 
+def test_batch_sizer_keeps_a_batch_under_max_bytes_of_items_and_of_results():
+    s = BatchSizer(target=0.02, maximum=100_000, max_bytes=1_000_000)
+    s.observe(100, 100 * 1e-6)  # 1 us per item: 20,000 per 20 ms
+    assert s.size == 20_000
+    s.observe_bytes(100, 100 * 1000)  # items of 1 KB: 1,000 fill a batch
+    assert s.size == 1000
+    s.observe_bytes(100, 100 * 4000, results=True)  # results of 4 KB: the larger counts
+    assert s.size == 250
+    s.observe(250, 250 * 1e-6)  # the time does not lift the byte limit
+    assert s.size == 250
+    for _ in range(10):  # smaller results bring it down slowly (the items still count)
+        s.observe_bytes(250, 250 * 100, results=True)
+    assert 250 < s.size <= 1000
+    for _ in range(60):
+        s.observe_bytes(250, 250 * 100, results=True)
+    assert s.size == 1000
+
+
+def test_batch_sizer_byte_limit_before_any_time_and_never_for_a_fixed_size():
+    s = BatchSizer(initial=16, max_bytes=64_000)
+    s.observe_bytes(4, 4 * 1000)  # room for 64: the initial size stays until timed
+    assert s.size == 16
+    s.observe_bytes(4, 4 * 16_000)  # room for 4 only
+    assert s.size == 4
+    fixed = BatchSizer(fixed=500, max_bytes=1000)
+    fixed.observe_bytes(10, 10 * 1000)
+    assert fixed.size == 500
+    unlimited = BatchSizer(target=0.02, maximum=100_000)  # no max_bytes: bytes are ignored
+    unlimited.observe(100, 100 * 1e-6)
+    unlimited.observe_bytes(100, 100 * 1_000_000)
+    assert unlimited.size == 20_000
+
+
 def test_batch_sizer_ignores_empty_batches():
     s = BatchSizer(initial=16)
     s.observe(0, 1.0)

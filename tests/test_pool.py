@@ -165,6 +165,18 @@ def test_worker_local_can_be_filled_by_init(start_method):
         assert pool.map(range(5)) == [("state", "hello", x) for x in range(5)]
 
 
+def test_batches_of_large_items_fit_the_shared_memory_regions(start_method):
+    """Cheap work on large items would make batches of thousands (tens of MB): the sizer keeps
+    a batch's items under what a shared-memory region holds, so they never take the pipe."""
+    from ordpool import _process
+
+    item = b"x" * (64 << 10)
+    with ProcessOrderedPool(len, workers=2, start_method=start_method) as pool:
+        assert pool.map([item] * 1500) == [len(item)] * 1500
+        size = pool.stats().batch_size
+    assert 16 <= size <= _process.ProcessTransport.max_payload // len(item)
+
+
 def test_worker_local_outside_a_worker_raises():
     with pytest.raises(RuntimeError, match="only available inside an ordpool worker"):
         ordpool.worker_local()
