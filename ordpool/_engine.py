@@ -317,7 +317,12 @@ class Engine:
         depth: int = DEPTH,
         stream_depth: int | None = None,
     ) -> None:
-        self._lock = threading.Lock()
+        # An RLock, though nothing takes it twice: a Condition re-takes an RLock after a wait
+        # without letting a signal in (C code), but a Lock through Lock.acquire(), which a
+        # Ctrl-C interrupts. The KeyboardInterrupt then left `with self._lock:` without the
+        # lock, and its release raised "RuntimeError: release unlocked lock" in its place
+        # (seen once on 3.13, in the Ctrl-C-during-imap test, a consumer waiting for a batch).
+        self._lock = threading.RLock()
         self._space = threading.Condition(self._lock)  # producers wait for window room
         self._ready = threading.Condition(self._lock)  # consumers, start() and join() wait
         self._flush = threading.Condition(self._lock)  # the flusher waits for a batch to age

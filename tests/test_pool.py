@@ -405,6 +405,45 @@ def test_garbage_collecting_a_running_pool_warns_and_kills_the_workers(start_met
     assert _all_gone(pids)
 
 
+def _never_ending():
+    threading.Event().wait(60)  # no item: the consumer waits for a first batch
+    yield 0
+
+
+@pytest.mark.timeout(30)
+def test_ctrl_c_while_the_consumer_retakes_the_engine_lock_raises_keyboard_interrupt():
+    """A Ctrl-C that lands while the waiting consumer takes the engine's lock back (another
+    thread holds it) must reach the caller as KeyboardInterrupt, the lock released. With a
+    plain Lock, the interrupted re-take left ``with`` without the lock, and the release raised
+    "RuntimeError: release unlocked lock" instead (seen once on 3.13)."""
+    with ProcessOrderedPool(abs, workers=1, start_method="fork") as pool:
+        engine = pool._engine
+        results = pool.imap(_never_ending())
+
+        errors = []
+
+        def interrupt_while_holding_the_lock():
+            time.sleep(0.3)  # the main thread waits in next_batch by now
+            try:
+                with engine._lock:
+                    engine._ready.notify_all()  # it wakes, and must take the lock back...
+                    time.sleep(0.1)
+                    os.kill(os.getpid(), signal.SIGINT)  # ...and is interrupted meanwhile
+                    time.sleep(0.2)
+            except BaseException as exc:  # a Lock has no owner: the consumer released ours
+                errors.append(exc)
+
+        helper = threading.Thread(target=interrupt_while_holding_the_lock)
+        helper.start()
+        with pytest.raises(KeyboardInterrupt):
+            next(results)
+        helper.join()
+        assert errors == []
+        assert engine._lock.acquire(blocking=False)  # nobody holds it
+        engine._lock.release()
+        pool.terminate()
+
+
 _CTRL_C_SCRIPT = """
 import sys, time
 import ordpool
