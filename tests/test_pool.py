@@ -423,7 +423,8 @@ def test_ctrl_c_while_the_consumer_retakes_the_engine_lock_raises_keyboard_inter
         errors = []
 
         def interrupt_while_holding_the_lock():
-            time.sleep(0.3)  # the main thread waits in next_batch by now
+            # the main thread waits in next_batch (on the engine's _ready condition)
+            assert wait_until(lambda: len(engine._ready._waiters) > 0, timeout=10)
             try:
                 with engine._lock:
                     engine._ready.notify_all()  # it wakes, and must take the lock back...
