@@ -60,6 +60,7 @@ __all__ = [
     "KeyRouter",
     "PoolState",
     "Stream",
+    "chunks_retrying",
     "decode_retrying",
     "fnv1a",
     "retrying",
@@ -1415,6 +1416,13 @@ def retrying(call: Callable[[], T]) -> Generator[Interrupted, None, T]:
         # traceback holds the generator) would be a reference cycle, and a consumer that leaves
         # would not release its stream until the next GC pass.
         yield interrupted
+
+
+def chunks_retrying(lazy: _wire.ChunkValues) -> Generator[Any, None, None]:
+    """The chunks of a batch's lazily unpickled values, for a consumer's batch generator
+    (``yield from`` it), a KeyboardInterrupt while one loads yielded as by :func:`retrying`."""
+    while (chunk := (yield from retrying(lazy.next_chunk))) is not None:
+        yield chunk
 
 
 def decode_retrying(

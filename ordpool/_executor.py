@@ -60,7 +60,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from . import _wire
 from ._batching import Batch, Task
-from ._engine import Engine, PacedSequence, PoolState, Stream, decode_retrying, retrying
+from ._engine import Engine, PacedSequence, PoolState, Stream, chunks_retrying, decode_retrying
 from ._errors import (
     BrokenPool,
     PoolClosed,
@@ -612,8 +612,7 @@ class _Core:
                 if lazy is not None:
                     # a chunk that cannot be unpickled raises at its first position (the
                     # chunk's good values are not yielded: map ends at its first error)
-                    while (chunk := (yield from retrying(lazy.next_chunk))) is not None:
-                        yield chunk
+                    yield from chunks_retrying(lazy)
                     continue
                 values, errors = yield from decode_retrying(batch)  # Ctrl-C: see there
                 Engine.release(batch)

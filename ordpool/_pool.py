@@ -10,7 +10,15 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from . import _wire
 from ._batching import Batch
-from ._engine import Engine, PoolState, Stream, decode_retrying, retrying, usable_cores
+from ._engine import (
+    Engine,
+    PoolState,
+    Stream,
+    chunks_retrying,
+    decode_retrying,
+    retrying,
+    usable_cores,
+)
 from ._process import ProcessTransport
 from ._stats import PoolStats
 from ._worker import worker_spec
@@ -82,8 +90,7 @@ def _imap_batches(
         for batch in _batches(engine, stream):
             lazy = engine.lazy_values(batch, on_error)
             if lazy is not None:
-                while (chunk := (yield from retrying(lazy.next_chunk))) is not None:
-                    yield chunk
+                yield from chunks_retrying(lazy)
                 continue
             # the consumer gets a Ctrl-C there; iterating again decodes the batch again
             values, errs = yield from decode_retrying(batch)

@@ -451,17 +451,17 @@ def _loop(
             # Said before the result, so the parent sends nothing more to this process.
             result_conn.send_bytes(_wire.RETIRE_FRAME)
         if payload is None:  # written in the result region of this turn already
-            result_conn.send_bytes(_wire.result_head(bid, seconds, turn, out.size, nerrors))
-            turn = (turn + 1) % turns
-            if retire:
-                return
-            continue
-        size = len(payload)
-        if reservations[turn].fits(size):
-            result_bufs[turn][:size] = payload
+            size, in_region = out.size, True
+        else:
+            size = len(payload)
+            in_region = reservations[turn].fits(size)
+            if in_region:
+                result_bufs[turn][:size] = payload
+        if in_region:
             result_conn.send_bytes(_wire.result_head(bid, seconds, turn, size, nerrors))
             turn = (turn + 1) % turns
         else:
+            assert payload is not None  # (None means: in the region)
             result_conn.send_bytes(_wire.result_head(bid, seconds, -1, size, nerrors) + payload)
         if retire:
             return
