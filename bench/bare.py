@@ -9,9 +9,9 @@ none of ordpool's features (no threads, no error handling, no keys, no backpress
   the workers, two batches per worker: a table of lengths and the bytes, copied into a shared-
   memory region (``multiprocessing.shared_memory``), and a 8-byte header in a pipe;
 * a worker slices the messages out of the region, runs the function, pickles the results
-  straight into a result region with one pickler kept for the process (large results in
-  chunks of 16, as ordpool sends them; small ones as one list per batch), and answers with a
-  header of chunk ends;
+  straight into a result region with one pickler kept for the process, in chunks of about
+  16 KB as ordpool sends them (up to 16 large results, up to 1,024 small ones), and answers
+  with a header of chunk ends;
 * the parent, in one thread, waits for the next batch in order, unpickles it in place (no copy
   out of the region), hands the values on, and only then sends that worker its next batch.
 
@@ -57,8 +57,10 @@ from ordpool import ProcessOrderedPool
 from ordpool._bench import WORKLOADS, make_messages
 
 REGION = 16 << 20  # bytes per region: two task and two result regions per worker
-CHUNK = 16  # large results per pickle, as ordpool sends them
-LARGE = 256  # pickled bytes of the first result from which results go in chunks
+CHUNK_BYTES = 16 << 10  # pickled bytes of results per chunk, about, as ordpool sends them:
+CHUNK = 16  # at most this many large results...
+SMALL_CHUNK = 1024  # ...or this many small ones
+LARGE = 256  # pickled bytes of the first result from which results count as large
 
 
 class _RegionFile:
@@ -96,9 +98,9 @@ def _worker(
         mapping = task_maps[turn]
         items = [mapping[a:b] for a, b in pairwise(bounds)]
         out.view, out.pos = result_views[turn], 0
-        # Large results are made and pickled a chunk at a time, while still in the caches.
-        large = len(pickle.dumps(fn(items[0]), pickle.HIGHEST_PROTOCOL)) >= LARGE
-        step = CHUNK if large else n
+        # Results are made and pickled a chunk at a time, while still in the caches.
+        size = len(pickle.dumps(fn(items[0]), pickle.HIGHEST_PROTOCOL))
+        step = max(1, min(CHUNK if size >= LARGE else SMALL_CHUNK, CHUNK_BYTES // size))
         ends = []
         for c in range(0, n, step):
             values = list(map(fn, items[c : c + step]))

@@ -1295,8 +1295,8 @@ class Engine:
         result: type | None = None,
     ) -> _wire.ChunkValues | None:
         """The batch's values unpickled a chunk at a time as they are iterated, or ``None`` when
-        the batch cannot go that way (small results pickled as one list, errors in the batch,
-        a keyed batch merged from several tasks): then use :meth:`decode`. Each value of a chunk
+        the batch cannot go that way (no item gave a result, errors in the batch, a keyed
+        batch merged from several tasks): then use :meth:`decode`. Each value of a chunk
         that cannot be unpickled here goes to ``on_error(position, error)``; with ``result``,
         the iterator yields ``result((index, value, error))`` instead (see
         :func:`_wire.iter_values`).

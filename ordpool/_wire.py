@@ -20,10 +20,9 @@ follows the header in the pipe frame when ``region`` is -1.
 
 ``items`` is ``b"B" n:I lengths:q*n data`` when every item is exactly ``bytes`` (the Kafka case:
 a table of lengths and the bytes themselves, five times cheaper than pickling a list of bytes),
-else ``b"P" pickle(list)``. Results are ``b"P" pickle((values, errors))``, or, when they are
-large (the first one pickles to :data:`CHUNKED_MIN` bytes or more: dicts, documents), pickled
-in short chunks of ``k`` values (a list per chunk, :func:`chunk_length`) as the worker makes
-them (:func:`ordpool._worker.run_batch`)::
+else ``b"P" pickle(list)``. Results are pickled in chunks of ``k`` values (a list per chunk,
+:func:`chunk_length`) as the worker makes them (:func:`ordpool._worker.run_batch`); a batch in
+which no item gave a result is ``b"P" pickle((values, errors))``::
 
     b"C" n:I k:I nerr:I ends:q*ceil(n/k) chunk_0 chunk_1 ... errors:nerr
 
@@ -38,8 +37,15 @@ their dicts have in common (one ``str`` object each in the worker, as ``orjson``
 are written once and rebuilt once, and a call serves several values. Measured on ``orjson``
 dicts of 600 bytes, per value: pickling 1.7 us one by one, 1.0 to 1.2 in chunks of 8 to 64;
 unpickling 1.65 to 1.8 one by one, 1.15 to 1.2 in chunks. A whole batch as one list unpickles
-as fast, but costs 3.2 to 3.6 us per value in the pipeline (GC and caches, above). Small tuples
-stay cheaper as one list (0.14 against 0.33 us), hence the threshold.
+as fast, but costs 3.2 to 3.6 us per value in the pipeline (GC and caches, above).
+Why about 16 KB a chunk for small results, up to 1,024 values: alone, the ``transform``
+workload's 5-tuples (47 bytes pickled) unpickle as fast in chunks of 256 to 1,024 as in one
+list of 5,000 (0.13 to 0.14 us per value), but in the pool a chunk's values are made, handed
+out and freed while they are still in the caches. As one list per batch, they were freed
+after the whole batch, while the parent's other threads copied megabytes of items meanwhile:
+the parent's CPU per message was 0.09 to 0.11 us higher (``bench/ab.py``, 9 of 10 pairs).
+Large results (:data:`LARGE_MIN` bytes or more: dicts, documents) go at most
+:data:`CHUNK_MAX` to a chunk, so that few rebuilt values are alive at a time.
 
 Why not :mod:`marshal`, which loads plain dicts about 25% faster: it silently turns any buffer
 (``bytearray``, ``memoryview``, ``array.array``, a numpy array) into ``bytes``, and a pool must
@@ -103,9 +109,10 @@ _READY = struct.Struct("<Bq")  # kind, pid
 RESULT_HEAD_SIZE = _RESULT_HEAD.size
 _COUNT = struct.Struct("<I")
 _CHUNKS_HEAD = struct.Struct("<BIII")  # b"C", values, values per chunk, bytes of pickled errors
-CHUNKED_MIN = 256  # pickled bytes of a batch's first result from which results go in chunks
 CHUNK_BYTES = 16 << 10  # about this many pickled bytes of results per chunk...
-CHUNK_MAX = 16  # ...and at most this many values: the gain is in by 8 to 16
+LARGE_MIN = 256  # ...from a first result this large (pickled bytes) on, at most
+CHUNK_MAX = 16  # this many values (the gain is in by 8 to 16)...
+SMALL_CHUNK_MAX = 1024  # ...else at most this many
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
@@ -269,7 +276,8 @@ def result_pickling_error(value: Any, exc: BaseException) -> Any:
 
 def chunk_length(first_size: int) -> int:
     """Values per chunk for results whose first one pickled to ``first_size`` bytes."""
-    return max(1, min(CHUNK_MAX, CHUNK_BYTES // max(first_size, 1)))
+    most = CHUNK_MAX if first_size >= LARGE_MIN else SMALL_CHUNK_MAX
+    return max(1, min(most, CHUNK_BYTES // max(first_size, 1)))
 
 
 def dump_chunk(values: list[Any], base: int, errors: dict[int, Any]) -> bytes:

@@ -89,37 +89,33 @@ def run_batch(
 ) -> tuple[bytes | None, int]:
     """Run ``call`` over ``items``; returns the encoded results and how many items failed.
 
-    Large results are written by ``out`` (a new :class:`~ordpool._wire.ChunkWriter` when
+    The results are written by ``out`` (a new :class:`~ordpool._wire.ChunkWriter` when
     ``None``) into the region it targets, if any, when they fit there: the encoded results
     are then ``None``, and lie in that region (``out.size`` bytes).
 
     ``progress[1]`` is set to each position before its call, ``len(items)`` after the last.
-    The first result decides the encoding (:mod:`ordpool._wire`): small results are kept and
-    pickled as one list at the end; large ones (dicts, documents) are pickled in chunks of up
-    to 16 as they come, so each chunk dies at once instead of a batch of them waiting, out of
-    the CPU caches, to be pickled and freed (measured on 600-byte dicts, one by one against as
-    one list: 3.5 against 6.4 us per item; chunks share a pickle memo, and took the workers'
-    CPU per item from 3.95 to 2.9 us in ``ordpool bench --workload decode``).
+    The first result decides the chunk length (:func:`ordpool._wire.chunk_length`); the results
+    are then made and pickled a chunk at a time, so that each chunk dies at once instead of a
+    batch of them waiting, out of the CPU caches, to be pickled and freed (measured on
+    600-byte dicts, one by one against as one list: 3.5 against 6.4 us per item; chunks share a
+    pickle memo, and took the workers' CPU per item from 3.95 to 2.9 us in
+    ``ordpool bench --workload decode``). A batch in which no item gave a result is pickled as
+    one list.
     """
     values: list[Any] = []
     errors: dict[int, Any] = {}
     append = values.append
     n = len(items)
-    start = 0
-    while start < n:  # up to the first result
-        _run_range(call, items, failed, progress, start, start + 1, append, errors)
-        start += 1
-        if start - 1 in errors or (failed and start - 1 in failed):
+    for pos in range(n):  # up to the first result
+        _run_range(call, items, failed, progress, pos, pos + 1, append, errors)
+        if pos in errors or (failed and pos in failed):
             continue
         try:
             size = len(pickle.dumps(values[-1], _wire.PROTOCOL))
         except Exception:
-            size = 0
-        if size >= _wire.CHUNKED_MIN:
-            out = out if out is not None else _wire.ChunkWriter()
-            return _run_chunks(call, items, failed, progress, values, size, errors, out)
-        break
-    _run_range(call, items, failed, progress, start, n, append, errors)
+            size = 0  # it fails again in its chunk, and becomes that item's error there
+        out = out if out is not None else _wire.ChunkWriter()
+        return _run_chunks(call, items, failed, progress, values, size, errors, out)
     progress[1] = n
     return _wire.encode_results(values, errors or None), len(errors)
 

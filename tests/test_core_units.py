@@ -455,12 +455,12 @@ def test_wire_results_round_trip_and_unpicklable_result():
     assert "PicklingError" in str(errors[2].__cause__)
 
 
-# -- results pickled in chunks (large values) ------------------------------------------------
+# -- results pickled in chunks ------------------------------------------------------------
 
 
 def _doc(i):
-    """A result large enough to travel in chunks (see _wire.CHUNKED_MIN)."""
-    return {"i": i, "text": "x" * _wire.CHUNKED_MIN, "values": [i, float(i), (i, "t")]}
+    """A result large enough to travel in chunks (see _wire.LARGE_MIN)."""
+    return {"i": i, "text": "x" * _wire.LARGE_MIN, "values": [i, float(i), (i, "t")]}
 
 
 def _run(fn, items, failed=()):
@@ -475,24 +475,49 @@ def _k(value):
     return _wire.chunk_length(len(pickle.dumps(value, _wire.PROTOCOL)))
 
 
-def test_small_results_travel_as_one_pickle_and_large_ones_in_chunks():
-    n = 100
-    small, _ = _run(lambda i: (i, "t"), list(range(n)))
-    large, _ = _run(_doc, list(range(n)))
-    assert small[:1] == b"P"
-    assert large[:1] == b"C"
-    assert 1 < _k(_doc(0)) <= _wire.CHUNK_MAX < n  # several chunks, the last one short
-    for payload, fn in ((small, lambda i: (i, "t")), (large, _doc)):
+def _chunks_head(payload):
+    """(values, values per chunk) of a ``b"C"`` payload."""
+    kind, n, k, _ = _wire._CHUNKS_HEAD.unpack_from(payload)
+    assert kind == b"C"[0]
+    return n, k
+
+
+def test_results_travel_in_chunks_as_long_as_the_first_result_says():
+    """Small results go up to SMALL_CHUNK_MAX to a chunk (about CHUNK_BYTES), large ones up to
+    CHUNK_MAX; both decode whole or a chunk at a time to the values made."""
+    small_fn = lambda i: (i, "t")  # noqa: E731
+    small, _ = _run(small_fn, list(range(3000)))
+    large, _ = _run(_doc, list(range(100)))
+    n, k = _chunks_head(small)
+    assert n == 3000 and k == _k(small_fn(0))
+    assert _wire.CHUNK_MAX < k <= _wire.SMALL_CHUNK_MAX < n  # several chunks, the last one short
+    n, k = _chunks_head(large)
+    assert n == 100 and k == _k(_doc(0))
+    assert 1 < k <= _wire.CHUNK_MAX < n
+    for payload, fn, count in ((small, small_fn, 3000), (large, _doc, 100)):
         values, errors = _wire.decode_results(payload)
         assert errors is None
-        assert values == [fn(i) for i in range(n)]
+        assert values == [fn(i) for i in range(count)]
         assert type(values[0]) is type(fn(0))
-    assert list(_wire.iter_values(large, _fail_on_error)) == [_doc(i) for i in range(n)]
-    assert _wire.iter_values(small, _fail_on_error) is None  # the caller decodes it whole
+        assert list(_wire.iter_values(payload, _fail_on_error)) == values
     # a chunk's values share one pickle memo: their common keys are one object in the parent
     values, _ = _wire.decode_results(large)
     key = [next(iter(v)) for v in values]
     assert key[0] is key[1] and key[0] == "i"
+
+
+def _always_fails(i):
+    raise ValueError(f"no result for {i}")
+
+
+def test_a_batch_in_which_no_item_gave_a_result_travels_as_one_pickle():
+    payload, nerrors = _run(_always_fails, list(range(5)), failed=[1])
+    assert payload[:1] == b"P" and nerrors == 4  # position 1 was not run (failed already)
+    assert _wire.iter_values(payload, _fail_on_error) is None  # the caller decodes it whole
+    values, errors = _wire.decode_results(payload)
+    assert values == [None] * 5
+    assert sorted(errors) == [0, 2, 3, 4]
+    assert str(errors[3]) == "no result for 3"
 
 
 def _fail_on_error(pos, err):
@@ -505,7 +530,7 @@ def _doc_or_fault(i):
     if i == 3:
         raise ValueError("three")
     if i == 5:
-        return {"lock": threading.Lock(), "pad": "x" * _wire.CHUNKED_MIN}
+        return {"lock": threading.Lock(), "pad": "x" * _wire.LARGE_MIN}
     if i == 6:
         return lambda: "made in the worker"  # needs cloudpickle
     return _doc(i)
@@ -602,7 +627,7 @@ class _WatchedRegion:
 
 def _growing_doc(i):
     """Results that grow: the first one's size underestimates the batch."""
-    return {"i": i, "pad": "x" * (_wire.CHUNKED_MIN + 10 * i)}
+    return {"i": i, "pad": "x" * (_wire.LARGE_MIN + 10 * i)}
 
 
 @pytest.mark.parametrize(
@@ -669,7 +694,7 @@ _SHARED_KEY = "shared key " + "k" * 40  # one str object in every result of ever
 
 
 def _doc_with_shared_key(i):
-    return {_SHARED_KEY: i, "pad": "x" * _wire.CHUNKED_MIN}
+    return {_SHARED_KEY: i, "pad": "x" * _wire.LARGE_MIN}
 
 
 def test_each_chunk_unpickles_alone_across_batches():
@@ -715,7 +740,7 @@ def _refuse_to_load():
 
 
 def _doc_or_unloadable(i):
-    return {"odd": _RefusesToLoad(), "pad": "x" * _wire.CHUNKED_MIN} if i == 20 else _doc(i)
+    return {"odd": _RefusesToLoad(), "pad": "x" * _wire.LARGE_MIN} if i == 20 else _doc(i)
 
 
 def test_a_value_that_cannot_be_unpickled_fails_its_chunk_only():
@@ -803,7 +828,7 @@ def test_result_payload_buffers_are_reused_only_once_nothing_refers_to_them():
 def _fault_then_unloadable(i):
     if i == 3:
         raise KeyError("a real error at 3")
-    return {"odd": _RefusesToLoad(), "pad": "x" * _wire.CHUNKED_MIN} if i == 5 else _doc(i)
+    return {"odd": _RefusesToLoad(), "pad": "x" * _wire.LARGE_MIN} if i == 5 else _doc(i)
 
 
 def test_an_unloadable_chunk_keeps_the_errors_the_worker_reported_in_it():

@@ -340,8 +340,8 @@ class _Rebuilt:
 @pytest.mark.parametrize("size", ["small", "large"])
 def test_ctrl_c_while_map_unpickles_loses_nothing(method: str, size: str) -> None:
     """A KeyboardInterrupt while map's results unpickle reaches the caller; iterating again
-    goes on where it stopped, nothing lost or repeated (small results: one pickle per batch;
-    large ones: chunks)."""
+    goes on where it stopped, nothing lost or repeated (small results: up to SMALL_CHUNK_MAX
+    a chunk; large ones: up to CHUNK_MAX)."""
     fn = _Rebuilt if size == "small" else functools.partial(_rebuilt_large, _Rebuilt)
     n = 3000
     with make(method) as executor:

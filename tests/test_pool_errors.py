@@ -344,29 +344,29 @@ def test_results_stream_carries_errors_at_their_index(start_method, tmp_path):
 # -- results and exceptions that cannot be unpickled in the parent ---------------------------
 
 
-def test_result_that_cannot_be_unpickled_fails_its_batch(start_method):
-    """Documents the current behaviour for small results, which travel as one pickle per
-    batch: a result whose unpickling raises in the parent fails every item of its batch (the
-    worker cannot know), with a RuntimeError whose __cause__ is the unpickling error. The
-    items of other batches are unaffected, and the pool goes on."""
+def test_result_that_cannot_be_unpickled_fails_its_chunk(start_method):
+    """Small results travel in chunks of up to SMALL_CHUNK_MAX: one whose unpickling raises in
+    the parent fails every item of its chunk (the worker cannot know), with a RuntimeError whose
+    __cause__ is the unpickling error. The items of other chunks are unaffected, and the pool
+    goes on."""
+    n = 3000
     with ProcessOrderedPool(_unloadable_result, workers=2, start_method=start_method) as pool:
-        results = pool.map(range(N), errors="return")
-        assert len(results) == N
+        results = pool.map(range(n), errors="return")
+        assert len(results) == n
         err = results[POISON]
         assert type(err) is RuntimeError
-        assert "could not unpickle the results of this batch" in str(err)
+        assert "could not unpickle this result" in str(err)
         assert isinstance(err.__cause__, ValueError)
         assert "refusing to unpickle" in str(err.__cause__)
         failed = [i for i, v in enumerate(results) if v != _value(i)]
-        assert POISON in failed
-        assert failed == list(range(failed[0], failed[-1] + 1))  # one contiguous batch
+        _runs_around(failed, POISON, 1000, most=_wire.SMALL_CHUNK_MAX)
         for i in failed:
             assert type(results[i]) is RuntimeError
         assert pool.map(range(POISON)) == [_value(i) for i in range(POISON)]
 
 
 def _big(i):
-    """A result large enough to travel pickled in chunks (ordpool._wire.CHUNKED_MIN)."""
+    """A result large enough to travel at most CHUNK_MAX to a chunk (ordpool._wire.LARGE_MIN)."""
     return {"i": i, "pad": "p" * 300}
 
 
@@ -374,10 +374,10 @@ def _unloadable_big_result(i):
     return {"odd": _Unloadable(), "pad": "p" * 300} if i in (POISON, 1000) else _big(i)
 
 
-def _runs_around(failed, *poisoned):
+def _runs_around(failed, *poisoned, most=_wire.CHUNK_MAX):
     """Check that ``failed`` is one chunk around each poisoned index (a contiguous run of at most
-    ``CHUNK_MAX`` positions) and nothing else: a chunk is counted from its batch's start, which
-    the pool chooses."""
+    ``most`` positions) and nothing else: a chunk is counted from its batch's start, which the
+    pool chooses."""
     runs = []
     for i in sorted(failed):
         if runs and runs[-1][-1] == i - 1:
@@ -386,7 +386,7 @@ def _runs_around(failed, *poisoned):
             runs.append([i])
     assert len(runs) == len(poisoned), runs
     for run, i in zip(runs, poisoned):
-        assert i in run and len(run) <= _wire.CHUNK_MAX, (i, run)
+        assert i in run and len(run) <= most, (i, run)
 
 
 @pytest.mark.timeout(60)
@@ -518,15 +518,16 @@ def _every_value_once_in_order(results, n):
 
 
 def _small_rebuilt_in_the_parent(i):
-    return _Rebuilds(i, small=True)  # small: a batch's results are one pickle, loaded at once
+    return _Rebuilds(i, small=True)  # small: up to SMALL_CHUNK_MAX results a chunk
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("errors", ["raise", "return", "skip"])
-def test_ctrl_c_while_a_batch_of_small_results_unpickles_loses_nothing(start_method, errors):
-    """A KeyboardInterrupt while the consumer unpickles a batch of small results is not that
-    batch's error (it used to fail the whole batch, or vanish under "skip"): it reaches the
-    consumer, iterating again decodes the batch again, and every index comes once, in order."""
+def test_ctrl_c_while_a_chunk_of_small_results_unpickles_loses_nothing(start_method, errors):
+    """A KeyboardInterrupt while the consumer unpickles a chunk of small results is not that
+    chunk's error (it used to fail the whole batch, or vanish under "skip"): it reaches the
+    consumer, iterating again unpickles the chunk again, and every index comes once, in
+    order."""
     n = 3000
     with ProcessOrderedPool(
         _small_rebuilt_in_the_parent, workers=2, start_method=start_method
@@ -546,10 +547,10 @@ def test_ctrl_c_while_a_batch_of_small_results_unpickles_loses_nothing(start_met
 
 
 @pytest.mark.timeout(60)
-def test_a_second_ctrl_c_while_a_left_batch_decodes_reaches_the_next_consumer(start_method):
-    """A consumer leaves results() after a Ctrl-C cut a batch's decoding short; the next
-    results() starts with that batch, and a second Ctrl-C there reaches that consumer too
-    instead of becoming the batch's errors. A third results() gets everything."""
+def test_a_second_ctrl_c_while_a_left_chunk_loads_reaches_the_next_consumer(start_method):
+    """A consumer leaves results() after a Ctrl-C cut a chunk's unpickling short; the next
+    results() starts with that chunk, and a second Ctrl-C there reaches that consumer too
+    instead of becoming the chunk's errors. A third results() gets everything."""
     n = 3000
     with ProcessOrderedPool(
         _small_rebuilt_in_the_parent, workers=2, start_method=start_method
@@ -564,6 +565,49 @@ def test_a_second_ctrl_c_while_a_left_batch_decodes_reaches_the_next_consumer(st
         assert _next_through_one_interrupt(pool.results(), got)  # the left batch, again
         got.extend(pool.results())
     _every_value_once_in_order(got, n)
+
+
+def _small_rebuilt_or_failed(i):
+    """Small results, and an error every tenth item: each batch then holds an error and is
+    decoded whole (Engine.decode), not a chunk at a time."""
+    if i % 10 == 9:
+        raise ValueError(f"no value for {i}")
+    return _small_rebuilt_in_the_parent(i)
+
+
+def _expected_or_failed(got, n):
+    assert len(got) == n
+    for i, v in enumerate(got):
+        if i % 10 == 9:
+            assert type(v) is ValueError and str(v) == f"no value for {i}", (i, v)
+        else:
+            assert v == _value(i), (i, v)
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_while_a_batch_with_errors_decodes_loses_nothing(start_method):
+    """A batch that holds an error is decoded whole: a KeyboardInterrupt meanwhile reaches the
+    consumer, iterating again decodes the batch again, and every index comes once, in order."""
+    n = 3000
+    with ProcessOrderedPool(_small_rebuilt_or_failed, workers=2, start_method=start_method) as pool:
+        _ARMED["raise"] = KeyboardInterrupt
+        _ARMED["index"] = 2500
+        values = pool.imap(range(n), errors="return")
+        got: list = []
+        assert _next_through_one_interrupt(values, got)
+        assert len(got) <= 2500
+        got.extend(values)
+        _expected_or_failed(got, n)
+
+        _ARMED["index"] = 1700
+        for i in range(n):
+            pool.enqueue(i, i)
+        pool.close()
+        results: list = []
+        assert _next_through_one_interrupt(pool.results(), results)
+        results.extend(pool.results())
+    assert [r.index for r in results] == list(range(n))
+    _expected_or_failed([r.error or r.value for r in results], n)
 
 
 @pytest.mark.timeout(60)
@@ -586,15 +630,16 @@ def test_ctrl_c_just_after_a_batch_is_decoded_loses_nothing(monkeypatch):
 
     monkeypatch.setattr(Engine, "decode", staticmethod(decode_then_interrupted))
     n = 3000
-    with ProcessOrderedPool(_value, workers=2, start_method="fork") as pool:
-        values = pool.imap(range(n))
+    with ProcessOrderedPool(_small_rebuilt_or_failed, workers=2, start_method="fork") as pool:
+        values = pool.imap(range(n), errors="return")  # (an error in each batch: decoded whole)
         got: list = []
         assert _next_through_one_interrupt(values, got)
         got.extend(values)
-        assert got == [_value(i) for i in range(n)]
+        _expected_or_failed(got, n)
         armed[0] = True
         results = _results_through_one_interrupt(pool, n)
-    _every_value_once_in_order(results, n)
+    assert [r.index for r in results] == list(range(n))
+    _expected_or_failed([r.error or r.value for r in results], n)
 
 
 def test_system_exit_while_a_large_result_unpickles_is_its_chunks_error(start_method):

@@ -760,7 +760,7 @@ def test_a_single_hot_key_is_not_cut_into_one_item_tasks(start_method):
 
 
 def _large(i):
-    return i, "v" * 400  # pickles to more than CHUNKED_MIN: results travel in chunks
+    return i, "v" * 400  # pickles to more than LARGE_MIN: CHUNK_MAX results a chunk
 
 
 @pytest.mark.timeout(60)
