@@ -380,6 +380,9 @@ def test_bench_scripts_run_small(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr  # it checks each engine's results against serial
     for engine in ("bare pool (pickle)", "bare pool (marshal)", "ordpool", "Executor", "Pool.imap"):
         assert engine in proc.stdout
+    for chunksize in (100, 1000, 5000):  # each stdlib pool at each chunksize, by default
+        assert f"Executor.map ({chunksize})" in proc.stdout
+        assert f"Pool.imap ({chunksize})" in proc.stdout
     proc = run("bench/ab.py", "--against", "HEAD", "--messages", "3000", "--rounds", "2", module="")
     assert proc.returncode == 0, proc.stderr  # both versions' results checked against serial
     assert "new - old parent, per pair" in proc.stdout
