@@ -17,7 +17,7 @@ stream to the same worker processes::
         \________ engine: batches -> worker processes: invoke(item) -> results ________/
         |                                                   |
     on_batch (engine's thread): futures by index        next_batch() in the consumer's thread:
-        |  set_result / set_exception                       |  one list per batch, in order
+        |  set_result / set_exception                       |  a list per chunk, in order
         v                                                   v
     Future callbacks, wait(), as_completed()            itertools.chain: no Future per item
 

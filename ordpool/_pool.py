@@ -68,7 +68,7 @@ def _imap_batches(
 ) -> Iterator[Iterable[Any]]:
     """imap's values, an iterable per batch; a failed item per the ``errors`` policy.
 
-    Large results come a chunk of values at a time, unpickled when the consumer reaches it
+    Results come a chunk of values at a time, unpickled when the consumer reaches it
     (:meth:`Engine.lazy_values`); each value of a chunk that cannot be unpickled then follows
     the policy there, and under "raise" the iteration ends at the chunk's first position, as it
     does for any other error. A KeyboardInterrupt while a batch or a chunk is decoded reaches

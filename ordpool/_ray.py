@@ -112,7 +112,7 @@ class OrdpoolActor:
         _worker._progress = self._progress
         self._call: Callable[[Any], Any] | None = None
         self._calls: dict[bytes, Callable[[Any], Any]] = {}  # stream callables, unpickled
-        self._writer = _wire.ChunkWriter()  # large results, in memory (no region here)
+        self._writer = _wire.ChunkWriter()  # results, in memory (no region here)
         self._initerr: bytes | None = None  # the INITERR frame when init raised
         self._max_tasks: int | None = None  # retire after this many items (max_tasks_per_child)
         self._done = 0  # items run by this actor

@@ -298,7 +298,7 @@ def dump_chunk(values: list[Any], base: int, errors: dict[int, Any]) -> bytes:
 
 
 class ChunkWriter:
-    """Writes a batch's large results as a ``b"C"`` payload, a chunk at a time, into a
+    """Writes a batch's results as a ``b"C"`` payload, a chunk at a time, into a
     shared-memory region (a worker's result region), or into memory when they will not fit
     there, or when there is no region (Ray, tests).
 

@@ -402,7 +402,7 @@ def _loop(
     result_bufs = [r.buf for r in regions[turns:-1]]
     reservations = [Reservation(getattr(r, "_fd", None), len(r.buf)) for r in regions[turns:-1]]
     turn = 0
-    out = _wire.ChunkWriter()  # writes large results straight into the result region
+    out = _wire.ChunkWriter()  # writes results straight into the result region
     done = 0  # items run by this process (max_tasks_per_child)
     calls: dict[bytes, Callable[[Any], Any]] = {}  # pickled stream callable -> callable
     while True:
