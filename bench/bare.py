@@ -27,7 +27,7 @@ same round (either pool, at its best chunksize there, as ``ordpool bench`` picks
 CPU per message of the parent and of the workers.
 
 Usage: ``python bench/bare.py [--workload decode|transform] [--rounds 7] [--messages 200000]
-[--codec pickle,marshal]``
+[--codec pickle,marshal] [--chunksize 100,1000,5000]``
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ class BarePool:
             head = worker["recv"].recv_bytes()
             view = worker["regions"][2 + turn].buf
             start = 0
-            gc.disable()  # as ordpool does while it unpickles containers
+            gc.disable()  # (ordpool pauses it for whole batches only: no difference per chunk)
             try:
                 for end in struct.unpack(f"<{len(head) // 8}q", head):
                     yield from loads(view[start:end])

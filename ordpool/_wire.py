@@ -284,7 +284,7 @@ def dump_chunk(values: list[Any], base: int, errors: dict[int, Any]) -> bytes:
     """Pickle a chunk of results (the values of positions ``base`` on). A value that cannot be
     pickled becomes that position's error in ``errors``, and ``None`` in the chunk."""
     try:
-        return pickle.dumps(values, PROTOCOL)
+        return dumps(values)  # cloudpickle when a value needs it: once a chunk, not a value
     except Exception:
         pass
     _drop_unpicklable(values, base, errors)

@@ -111,7 +111,7 @@ def run_batch(
         if pos in errors or (failed and pos in failed):
             continue
         try:
-            size = len(pickle.dumps(values[-1], _wire.PROTOCOL))
+            size = len(_wire.dumps(values[-1]))  # (cloudpickle if need be: a local class)
         except Exception:
             size = 0  # it fails again in its chunk, and becomes that item's error there
         out = out if out is not None else _wire.ChunkWriter()

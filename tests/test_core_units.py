@@ -506,6 +506,38 @@ def test_results_travel_in_chunks_as_long_as_the_first_result_says():
     assert key[0] is key[1] and key[0] == "i"
 
 
+def test_results_only_cloudpickle_can_pickle_are_cloudpickled_once_a_chunk(monkeypatch):
+    """A local class: plain pickle refuses it (as it refuses a class of ``__main__`` under
+    spawn). Each chunk is cloudpickled once, not each value alone first; and large ones still go
+    at most CHUNK_MAX to a chunk."""
+
+    class Local:
+        def __init__(self, i, pad=""):
+            self.i, self.pad = i, pad
+
+        def __eq__(self, other):
+            return (self.i, self.pad) == (other.i, other.pad)
+
+    calls = []
+    real = _wire.cloudpickle.dumps
+    monkeypatch.setattr(
+        _wire.cloudpickle, "dumps", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    for pad, n in (("", 3000), ("x" * _wire.LARGE_MIN, 100)):
+        calls.clear()
+        payload, nerrors = _run(lambda i, pad=pad: Local(i, pad), list(range(n)))
+        assert nerrors == 0
+        count, k = _chunks_head(payload)
+        assert count == n
+        assert k <= (_wire.SMALL_CHUNK_MAX if not pad else _wire.CHUNK_MAX)
+        chunks = -(-n // k)
+        assert chunks > 1
+        assert len(calls) <= chunks + 1, (len(calls), chunks)  # + the first result's size
+        values, errors = _wire.decode_results(payload)
+        assert errors is None
+        assert values == [Local(i, pad) for i in range(n)]
+
+
 def _always_fails(i):
     raise ValueError(f"no result for {i}")
 
