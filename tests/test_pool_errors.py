@@ -584,6 +584,11 @@ def _expected_or_failed(got, n):
             assert v == _value(i), (i, v)
 
 
+def _expected_or_failed_results(results, n):
+    assert [r.index for r in results] == list(range(n))
+    _expected_or_failed([r.error or r.value for r in results], n)
+
+
 @pytest.mark.timeout(60)
 def test_ctrl_c_while_a_batch_with_errors_decodes_loses_nothing(start_method):
     """A batch that holds an error is decoded whole: a KeyboardInterrupt meanwhile reaches the
@@ -600,14 +605,8 @@ def test_ctrl_c_while_a_batch_with_errors_decodes_loses_nothing(start_method):
         _expected_or_failed(got, n)
 
         _ARMED["index"] = 1700
-        for i in range(n):
-            pool.enqueue(i, i)
-        pool.close()
-        results: list = []
-        assert _next_through_one_interrupt(pool.results(), results)
-        results.extend(pool.results())
-    assert [r.index for r in results] == list(range(n))
-    _expected_or_failed([r.error or r.value for r in results], n)
+        results = _results_through_one_interrupt(pool, n)
+    _expected_or_failed_results(results, n)
 
 
 @pytest.mark.timeout(60)
@@ -638,8 +637,7 @@ def test_ctrl_c_just_after_a_batch_is_decoded_loses_nothing(monkeypatch):
         _expected_or_failed(got, n)
         armed[0] = True
         results = _results_through_one_interrupt(pool, n)
-    assert [r.index for r in results] == list(range(n))
-    _expected_or_failed([r.error or r.value for r in results], n)
+    _expected_or_failed_results(results, n)
 
 
 def test_system_exit_while_a_large_result_unpickles_is_its_chunks_error(start_method):
