@@ -459,7 +459,7 @@ def test_wire_results_round_trip_and_unpicklable_result():
 
 
 def _doc(i):
-    """A result large enough to travel in chunks (see _wire.LARGE_MIN)."""
+    """A result large enough to travel at most CHUNK_MAX to a chunk (see _wire.LARGE_MIN)."""
     return {"i": i, "text": "x" * _wire.LARGE_MIN, "values": [i, float(i), (i, "t")]}
 
 

@@ -350,8 +350,10 @@ def test_result_that_cannot_be_unpickled_fails_its_chunk(start_method):
     __cause__ is the unpickling error. The items of other chunks are unaffected, and the pool
     goes on."""
     n = 3000
-    with ProcessOrderedPool(_unloadable_result, workers=2, start_method=start_method) as pool:
-        results = pool.map(range(n), errors="return")
+    with ProcessOrderedPool(
+        _unloadable_result, workers=2, batch_size=500, start_method=start_method
+    ) as pool:  # (batches of 500: the two poisoned indices are never in one chunk)
+        results = pool.map(list(range(n)), errors="return")
         assert len(results) == n
         err = results[POISON]
         assert type(err) is RuntimeError
