@@ -11,7 +11,7 @@ decoding, in rounds, bound every pool from below:
 and each is compared with serial ``orjson.loads`` (issue 3's target: 0.5x serial on 2 cores).
 Pickling is measured two ways: one dict per pickle (``ProcessPoolExecutor`` at chunksize 1,
 ordpool before chunks), and in chunks of ``k`` dicts per pickle as ordpool sends large results
-(``ordpool._wire.chunk_length``), where the dicts' common keys are pickled and rebuilt once. The
+(``ordpool._transport.wire.chunk_length``), where the dicts' common keys are pickled and rebuilt once. The
 caps use the cheaper of the two. Python overheads (the batch loop, copying messages and
 results, threads) only add to these.
 

@@ -32,7 +32,7 @@ import psutil
 
 from ordpool import ProcessOrderedPool
 from ordpool._bench import descendants
-from ordpool._engine import usable_cores
+from ordpool._core.defaults import usable_cores
 
 TARGET_MB = 100.0
 

@@ -30,7 +30,7 @@ from ordpool._bench import (
     run_benchmark,
     write_json,
 )
-from ordpool._engine import usable_cores
+from ordpool._core.defaults import usable_cores
 
 
 def scaling_rows(report: dict[str, Any]) -> list[dict[str, Any]]:

@@ -13,8 +13,7 @@ Public API (everything else is private)::
     RemoteTraceback      the error model
 """
 
-from ._engine import fnv1a
-from ._errors import (
+from ._core.errors import (
     BrokenPool,
     OrdpoolError,
     PoolClosed,
@@ -22,11 +21,12 @@ from ._errors import (
     WorkerCrashed,
     WorkerInitError,
 )
+from ._core.routing import fnv1a
+from ._core.stats import PoolStats, WorkerStats
 from ._executor import BrokenProcessPool, OrderedProcessPoolExecutor
 from ._keyed import KeyedPool, QueueFull, default_pool, submit
 from ._pool import ProcessOrderedPool, Result
-from ._stats import PoolStats, WorkerStats
-from ._worker import cancelled, worker_local
+from ._transport.worker import cancelled, worker_local
 
 __version__ = "0.1.0"
 

@@ -1156,7 +1156,7 @@ def machine_info(command_line: str = "") -> dict[str, Any]:
     """The machine and the software, for the JSON report."""
     import ordpool
 
-    from ._engine import usable_cores
+    from ._core.defaults import usable_cores
 
     try:
         load = list(os.getloadavg())
@@ -1192,7 +1192,7 @@ def run_benchmark(
         BenchError: bad options or input.
         Exception: whatever the workload raised (in the serial warm-up, usually).
     """
-    from ._engine import usable_cores
+    from ._core.defaults import usable_cores
 
     registry = {**ENGINES, **(extra_engines or {})}
     unknown = [key for key in config.engines if key not in registry]
@@ -1549,7 +1549,7 @@ def config_from_args(args: argparse.Namespace, command_line: str = "") -> BenchC
     Raises:
         BenchError: bad ``--fn``, ``--init`` or ``--engines``.
     """
-    from ._engine import usable_cores
+    from ._core.defaults import usable_cores
 
     if args.init and not args.fn:
         raise BenchError("--init needs --fn (the built-in workloads take no state)")

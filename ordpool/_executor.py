@@ -11,12 +11,12 @@ stream to the same worker processes::
     _queue: PENDING, still cancellable                      v
         |  _pump: at most 2 * workers + 1 items         _MapFeed.items(): at most `buffersize`
         |  in the engine, like the stdlib's call queue      items ahead of the consumer (lazy)
-        |  set_running_or_notify_cancel()                   |  engine.feed_iterable, feeder thread
+        |  set_running_or_notify_cancel()                   |  Feeder.run, in a feeder thread
         v                                                   v
-    engine.enqueue(submit stream, index, item)          engine "imap" stream (ordered, batched)
+    intake.enqueue(IndexedStream, index, item)          a NumberedStream (ordered, batched)
         \________ engine: batches -> worker processes: invoke(item) -> results ________/
         |                                                   |
-    on_batch (engine's thread): futures by index        next_batch() in the consumer's thread:
+    on_batch (engine's thread): futures by index        delivery.next_batch(), consumer thread:
         |  set_result / set_exception                       |  a list per chunk, in order
         v                                                   v
     Future callbacks, wait(), as_completed()            itertools.chain: no Future per item
@@ -32,7 +32,7 @@ Failure contract, as ``ProcessPoolExecutor``: a task's exception keeps its type 
 traceback as ``__cause__``; an argument or result that cannot be pickled fails that future only;
 a worker that dies (signal, ``os._exit``) or whose initializer fails breaks the executor: every
 pending future fails with :class:`BrokenProcessPool` and later calls raise it. The engine would
-replace a dead worker; ``_Events`` sits between the transport and the engine to break the executor
+replace a dead worker; ``_ExecutorSupervision`` plugs into the engine to break the executor
 at the moment a worker dies instead.
 
 Threads: the caller's (submit, map's consumer), the engine's transport threads (futures are
@@ -58,20 +58,25 @@ from concurrent.futures import process as _stdlib_process
 from concurrent.futures import wait as _wait_futures
 from typing import Any, Callable, Iterable, Iterator
 
-from . import _wire
-from ._batching import Batch, Task
-from ._engine import Engine, PacedSequence, PoolState, Stream, chunks_retrying, decode_retrying
-from ._errors import (
+from ._core.batching import Batch, Task
+from ._core.defaults import MAX_DELAY, default_window
+from ._core.errors import (
     BrokenPool,
     PoolClosed,
     RemoteTraceback,
     WorkerCrashed,
     WorkerInitError,
-    describe_exit,
 )
-from ._process import ProcessTransport
-from ._stats import PoolStats
-from ._worker import invoke, invoke_after_init, star, worker_spec
+from ._core.state import PoolState
+from ._core.stats import PoolStats
+from ._core.streams import IndexedStream, NumberedStream
+from ._engine import Engine, Feeder, PacedSequence, Supervision
+from ._engine.decoding import batch_values, decode
+from ._engine.futures import JobFuture, bind_futures, complete_futures
+from ._transport import wire as _wire
+from ._transport.base import TransportEvents
+from ._transport.process import ProcessTransport
+from ._transport.worker import invoke, invoke_after_init, star, worker_spec
 
 __all__ = ["BrokenProcessPool", "OrderedProcessPoolExecutor"]
 
@@ -90,7 +95,6 @@ _AFTER_EXIT = "cannot schedule new futures after interpreter shutdown"
 # _Core.cap and each map by its own _MapFeed, so the engine's own window must never be reached:
 # submit() must not block (a future's callback may submit from the engine's thread).
 _UNBOUNDED = 1 << 62
-_MAX_DELAY = 0.005  # seconds a partial batch waits for more items (the engine's default)
 
 
 class BrokenProcessPool(BrokenPool, _stdlib_process.BrokenProcessPool):
@@ -142,7 +146,7 @@ def _forget_after_fork() -> None:
     _LIVE_CORES.clear()
 
 
-threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
+threading._register_atexit(_python_exit)  # type: ignore[attr-defined]  # private, untyped
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 
@@ -204,74 +208,27 @@ def _caller_error(error: BaseException) -> BaseException:
     return error
 
 
-class _ExecutorFuture(Future):  # type: ignore[type-arg]
-    """A ``concurrent.futures.Future`` whose ``cancel()`` also reaches a running call.
+class _ExecutorSupervision(Supervision):
+    """The executor's contract on top of the engine's supervision.
 
-    As with the stdlib, a running call cannot be cancelled (``cancel()`` returns False), but
-    its cooperative token is set: a long task that checks ``ordpool.cancelled()`` can stop early.
+    The engine would replace a worker that died; ``ProcessPoolExecutor`` instead breaks: so a
+    death that is not a retirement (``max_tasks_per_child``) breaks the executor *before* the
+    engine acts on it (the engine then finds itself terminated and restarts nothing). An
+    initializer that raised is logged at CRITICAL on the ``concurrent.futures`` logger, as the
+    stdlib's worker does.
     """
 
     def __init__(self, core: _Core) -> None:
-        super().__init__()
         self._core = core
-        self._where: tuple[Task, int] | None = None  # (task, position) once sent to a worker
 
-    def cancel(self) -> bool:
-        if super().cancel():
-            return True
-        where, engine = self._where, self._core.engine
-        if where is not None and engine is not None and self.running():
-            engine.cancel_running(*where)
-        return False
+    def worker_died(self, slot: int, crash: WorkerCrashed) -> None:
+        self._core._break(crash)
 
-
-class _Events:
-    """Passes the transport's reports on to the engine, with the executor's contract on top.
-
-    The engine replaces a worker that died; ``ProcessPoolExecutor`` instead breaks: so a death
-    that is not a retirement (``max_tasks_per_child``) breaks the executor *before* the engine
-    sees it (it then finds itself terminated and restarts nothing). An initializer that raised
-    is logged at CRITICAL on the ``concurrent.futures`` logger, as the stdlib's worker does.
-    """
-
-    def __init__(self, engine: Engine, core: _Core) -> None:
-        self._engine = engine
-        self._core = core
-        self._retiring: set[int] = set()  # slots whose worker said RETIRE ({1})
-        # The hot events go straight to the engine: no extra call per result.
-        self.on_ready = engine.on_ready
-        self.on_result = engine.on_result
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self._engine, name)  # any other report goes to the engine unchanged
-
-    def on_retire(self, slot: int) -> None:
-        self._retiring.add(slot)
-        self._engine.on_retire(slot)
-
-    def on_init_error(self, slot: int, exc: BaseException) -> None:
+    def init_failed(self, slot: int, exc: BaseException) -> None:
         LOGGER.critical("Exception in initializer:", exc_info=exc)
-        engine = self._engine
-        engine.on_init_error(slot, exc)
-        if engine.state is PoolState.BROKEN:
-            self._core._break(engine._broken_error or exc)
 
-    def on_death(
-        self, slot: int, exitcode: int | None, pid: int, progress: tuple[int, int]
-    ) -> None:
-        engine = self._engine
-        retired = slot in self._retiring
-        self._retiring.discard(slot)
-        if not retired and engine.state in (PoolState.RUNNING, PoolState.CLOSING):
-            crash = WorkerCrashed(
-                f"worker process {pid} died ({describe_exit(exitcode)})", exitcode=exitcode, pid=pid
-            )
-            self._core._break(crash)
-        engine.on_death(slot, exitcode, pid, progress)
-        if engine.state is PoolState.BROKEN:  # a replacement worker died during its init
-            self._core._break(engine._broken_error or WorkerInitError("a worker died during init"))
+    def broke(self, error: BaseException) -> None:
+        self._core._break(error)
 
 
 class _MapFeed:
@@ -359,9 +316,9 @@ class _Abandoned(Exception):
 class _Core:
     """Everything an executor runs, with no reference back to the executor object.
 
-    The engine's threads hold the core (through ``_Events`` and the stream's callback), never the
-    executor, so the executor can be garbage-collected while work is in flight; its finalizer
-    then shuts the core down and the workers exit, as the stdlib's do.
+    The engine's threads hold the core (through ``_ExecutorSupervision`` and the stream's
+    callback), never the executor, so the executor can be garbage-collected while work is in
+    flight; its finalizer then shuts the core down and the workers exit, as the stdlib's do.
     """
 
     def __init__(
@@ -381,9 +338,9 @@ class _Core:
         self._initargs = tuple(initargs)
         self._max_tasks = max_tasks
         self.cap = 2 * workers + 1  # submit items in the engine at most (5)
-        self.window = max(16384, 2048 * workers)  # a map's items in flight by default (16384)
+        self.window = default_window(workers)  # a map's items in flight by default (16384)
         self.engine: Engine | None = None  # created on the first submit/map
-        self._stream: Stream | None = None  # the submit stream, once the workers are READY
+        self._stream: IndexedStream | None = None  # the submit stream, once workers are READY
         self._starter: threading.Thread | None = None  # starts the workers in the background
         self._started = threading.Event()  # the starter is done (running or broken)
         self._running = False  # the submit stream is open: items may go to the engine
@@ -419,14 +376,14 @@ class _Core:
                 self.check_open()
                 if self.engine is None:
                     self._start()
-                future: Future[Any] = _ExecutorFuture(self)
+                future: Future[Any] = JobFuture(self._engine_now)
                 index = self._next_index
                 self._next_index = index + 1
                 if self._running and not self._queue and len(self._futures) < self.cap:
                     future.set_running_or_notify_cancel()
                     self._futures[index] = future
                     try:
-                        self.engine.enqueue(self._stream, index, item, None, None)  # type: ignore[union-attr,arg-type]
+                        self._enqueue(index, item)
                     except (BrokenPool, PoolClosed):
                         pass  # it broke meanwhile: _break() fails the future
                 else:
@@ -444,7 +401,6 @@ class _Core:
             with self._lock:
                 if not self._running:
                     return
-                engine, stream = self.engine, self._stream
                 queue, futures, cap = self._queue, self._futures, self.cap
                 while queue and len(futures) < cap:
                     index, future, item = queue.popleft()
@@ -452,14 +408,22 @@ class _Core:
                         continue  # cancelled while it waited: drop it, as the stdlib does
                     futures[index] = future
                     try:
-                        engine.enqueue(stream, index, item, None, None)  # type: ignore[union-attr,arg-type]
+                        self._enqueue(index, item)
                     except (BrokenPool, PoolClosed):
                         break  # it broke meanwhile: _break() fails the futures
                 close = self._close_due_locked()
         finally:
             _release(held)
         if close:
-            self.engine.close()  # type: ignore[union-attr]  # outside the lock: it may join threads
+            self._close_engine()  # outside the lock: it may join threads
+
+    def _enqueue(self, index: int, item: tuple[Any, ...]) -> None:
+        """Hand a RUNNING future's item to the engine (lock held; the stream is open)."""
+        assert self.engine is not None and self._stream is not None
+        self.engine.intake.enqueue(self._stream, index, item, None, None)
+
+    def _engine_now(self) -> Engine | None:
+        return self.engine
 
     def _close_due_locked(self) -> bool:
         """Whether to close the engine now: shut down, and nothing left to hand to it."""
@@ -470,11 +434,16 @@ class _Core:
             return True
         return False
 
+    def _close_engine(self) -> None:
+        engine = self.engine
+        assert engine is not None  # closing is due only once it runs
+        engine.close()
+
     def _maybe_close(self) -> None:
         with self._lock:
             close = self._close_due_locked()
         if close:
-            self.engine.close()  # type: ignore[union-attr]
+            self._close_engine()
 
     def _on_batch(self, batch: Batch) -> None:
         """The engine's callback for an answered submit batch (any thread, no engine lock)."""
@@ -488,39 +457,26 @@ class _Core:
     def _on_send(self, task: Task) -> None:
         """A submit task goes to a worker (engine lock held): remember where each future runs,
         for the cooperative cancellation of a running call."""
-        indices, positions, futures = task.batch.indices, task.positions, self._futures
-        for pos in range(task.n):
-            future = futures.get(indices[positions[pos] if positions is not None else pos])
-            if isinstance(future, _ExecutorFuture):
-                future._where = (task, pos)
+        bind_futures(task, self._futures, start=False)
 
     def _complete(self, batch: Batch) -> None:
         """Complete the futures of an answered batch (never under a lock)."""
-        values, errors = Engine.decode(batch)
+        values, errors = decode(batch)
         with self._lock:
             pop = self._futures.pop
             futures = [pop(index, None) for index in batch.indices]
-        if errors is None:
-            for future, value in zip(futures, values):
-                if future is not None:
-                    future.set_result(value)
-        else:
-            lost: list[Future[Any]] = []
-            cause = None
-            for pos, future in enumerate(futures):
-                if future is None:
-                    continue
-                error = errors.get(pos)
-                if error is None:
-                    future.set_result(values[pos])
-                elif _is_pool_failure(error):
-                    cause = _failure_cause(error)
-                    lost.append(future)
-                else:
-                    future.set_exception(_caller_error(error))
-            if cause is not None:
-                self._break(cause, lost)
-                return
+        causes: list[BaseException] = []
+
+        def error_for(error: BaseException) -> BaseException | None:
+            if _is_pool_failure(error):
+                causes.append(_failure_cause(error))
+                return None  # failed with the pool's error, below
+            return _caller_error(error)
+
+        lost = complete_futures(futures, values, errors, error_for)
+        if causes:
+            self._break(causes[-1], lost)
+            return
         if self._queue or (self.shut and not self._closed):
             self._pump()
 
@@ -541,7 +497,7 @@ class _Core:
             if self.broken is not None:
                 return _fail_later(self._new_broken_error())
             try:
-                stream = engine.open_stream("imap", call=call)
+                stream = engine.open_stream(NumberedStream(call=call))
             except (BrokenPool, PoolClosed):
                 if self.broken is not None:
                     return _fail_later(self._new_broken_error())
@@ -560,7 +516,7 @@ class _Core:
         return itertools.chain.from_iterable(results)
 
     def _feed_map(
-        self, engine: Engine, stream: Stream, feed: _MapFeed, source: Iterable[Any]
+        self, engine: Engine, stream: NumberedStream, feed: _MapFeed, source: Iterable[Any]
     ) -> None:
         """Body of a map's feeder thread."""
         paced: Iterable[Any] | PacedSequence
@@ -569,20 +525,16 @@ class _Core:
         else:
             paced = feed.items(source, stream.feed)
         try:
-            engine.feed_iterable(stream, paced)
+            Feeder(engine, stream).run(paced)
         finally:
             with self._lock:
                 self._feeding.discard(feed)
             self._maybe_close()
 
     def _map_results(
-        self, engine: Engine, stream: Stream, feed: _MapFeed, end_time: float | None
+        self, engine: Engine, stream: NumberedStream, feed: _MapFeed, end_time: float | None
     ) -> Iterator[Iterable[Any]]:
         """map()'s values, an iterable per batch, in order; ``[]`` first (see :meth:`map`)."""
-
-        def _raise_unloadable(pos: int, err: BaseException) -> None:
-            raise err  # map ends at its first error, as the stdlib's does
-
         try:
             yield []
             taken = 0  # items of the batch handed out last
@@ -591,41 +543,13 @@ class _Core:
                     # Resumed: the previous batch has been yielded in full, so the feeder may
                     # read that many more (buffersize counts results yielded, as the stdlib's).
                     feed.consumed(taken)
-                    taken = 0
-                try:
-                    if end_time is None:
-                        batch = engine.next_batch(stream)
-                    else:
-                        batch = engine.next_batch(stream, end_time - time.monotonic())
-                except (BrokenPool, PoolClosed) as exc:
-                    if isinstance(exc, BrokenPool):
-                        self._break(_failure_cause(exc))
-                    if self.broken is not None:
-                        raise self._new_broken_error() from None
-                    if isinstance(feed.stop, CancelledError):
-                        raise CancelledError() from None  # shutdown(cancel_futures=True)
-                    raise
+                batch = self._next_map_batch(engine, stream, feed, end_time)
                 if batch is None:
                     return
                 taken = len(batch)
-                lazy = Engine.lazy_values(batch, _raise_unloadable)
-                if lazy is not None:
-                    # a chunk that cannot be unpickled raises at its first position (the
-                    # chunk's good values are not yielded: map ends at its first error)
-                    yield from chunks_retrying(lazy)
-                    continue
-                values, errors = yield from decode_retrying(batch)  # Ctrl-C: see there
-                Engine.release(batch)
-                if errors is None:
-                    yield values
-                    continue
-                first = min(errors)
-                yield values[:first]
-                error = errors[first]
-                if _is_pool_failure(error):
-                    self._break(_failure_cause(error))
-                    raise self._new_broken_error()
-                raise _caller_error(error)
+                # map ends at its first error, as the stdlib's does (a chunk that cannot be
+                # unpickled raises at its first position: its good values are not yielded)
+                yield from batch_values(batch, self._map_error)
         finally:
             feed.halt(_Abandoned())
             with self._lock:
@@ -633,6 +557,29 @@ class _Core:
                 self._feeding.discard(feed)
             engine.release_stream(stream)
             self._maybe_close()
+
+    def _next_map_batch(
+        self, engine: Engine, stream: NumberedStream, feed: _MapFeed, end_time: float | None
+    ) -> Batch | None:
+        """The map's next batch; its end, the pool's failures and shutdown as the stdlib's."""
+        timeout = None if end_time is None else end_time - time.monotonic()
+        try:
+            return engine.delivery.next_batch(stream, timeout)
+        except (BrokenPool, PoolClosed) as exc:
+            if isinstance(exc, BrokenPool):
+                self._break(_failure_cause(exc))
+            if self.broken is not None:
+                raise self._new_broken_error() from None
+            if isinstance(feed.stop, CancelledError):
+                raise CancelledError() from None  # shutdown(cancel_futures=True)
+            raise
+
+    def _map_error(self, pos: int, error: BaseException) -> Any:
+        """A map item failed: the map raises there (a pool failure breaks the executor)."""
+        if _is_pool_failure(error):
+            self._break(_failure_cause(error))
+            raise self._new_broken_error()
+        raise _caller_error(error)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -647,10 +594,10 @@ class _Core:
                 (self._initializer, self._initargs),
                 self._max_tasks,
             )
-        ctx, core = self._ctx, self
+        ctx = self._ctx
 
-        def transport(engine: Engine) -> ProcessTransport:
-            return ProcessTransport(ctx, spec, _Events(engine, core))
+        def transport(events: TransportEvents) -> ProcessTransport:
+            return ProcessTransport(ctx, spec, events)
 
         exact = self._max_tasks is not None  # count tasks per worker exactly: one item a task
         engine = Engine(
@@ -658,7 +605,7 @@ class _Core:
             workers=self.workers,
             window=_UNBOUNDED,
             batch_size=1 if exact else None,
-            max_delay=_MAX_DELAY,
+            max_delay=MAX_DELAY,
             retries=0,
             # One submit job per worker: a queued job goes to whichever worker frees up first,
             # as with the stdlib's shared call queue (a second job in a worker's pipe would
@@ -667,11 +614,12 @@ class _Core:
             # one, a map over `transform` ran at 0.86x `imap`'s throughput side by side).
             depth=1,
             stream_depth=2,
+            supervision=_ExecutorSupervision(self),
+            # Batches of a map hold a few per worker within its window; the first batch is one
+            # item, so a burst of long tasks is not bundled before their cost is measured.
+            first_batch=1,
+            max_batch=max(1, self.window // (2 * self.workers)),
         )
-        # Batches of a map hold a few per worker within its window; the first batch is one
-        # item, so a burst of long tasks is not bundled before their cost is measured.
-        engine.sizer.limit(max(1, self.window // (2 * self.workers)))
-        engine.sizer.size = 1
         self.engine = engine
         _LIVE_CORES.add(self)
         self._starter = threading.Thread(
@@ -685,11 +633,11 @@ class _Core:
         try:
             engine.start(None, raise_init_error=False)
             if engine.state is PoolState.BROKEN:
-                cause = engine._broken_error or WorkerInitError("the workers could not start")
+                cause = engine.broken_error or WorkerInitError("the workers could not start")
                 self._break(cause)
                 return
             try:
-                stream = engine.open_stream("enqueue", on_batch=self._on_batch)
+                stream = engine.open_stream(IndexedStream(on_batch=self._on_batch))
             except (BrokenPool, PoolClosed) as exc:
                 self._break(_failure_cause(exc))
                 return
@@ -760,7 +708,7 @@ class _Core:
                 # run the rest of the input now; its results wait for the consumer.
                 feed.unbound()
         if close:
-            self.engine.close()  # type: ignore[union-attr]
+            self._close_engine()
         if wait:
             self.wait()
 

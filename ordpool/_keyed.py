@@ -19,16 +19,21 @@ import atexit
 import enum
 import multiprocessing
 import threading
-import time
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import Future
 from typing import Any, Callable
 
-from ._batching import Batch, Task
-from ._engine import Engine, KeyRouter, Stream, usable_cores
-from ._errors import OrdpoolError, PoolClosed
-from ._process import ProcessTransport
-from ._stats import PoolStats
-from ._worker import invoke, worker_spec
+from ._core.batching import Batch, Task
+from ._core.defaults import MAX_DELAY, Deadline, usable_cores
+from ._core.errors import OrdpoolError, PoolClosed
+from ._core.routing import KeyRouter
+from ._core.stats import PoolStats
+from ._core.streams import IndexedStream
+from ._engine import Engine
+from ._engine.decoding import decode
+from ._engine.futures import JobFuture, bind_futures, complete_futures
+from ._transport.base import TransportEvents
+from ._transport.process import ProcessTransport
+from ._transport.worker import invoke, worker_spec
 
 __all__ = ["KeyedPool", "QueueFull", "default_pool", "submit"]
 
@@ -42,24 +47,6 @@ class _State(enum.Enum):
     RUNNING = "running"
     STOPPING = "stopping"
     STOPPED = "stopped"
-
-
-class _JobFuture(Future):  # type: ignore[type-arg]
-    """A ``concurrent.futures.Future`` whose ``cancel()`` also reaches a running job."""
-
-    def __init__(self, pool: KeyedPool, slot: int) -> None:
-        super().__init__()
-        self._pool = pool
-        self._slot = slot
-        self._where: tuple[Task, int] | None = None  # (task, position) once handed to a worker
-
-    def cancel(self) -> bool:
-        if super().cancel():
-            return True
-        where = self._where
-        if where is not None and self.running():
-            self._pool._cancel_running(*where)
-        return False
 
 
 class KeyedPool:
@@ -98,7 +85,7 @@ class KeyedPool:
         start_method: str | None = None,
         initializer: Callable[..., Any] | None = None,
         initargs: tuple[Any, ...] = (),
-        max_delay: float = 0.005,
+        max_delay: float = MAX_DELAY,
     ) -> None:
         workers = usable_cores() if workers is None else workers
         for name, value in (("workers", workers), ("queue_size", queue_size)):
@@ -120,10 +107,10 @@ class KeyedPool:
         self._state = _State.NEW
         self._route = KeyRouter(workers)
         self._queued = [0] * workers  # jobs per slot submitted and not yet answered ([3, 100])
-        self._futures: dict[int, _JobFuture] = {}  # index -> future of a job not yet answered
+        self._futures: dict[int, JobFuture] = {}  # index -> future of a job not yet answered
         self._next_index = 0
         self._engine: Engine | None = None
-        self._stream: Stream | None = None
+        self._stream: IndexedStream | None = None
 
     @property
     def num_workers(self) -> int:
@@ -149,8 +136,12 @@ class KeyedPool:
             if self._state is not _State.NEW:
                 raise PoolClosed("this KeyedPool was stopped; create a new one")
             ctx, spec = self._ctx, self._spec
+
+            def transport(events: TransportEvents) -> ProcessTransport:
+                return ProcessTransport(ctx, spec, events)
+
             engine = Engine(
-                lambda events: ProcessTransport(ctx, spec, events),
+                transport,
                 workers=self._workers,
                 window=max(16384, 2 * self._queue_size * self._workers),
                 batch_size=None,
@@ -161,7 +152,7 @@ class KeyedPool:
                 depth=1,
             )
             engine.start(None)
-            stream = engine.open_stream("enqueue", keyed=True, on_batch=self._on_batch)
+            stream = engine.open_stream(IndexedStream(keyed=True, on_batch=self._on_batch))
             stream.on_send = self._on_send
             self._engine, self._stream = engine, stream
             self._state = _State.RUNNING
@@ -187,7 +178,7 @@ class KeyedPool:
         assert engine is not None
         for future in futures:
             Future.cancel(future)  # succeeds for jobs not yet handed to a worker
-        engine.transport.cancel(None, -2)  # running jobs: ordpool.cancelled() is now True
+        engine.transport.cancel_all()  # running jobs: ordpool.cancelled() is now True
         engine.close()
         if not engine.join(grace):
             engine.terminate()
@@ -224,7 +215,7 @@ class KeyedPool:
         block: bool = True,
         timeout: float | None = None,
         **kwargs: Any,
-    ) -> Future:  # type: ignore[type-arg]
+    ) -> Future[Any]:
         """Schedule ``fn(*args, **kwargs)`` on the worker of ``key``; returns its Future.
 
         ``block`` and ``timeout`` are this method's own keywords (wrap ``fn`` with
@@ -242,19 +233,19 @@ class KeyedPool:
             TypeError: ``key`` is not str, bytes or int.
         """
         slot = self._route(key)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = Deadline(timeout)
         with self._space:
             self._check_running()
             while self._queued[slot] >= self._queue_size:
                 if not block:
                     raise QueueFull(f"the queue of worker {slot} (key {key!r}) is full")
-                remaining = None if deadline is None else deadline - time.monotonic()
+                remaining = deadline.remaining()
                 if remaining is not None and remaining <= 0:
                     raise QueueFull(f"the queue of worker {slot} stayed full for {timeout} s")
                 self._space.wait(remaining)
                 self._check_running()
             self._queued[slot] += 1
-        future = _JobFuture(self, slot)
+        future = JobFuture(self._engine_now, slot)
         engine, stream = self._engine, self._stream
         assert engine is not None and stream is not None
         try:
@@ -262,7 +253,7 @@ class KeyedPool:
                 index = self._next_index
                 self._next_index += 1
                 self._futures[index] = future
-                engine.enqueue(stream, index, (fn, args, kwargs), slot, None)
+                engine.intake.enqueue(stream, index, (fn, args, kwargs), slot, None)
         except BaseException:
             with self._space:
                 self._queued[slot] -= 1
@@ -292,36 +283,20 @@ class KeyedPool:
 
     def _on_send(self, task: Task) -> None:
         # Engine lock held: only the futures' own locks are taken here.
-        indices, positions, futures = task.batch.indices, task.positions, self._futures
-        for pos in range(task.n):
-            if pos in task.failed:
-                continue
-            future = futures.get(indices[positions[pos] if positions is not None else pos])
-            if future is None or not future.set_running_or_notify_cancel():
-                task.failed[pos] = CancelledError()
-            else:
-                future._where = (task, pos)
+        bind_futures(task, self._futures, start=True)
 
     def _on_batch(self, batch: Batch) -> None:
-        values, errors = Engine.decode(batch)
+        values, errors = decode(batch)
         with self._space:
             done = [self._futures.pop(index, None) for index in batch.indices]
             for future in done:
-                if future is not None:
-                    self._queued[future._slot] -= 1
+                if future is not None and future.slot is not None:
+                    self._queued[future.slot] -= 1
             self._space.notify_all()
-        for pos, future in enumerate(done):
-            if future is None or future.cancelled():
-                continue
-            error = errors.get(pos) if errors else None
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(values[pos])
+        complete_futures(done, values, errors)
 
-    def _cancel_running(self, task: Task, position: int) -> None:
-        if self._engine is not None:
-            self._engine.cancel_running(task, position)
+    def _engine_now(self) -> Engine | None:
+        return self._engine
 
 
 _default: KeyedPool | None = None
@@ -347,7 +322,9 @@ def _stop_default() -> None:
         pool.stop(grace=1.0)
 
 
-def submit(key: str | bytes | int, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:  # type: ignore[type-arg]
+def submit(
+    key: str | bytes | int, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+) -> Future[Any]:
     """``default_pool().submit(key, fn, *args, **kwargs)``: per-key serial jobs, no set-up.
 
     Example:

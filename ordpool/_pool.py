@@ -8,20 +8,24 @@ import warnings
 from itertools import chain, repeat
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
-from . import _wire
-from ._batching import Batch
-from ._engine import (
-    Engine,
-    PoolState,
-    Stream,
-    chunks_retrying,
+from ._core.batching import Batch
+from ._core.defaults import MAX_DELAY, default_window, usable_cores
+from ._core.state import PoolState
+from ._core.stats import PoolStats
+from ._core.streams import IndexedStream, NumberedStream, Stream
+from ._engine import Engine, Feeder
+from ._engine.decoding import (
+    SKIP,
+    batch_values,
+    decode,
     decode_retrying,
+    lazy_values,
+    release,
     retrying,
-    usable_cores,
 )
-from ._process import ProcessTransport
-from ._stats import PoolStats
-from ._worker import worker_spec
+from ._transport.base import TransportEvents, TransportFactory
+from ._transport.process import ProcessTransport
+from ._transport.worker import worker_spec
 
 __all__ = ["ProcessOrderedPool", "Result"]
 
@@ -38,7 +42,7 @@ class Result(NamedTuple):
             traceback as ``__cause__``; a dead worker gives :class:`~ordpool.WorkerCrashed`.
     """
 
-    index: int  # type: ignore[assignment]  # the issue's name; shadows tuple.index on purpose
+    index: int  # type: ignore[assignment]  # shadows tuple.index on purpose: the item's index
     value: Any
     error: BaseException | None
 
@@ -57,7 +61,7 @@ class Result(NamedTuple):
 def _batches(engine: Engine, stream: Stream) -> Iterator[Batch]:
     """The stream's answered batches, in order, until it ends."""
     while True:
-        batch = engine.next_batch(stream)
+        batch = engine.delivery.next_batch(stream)
         if batch is None:
             return
         yield batch
@@ -66,13 +70,9 @@ def _batches(engine: Engine, stream: Stream) -> Iterator[Batch]:
 def _imap_batches(
     pool: ProcessOrderedPool, engine: Engine, stream: Stream, errors: str
 ) -> Iterator[Iterable[Any]]:
-    """imap's values, an iterable per batch; a failed item per the ``errors`` policy.
-
-    Results come a chunk of values at a time, unpickled when the consumer reaches it
-    (:meth:`Engine.lazy_values`); each value of a chunk that cannot be unpickled then follows
-    the policy there, and under "raise" the iteration ends at the chunk's first position, as it
-    does for any other error. A KeyboardInterrupt while a batch or a chunk is decoded reaches
-    the consumer without ending the iteration (:func:`~ordpool._engine.retrying`).
+    """imap's values, an iterable per batch; a failed item per the ``errors`` policy
+    (:func:`~ordpool._engine.decoding.batch_values`: under "raise" the iteration ends at the
+    failed item's position).
 
     ``pool`` is only held, so that ``list(ProcessOrderedPool(f).imap(xs))`` keeps the pool
     alive until the iteration ends. The caller primes the generator (see ``_primed``).
@@ -82,32 +82,13 @@ def _imap_batches(
         if errors == "return":
             return err
         if errors == "skip":
-            return _wire.SKIP
+            return SKIP
         raise err  # ends the iteration here, through this generator
 
     try:
         yield []
         for batch in _batches(engine, stream):
-            lazy = engine.lazy_values(batch, on_error)
-            if lazy is not None:
-                yield from chunks_retrying(lazy)
-                continue
-            # the consumer gets a Ctrl-C there; iterating again decodes the batch again
-            values, errs = yield from decode_retrying(batch)
-            Engine.release(batch)
-            if errs is None:
-                yield values
-                continue
-            if errors == "return":
-                for pos, err in errs.items():
-                    values[pos] = err
-                yield values
-            elif errors == "skip":
-                yield [v for pos, v in enumerate(values) if pos not in errs]
-            else:
-                first = min(errs)
-                yield values[:first]
-                raise errs[first]
+            yield from batch_values(batch, on_error)
     finally:
         engine.release_stream(stream)
 
@@ -129,7 +110,7 @@ def _result_batches(
         if current is not None:
             yield current
         for batch in _batches(engine, stream):
-            lazy = engine.lazy_values(batch, result=Result)
+            lazy = lazy_values(batch, result=Result)
             if lazy is not None:  # Results built a chunk at a time, errors in their slot
                 while True:
                     current = lazy  # a Ctrl-C while a chunk loads: the next results() retries it
@@ -152,7 +133,7 @@ def _result_batches(
                     new(Result, (index, value, get(pos)))
                     for pos, (index, value) in enumerate(zip(batch.indices, values))
                 )
-            Engine.release(batch)  # after `current` holds the values (see _LateResults)
+            release(batch)  # after `current` holds the values (see _LateResults)
             yield current
     finally:
         stream.leftover = current
@@ -176,7 +157,7 @@ class _LateResults:
     def __next__(self) -> Result:
         if self.ready is None:
             batch = self.batch
-            values, errs = Engine.decode(batch, interruptible=True)
+            values, errs = decode(batch, interruptible=True)
             get = (errs or {}).get
             ready = [
                 tuple.__new__(Result, (index, value, get(pos)))
@@ -184,7 +165,7 @@ class _LateResults:
             ]
             ready.reverse()
             self.ready = ready
-            Engine.release(batch)
+            release(batch)
         if not self.ready:
             raise StopIteration
         return self.ready.pop()
@@ -225,10 +206,11 @@ class ProcessOrderedPool:
         start_method: ``"fork"``, ``"spawn"`` or ``"forkserver"``; default: the platform's.
         init_timeout: seconds to wait for every worker to finish ``init``; ``None`` waits.
         backend: ``"process"`` (local worker processes) or ``"ray"`` (Ray actors, see
-            :mod:`ordpool._ray`; needs ``pip install ordpool[ray]``).
+            :mod:`ordpool._transport.ray`; needs ``pip install ordpool[ray]``).
         ray_address: Ray cluster to connect to (``"auto"``, ``"ray://host:10001"``); ``None``
             connects to a running local instance or starts one.
-        ray_options: extra options for the Ray backend (see :func:`ordpool._ray.transport_factory`).
+        ray_options: extra options for the Ray backend (see
+            :func:`ordpool._transport.ray.transport_factory`).
 
     Raises:
         ValueError: for a non-positive ``workers``, ``window`` or ``batch_size``, a negative
@@ -251,7 +233,7 @@ class ProcessOrderedPool:
         initargs: tuple[Any, ...] = (),
         window: int | None = None,
         batch_size: int | None = None,
-        max_delay: float = 0.005,
+        max_delay: float = MAX_DELAY,
         retries: int = 0,
         start_method: str | None = None,
         init_timeout: float | None = None,
@@ -260,54 +242,49 @@ class ProcessOrderedPool:
         ray_options: dict[str, Any] | None = None,
     ) -> None:
         self._engine: Engine | None = None
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
-        if init is not None and not callable(init):
-            raise TypeError(f"init must be callable, not {type(init).__name__}")
         workers = usable_cores() if workers is None else workers
-        _positive("workers", workers)
-        if window is None:
-            # Ray batches are longer (see _ray.RayTransport.batch_target): room for them.
-            window = max(16384, (12288 if backend == "ray" else 2048) * workers)
-        _positive("window", window)
-        if batch_size is not None:
-            _positive("batch_size", batch_size)
-        if max_delay < 0:
-            raise ValueError(f"max_delay must be >= 0, got {max_delay!r}")
-        if not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        _check_options(fn, init, workers, window, batch_size, max_delay, retries)
         spec = worker_spec(fn, init, initargs)
-        self._stream: Stream | None = None  # the enqueue/results stream, opened on first use
+        self._stream: IndexedStream | None = None  # the enqueue/results stream, opened on use
         self._stream_lock = threading.Lock()
-        if backend == "process":
-            ctx = multiprocessing.get_context(start_method)
-            self._start_method = ctx.get_start_method()
-
-            def process_factory(events: Any) -> Any:
-                return ProcessTransport(ctx, spec, events)
-
-            factory: Callable[[Any], Any] = process_factory
-
-        elif backend == "ray":
-            if start_method is not None:
-                raise ValueError("start_method applies to backend='process' only")
-            from ._ray import transport_factory  # imports ray: only when asked for
-
-            self._start_method = "ray"
-            factory = transport_factory(spec, address=ray_address, options=ray_options or {})
-        else:
-            raise ValueError(f"backend must be 'process' or 'ray', got {backend!r}")
-        if backend != "ray" and (ray_address is not None or ray_options):
-            raise ValueError("ray_address and ray_options apply to backend='ray' only")
+        factory = self._transport_factory(spec, backend, start_method, ray_address, ray_options)
         self._engine = Engine(
             factory,
             workers=workers,
-            window=window,
+            window=default_window(workers, ray=backend == "ray") if window is None else window,
             batch_size=batch_size,
             max_delay=max_delay,
             retries=retries,
         )
         self._engine.start(init_timeout)
+
+    def _transport_factory(
+        self,
+        spec: bytes,
+        backend: str,
+        start_method: str | None,
+        ray_address: str | None,
+        ray_options: dict[str, Any] | None,
+    ) -> TransportFactory:
+        """The factory of the transport ``backend`` names; sets ``_start_method``."""
+        if backend == "process":
+            if ray_address is not None or ray_options:
+                raise ValueError("ray_address and ray_options apply to backend='ray' only")
+            ctx = multiprocessing.get_context(start_method)
+            self._start_method = ctx.get_start_method()
+
+            def process_factory(events: TransportEvents) -> ProcessTransport:
+                return ProcessTransport(ctx, spec, events)
+
+            return process_factory
+        if backend == "ray":
+            if start_method is not None:
+                raise ValueError("start_method applies to backend='process' only")
+            from ._transport.ray import transport_factory  # imports ray: only when asked for
+
+            self._start_method = "ray"
+            return transport_factory(spec, address=ray_address, options=ray_options or {})
+        raise ValueError(f"backend must be 'process' or 'ray', got {backend!r}")
 
     # -- streaming: enqueue / results ----------------------------------------------------------
 
@@ -347,7 +324,7 @@ class ProcessOrderedPool:
                 f"(this stream is {'keyed' if stream.keyed else 'unkeyed'})"
             )
         slot = engine.route(key) if key is not None else None
-        engine.enqueue(stream, index, item, slot, timeout)
+        engine.intake.enqueue(stream, index, item, slot, timeout)
 
     def results(self) -> Iterator[Result]:
         """Yield a :class:`Result` per enqueued item, in ascending index order.
@@ -417,7 +394,7 @@ class ProcessOrderedPool:
             )
         engine = self._live()
         with self._stream_lock:
-            for other in engine.streams():
+            for other in engine.streams[:]:
                 if other is self._stream:
                     raise RuntimeError(
                         "an enqueue()/results() stream is open on this pool; imap() cannot run "
@@ -426,10 +403,10 @@ class ProcessOrderedPool:
                 raise RuntimeError(
                     "another imap() is still running on this pool; finish or close it first"
                 )
-            stream = engine.open_stream("imap", keyed=keyed)
+            stream = engine.open_stream(NumberedStream(keyed=keyed))
         feeder = threading.Thread(
-            target=engine.feed_iterable,
-            args=(stream, iterable),
+            target=Feeder(engine, stream).run,
+            args=(iterable,),
             name="ordpool-imap-feeder",
             daemon=True,
         )
@@ -520,19 +497,19 @@ class ProcessOrderedPool:
         """Process ids of the current workers."""
         return self._live_or_closing().worker_pids()
 
-    def _enqueue_stream(self, engine: Engine, keyed: bool | None) -> Stream:
+    def _enqueue_stream(self, engine: Engine, keyed: bool | None) -> IndexedStream:
         """The pool's enqueue/results stream, opened on first use (keyed if its first item is)."""
         stream = self._stream
         if stream is not None:
             return stream
         with self._stream_lock:
             if self._stream is None:
-                if engine.streams():
+                if engine.streams:
                     raise RuntimeError(
                         "an imap() is running on this pool; enqueue() and results() can be used "
                         "once it has finished"
                     )
-                self._stream = engine.open_stream("enqueue", keyed=keyed)
+                self._stream = engine.open_stream(IndexedStream(keyed=keyed))
             return self._stream
 
     def _live(self) -> Engine:
@@ -544,6 +521,31 @@ class ProcessOrderedPool:
         if self._engine is None:
             raise RuntimeError("the pool was not initialised")
         return self._engine
+
+
+def _check_options(
+    fn: Any,
+    init: Any,
+    workers: int,
+    window: int | None,
+    batch_size: int | None,
+    max_delay: float,
+    retries: int,
+) -> None:
+    """Raise ``TypeError``/``ValueError`` for a bad constructor argument."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+    if init is not None and not callable(init):
+        raise TypeError(f"init must be callable, not {type(init).__name__}")
+    _positive("workers", workers)
+    if window is not None:
+        _positive("window", window)
+    if batch_size is not None:
+        _positive("batch_size", batch_size)
+    if max_delay < 0:
+        raise ValueError(f"max_delay must be >= 0, got {max_delay!r}")
+    if not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
 
 
 def _positive(name: str, value: Any) -> None:

@@ -15,10 +15,12 @@ import threading
 
 import pytest
 
-from ordpool import Result, _wire, _worker
-from ordpool._batching import Batcher, BatchSizer, compact_indices
-from ordpool._engine import KeyRouter, fnv1a
-from ordpool._reorder import ReorderBuffer
+from ordpool import Result
+from ordpool._core.batching import Batcher, BatchSizer, compact_indices
+from ordpool._core.reorder import ReorderBuffer
+from ordpool._core.routing import KeyRouter, fnv1a
+from ordpool._transport import wire as _wire
+from ordpool._transport import worker as _worker
 
 # -- ReorderBuffer ------------------------------------------------------------------------------
 
@@ -348,7 +350,7 @@ def test_key_router_gives_fnv1a_slots_and_remembers_only_small_exact_keys():
 def test_fnv1a_is_identical_in_a_process_with_another_hash_seed():
     keys = ["", "a", "foobar", "user-42", "ключ", 0, -7, 2**70]
     code = (
-        "import sys; from ordpool._engine import KeyRouter, fnv1a; "
+        "import sys; from ordpool._core.routing import KeyRouter, fnv1a; "
         f"keys = {keys!r}; "
         "print(hash('foobar')); print(*[fnv1a(k) for k in keys])"
     )
@@ -813,7 +815,7 @@ def test_region_writers_copy_parts_in_place():
     where a Python keeps none, through the memoryview fallback."""
     from multiprocessing import shared_memory
 
-    from ordpool._process import _BufferFile, _mapping
+    from ordpool._transport.process import _BufferFile, _mapping
 
     parts = [b"head", b"", b"x" * 5000, memoryview(b"tail")]
     joined = b"".join(parts)
@@ -835,7 +837,7 @@ def test_result_payload_buffers_are_reused_only_once_nothing_refers_to_them():
     when no memoryview of that buffer is alive (its batch was consumed)."""
     import types
 
-    from ordpool import _process
+    from ordpool._transport import process as _process
 
     worker = types.SimpleNamespace(spare=[])
     copy_out = _process._Worker._copy_out

@@ -28,9 +28,9 @@ import psutil
 import pytest
 from conftest import wait_until
 
-from ordpool import BrokenPool, RemoteTraceback, WorkerCrashed, WorkerInitError, _wire
+from ordpool import BrokenPool, RemoteTraceback, WorkerCrashed, WorkerInitError, worker_local
 from ordpool._executor import BrokenProcessPool, OrderedProcessPoolExecutor
-from ordpool._worker import worker_local
+from ordpool._transport import wire as _wire
 
 METHODS = ["fork", "spawn", "forkserver"]
 
@@ -760,7 +760,7 @@ def test_map_keeps_two_batches_per_worker(tmp_path: pathlib.Path) -> None:
         try:
             values = executor.map(functools.partial(wait_for_file, str(gate)), range(200))
             engine = executor._core.engine
-            assert wait_until(lambda: max(len(s.outstanding) for s in engine._slots) == 2)
+            assert wait_until(lambda: max(len(s.outstanding) for s in engine.scheduler.slots) == 2)
         finally:
             gate.touch()
         assert list(values) == list(range(200))

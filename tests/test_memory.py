@@ -68,7 +68,7 @@ def test_streaming_two_million_items_keeps_memory_and_in_flight_bounded(start_me
                 raise AssertionError(f"item {i}: {value!r}")
             count += 1
         assert count == N
-        assert engine.peak_heap <= WINDOW
+        assert engine.delivery.peak_heap <= WINDOW
     assert peak_rss - baseline < RSS_BOUND
     # the stream really was held back by the consumer (else this test proves little) ...
     assert peak_inflight > WINDOW // 2

@@ -168,7 +168,7 @@ def test_worker_local_can_be_filled_by_init(start_method):
 def test_batches_of_large_items_fit_the_shared_memory_regions(start_method):
     """Cheap work on large items would make batches of thousands (tens of MB): the sizer keeps
     a batch's items under what a shared-memory region holds, so they never take the pipe."""
-    from ordpool import _process
+    from ordpool._transport import process as _process
 
     item = b"x" * (64 << 10)
     with ProcessOrderedPool(len, workers=2, start_method=start_method) as pool:
@@ -424,10 +424,10 @@ def test_ctrl_c_while_the_consumer_retakes_the_engine_lock_raises_keyboard_inter
 
         def interrupt_while_holding_the_lock():
             # the main thread waits in next_batch (on the engine's _ready condition)
-            assert wait_until(lambda: len(engine._ready._waiters) > 0, timeout=10)
+            assert wait_until(lambda: len(engine.ready._waiters) > 0, timeout=10)
             try:
-                with engine._lock:
-                    engine._ready.notify_all()  # it wakes, and must take the lock back...
+                with engine.lock:
+                    engine.ready.notify_all()  # it wakes, and must take the lock back...
                     time.sleep(0.1)
                     os.kill(os.getpid(), signal.SIGINT)  # ...and is interrupted meanwhile
                     time.sleep(0.2)
@@ -440,8 +440,8 @@ def test_ctrl_c_while_the_consumer_retakes_the_engine_lock_raises_keyboard_inter
             next(results)
         helper.join()
         assert errors == []
-        assert engine._lock.acquire(blocking=False)  # nobody holds it
-        engine._lock.release()
+        assert engine.lock.acquire(blocking=False)  # nobody holds it
+        engine.lock.release()
         pool.terminate()
 
 
@@ -494,7 +494,7 @@ def test_ctrl_c_during_imap_gives_one_traceback_and_leaves_no_process(start_meth
     assert "unreachable" not in out
     assert err.count("KeyboardInterrupt") == 1, err
     assert err.count("Traceback (most recent call last)") == 1, err
-    assert "_worker.py" not in err, err  # no worker printed anything
+    assert "worker.py" not in err, err  # no worker printed anything
     assert "Process ordpool-worker" not in err, err
     assert _all_gone([proc.pid, *tree])
 

@@ -28,8 +28,8 @@ from ordpool import (
     RemoteTraceback,
     WorkerCrashed,
     WorkerInitError,
-    _wire,
 )
+from ordpool._transport import wire as _wire
 
 N = 20
 POISON = 7
@@ -368,7 +368,7 @@ def test_result_that_cannot_be_unpickled_fails_its_chunk(start_method):
 
 
 def _big(i):
-    """A result large enough to travel at most CHUNK_MAX to a chunk (ordpool._wire.LARGE_MIN)."""
+    """A result large enough to travel at most CHUNK_MAX to a chunk (ordpool._transport.wire.LARGE_MIN)."""
     return {"i": i, "pad": "p" * 300}
 
 
@@ -571,7 +571,7 @@ def test_a_second_ctrl_c_while_a_left_chunk_loads_reaches_the_next_consumer(star
 
 def _small_rebuilt_or_failed(i):
     """Small results, and an error every tenth item: each batch then holds an error and is
-    decoded whole (Engine.decode), not a chunk at a time."""
+    decoded whole (decoding.decode), not a chunk at a time."""
     if i % 10 == 9:
         raise ValueError(f"no value for {i}")
     return _small_rebuilt_in_the_parent(i)
@@ -615,9 +615,9 @@ def test_ctrl_c_while_a_batch_with_errors_decodes_loses_nothing(start_method):
 def test_ctrl_c_just_after_a_batch_is_decoded_loses_nothing(monkeypatch):
     """A Ctrl-C can land anywhere, also after the values are decoded but before the consumer
     took them: decoding again must work (the payload is released only after)."""
-    from ordpool._engine import Engine
+    from ordpool._engine import decoding
 
-    real = Engine.decode
+    real = decoding.decode
     armed = [True]
 
     def decode_then_interrupted(batch, *, interruptible=False):
@@ -629,7 +629,7 @@ def test_ctrl_c_just_after_a_batch_is_decoded_loses_nothing(monkeypatch):
             raise KeyboardInterrupt
         return decoded
 
-    monkeypatch.setattr(Engine, "decode", staticmethod(decode_then_interrupted))
+    monkeypatch.setattr(decoding, "decode", decode_then_interrupted)
     n = 3000
     with ProcessOrderedPool(_small_rebuilt_or_failed, workers=2, start_method="fork") as pool:
         values = pool.imap(range(n), errors="return")  # (an error in each batch: decoded whole)
@@ -1065,7 +1065,7 @@ def test_payloads_that_find_no_room_in_dev_shm_travel_in_the_pipe(monkeypatch, l
     """Writing into a shared-memory page that tmpfs has no room for would kill the writer with
     SIGBUS; the pages are allocated first, and a payload they cannot be allocated for goes in
     the pipe instead, in both directions (fork: the workers inherit the stand-in)."""
-    from ordpool import _worker
+    from ordpool._transport import worker as _worker
 
     monkeypatch.setattr(_worker, "_fallocate", _enospc_above(limit))
     items = [bytes([65 + i % 26]) * (300 + (i * 7919) % 5000) for i in range(6000)]
@@ -1077,7 +1077,7 @@ def test_payloads_that_find_no_room_in_dev_shm_travel_in_the_pipe(monkeypatch, l
 
 @pytest.mark.timeout(60)
 def test_a_full_dev_shm_fails_the_pool_at_start_with_a_clear_error(monkeypatch):
-    from ordpool import _worker
+    from ordpool._transport import worker as _worker
 
     before = _shm_names()
     monkeypatch.setattr(_worker, "_fallocate", _enospc_above(0))
@@ -1087,7 +1087,7 @@ def test_a_full_dev_shm_fails_the_pool_at_start_with_a_clear_error(monkeypatch):
 
 
 def test_a_reservation_grows_ahead_and_falls_back_to_the_exact_size(monkeypatch):
-    from ordpool import _worker
+    from ordpool._transport import worker as _worker
 
     calls = []
 

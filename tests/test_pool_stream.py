@@ -17,7 +17,8 @@ import time
 import pytest
 from conftest import wait_until
 
-from ordpool import PoolClosed, ProcessOrderedPool, _wire, fnv1a
+from ordpool import PoolClosed, ProcessOrderedPool, fnv1a
+from ordpool._transport import wire as _wire
 
 # -- functions run by the workers ----------------------------------------------------------------
 
@@ -260,7 +261,7 @@ def test_a_slow_item_holds_back_only_the_items_after_it(start_method, tmp_path):
         try:
             # While item 5 runs, the other worker gets through the rest, except the items queued
             # behind item 5 in its own worker (depth - 1 of them: a worker holds `depth` tasks).
-            behind = pool._engine.depth - 1
+            behind = pool._engine.scheduler.depth - 1
             assert wait_until(
                 lambda: (
                     sum(name.startswith("done-") for name in os.listdir(directory))
@@ -633,7 +634,8 @@ def test_results_after_terminate_raise_pool_closed(start_method, tmp_path):
 def _batch_of(x):
     """The id of the batch this item ran in; the first call in each worker is slow (a cold
     worker: imports, page faults)."""
-    from ordpool import _worker, worker_local
+    from ordpool import worker_local
+    from ordpool._transport import worker as _worker
 
     if worker_local().setdefault("warm", False) is False:
         worker_local()["warm"] = True
@@ -732,7 +734,7 @@ def test_a_cold_key_item_goes_to_its_idle_worker_while_the_input_pauses(start_me
 
 def _task_id(x):
     """The wire id of the task this item ran in."""
-    from ordpool import _worker
+    from ordpool._transport import worker as _worker
 
     return _worker._progress[0]
 

@@ -255,7 +255,7 @@ def test_actor_killed_mid_batch(ray_instance: Any, tmp_path: Path, retries: int)
         while len(pool.worker_pids()) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
         new_pids = set(pool.worker_pids())
-        restarts = pool._engine.restarts  # type: ignore[union-attr]
+        restarts = pool._engine.supervisor.restarts  # type: ignore[union-attr]
     assert restarts == 1
     assert len(new_pids) == 2 and new_pids != old_pids
     running = range(250, 300)
@@ -296,7 +296,7 @@ def test_in_flight_stays_within_the_window(ray_instance: Any) -> None:
             sampler.join()
     assert got == [x * x for x in range(2_000)]
     assert 0 < peak <= window
-    assert engine.peak_heap <= window
+    assert engine.delivery.peak_heap <= window
 
 
 @pytest.mark.ray
@@ -313,7 +313,7 @@ def test_actor_killed_while_idle_is_replaced(ray_instance: Any) -> None:
             if len(pids) == 2 and pids[0] != old[0]:
                 break
             time.sleep(0.01)
-        assert engine.restarts == 1
+        assert engine.supervisor.restarts == 1
         assert engine.transport.pids()[1] == old[1]
         assert pool.map(range(500)) == [x * x for x in range(500)]  # nothing blamed
 
@@ -339,9 +339,11 @@ def test_fixed_actor_options_are_refused(ray_instance: Any) -> None:
 @pytest.mark.timeout(60)
 def test_actor_retires_after_max_tasks(ray_instance: Any) -> None:
     """max_tasks (the spec's max_tasks_per_child): the actor answers, retires, is replaced."""
-    from ordpool._engine import Engine
-    from ordpool._ray import transport_factory
-    from ordpool._worker import worker_spec
+    from ordpool._core.streams import NumberedStream
+    from ordpool._engine import Engine, Feeder
+    from ordpool._engine.decoding import decode
+    from ordpool._transport.ray import transport_factory
+    from ordpool._transport.worker import worker_spec
 
     spec = worker_spec(square_and_pid, max_tasks=30)
     engine = Engine(
@@ -354,11 +356,11 @@ def test_actor_retires_after_max_tasks(ray_instance: Any) -> None:
     )
     engine.start(30)
     try:
-        stream = engine.open_stream("imap")
-        engine.feed_iterable(stream, list(range(300)))
+        stream = engine.open_stream(NumberedStream())
+        Feeder(engine, stream).run(list(range(300)))
         values: list[Any] = []
-        while (batch := engine.next_batch(stream, timeout=30)) is not None:
-            batch_values, errors = engine.decode(batch)
+        while (batch := engine.delivery.next_batch(stream, timeout=30)) is not None:
+            batch_values, errors = decode(batch)
             assert errors is None
             values.extend(batch_values)
         engine.release_stream(stream)
@@ -367,7 +369,7 @@ def test_actor_retires_after_max_tasks(ray_instance: Any) -> None:
         assert engine.join(30)
     assert [v for v, _ in values] == [x * x for x in range(300)]
     assert len({pid for _, pid in values}) >= 300 // 30  # each actor ran at most 30 items
-    assert engine.restarts == 0  # retiring is not a crash
+    assert engine.supervisor.restarts == 0  # retiring is not a crash
 
 
 def count_per_key(state: dict[str, int], event: tuple[str, int]) -> tuple[str, int, int]:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import psutil
-
-__all__ = ["PoolStats", "WorkerStats", "worker_usage"]
+__all__ = ["PoolStats", "WorkerStats"]
 
 
 @dataclass(frozen=True)
@@ -66,16 +64,3 @@ class PoolStats:
     restarts: int
     batch_size: int
     workers: tuple[WorkerStats, ...]
-
-
-def worker_usage(pid: int | None) -> tuple[float | None, int | None]:
-    """``(cpu seconds, rss bytes)`` of a process, or ``(None, None)`` if it cannot be read."""
-    if not pid:
-        return None, None
-    try:
-        proc = psutil.Process(pid)
-        with proc.oneshot():
-            times = proc.cpu_times()
-            return times.user + times.system, proc.memory_info().rss
-    except psutil.Error:
-        return None, None

@@ -68,9 +68,9 @@ from concurrent.futures import Future
 from queue import Empty, SimpleQueue
 from typing import Any, Callable
 
-from . import _wire, _worker
-from ._errors import wrap_exception
-from ._process import TransportEvents
+from . import wire as _wire
+from . import worker as _worker
+from .base import TransportEvents
 
 __all__ = ["OrdpoolActor", "RayTransport", "transport_factory"]
 
@@ -99,8 +99,8 @@ class OrdpoolActor:
     """One worker slot's actor: ``init`` once, then batches, one call at a time.
 
     Instantiated by Ray (``ray.remote(OrdpoolActor)``) in a process of its own; the driver never
-    builds one. It is the Ray counterpart of :func:`ordpool._worker.worker_main`: the same spec
-    bytes, the same batch loop (:func:`ordpool._worker.run_batch`), the same encodings.
+    builds one. It is the Ray counterpart of :func:`ordpool._transport.worker.worker_main`: the same spec
+    bytes, the same batch loop (:func:`ordpool._transport.worker.run_batch`), the same encodings.
     """
 
     def __init__(self, spec: bytes) -> None:
@@ -141,17 +141,13 @@ class OrdpoolActor:
         progress = self._progress
         progress[0] = bid
         progress[1] = 0
-        try:
-            items = _wire.decode_items(memoryview(payload))
-        except BaseException as exc:  # position -1: every item failed
-            results = _wire.encode_results([], {-1: wrap_exception(exc)})
-        else:
-            fn = _worker.stream_call(call, self._call, self._calls)
-            encoded, _ = _worker.run_batch(fn, items, set(failed), progress, self._writer)
-            assert encoded is not None  # no region given: the results come back in memory
-            results = encoded
-            self._done += len(items)
-            del items
+        fn = _worker.stream_call(call, self._call, self._calls)
+        encoded, _, ran = _worker.run_task(
+            fn, memoryview(payload), None, set(failed), progress, self._writer
+        )
+        assert encoded is not None  # no region given: the results come back in memory
+        results = encoded
+        self._done += ran
         self._retired = self._max_tasks is not None and self._done >= self._max_tasks
         return time.perf_counter() - start, results, self._retired
 
@@ -248,7 +244,9 @@ class RayTransport:
     # costs the driver about 1.7 ms of CPU whatever its size (submission, the argument and the
     # answer through the object store), so batches of 1000 transform messages cost 2.5 us per
     # message and batches of 4000 1.3 us (README, "Running on a cluster"). Read by the engine.
-    batch_target = 0.05
+    batch_target: float | None = 0.05
+    max_payload: int | None = None  # payloads go through Ray's object store, whatever their size
+    max_depth: int = 1 << 16  # Ray queues an actor's calls itself: no limit of its own
 
     def __init__(
         self,
@@ -330,9 +328,17 @@ class RayTransport:
         with self._lock:
             return {s: a.pid for s, a in self._actors.items() if a.ready and not a.dead}
 
-    def cancel(self, slot: int | None, bid: int, position: int = -1) -> None:
+    def start_workers(self, slots: list[int]) -> None:
+        """Create the first actors (none is waited for)."""
+        for slot in slots:
+            self.start_worker(slot)
+
+    def cancel(self, slot: int, bid: int, position: int) -> None:
         """Does nothing: an actor runs one call at a time and takes no message while it does,
         so a running item cannot be told to stop; ``ordpool.cancelled()`` stays False."""
+
+    def cancel_all(self) -> None:
+        """Does nothing, as :meth:`cancel`."""
 
     def kill(self, slot: int) -> None:
         """``ray.kill`` the actor of ``slot`` (tests, stuck jobs); reported as its death."""
@@ -405,7 +411,8 @@ class RayTransport:
             if actor is None or actor.dead:
                 continue  # a wake-up, or news of an actor already given up on
             if kind == _DONE:
-                call.future = future  # type: ignore[union-attr]
+                assert call is not None  # a _DONE message always carries its call
+                call.future = future
                 self._report(actor)
             elif kind == _READY:
                 self._on_ready(actor, future)
@@ -497,7 +504,7 @@ def transport_factory(
     """The transport factory of ``ProcessOrderedPool(..., backend="ray")``.
 
     Args:
-        spec: the worker spec (:func:`ordpool._worker.worker_spec`).
+        spec: the worker spec (:func:`ordpool._transport.worker.worker_spec`).
         address: the cluster to connect to (``"auto"``, ``"10.0.0.1:6379"``,
             ``"ray://head:10001"``), passed to ``ray.init``; ``None`` lets ``ray.init()``
             choose (``RAY_ADDRESS``, else the last ``ray start``, else a new local instance).

@@ -16,7 +16,7 @@ and as many result regions, used in turn. A region is reused ``TURNS`` batches l
 earliest, and a worker never holds more than ``TURNS`` batches (``max_depth``), so by then the
 worker has read the task and the collector has copied the result out. (Three turns, tried on
 ``decode``, gave no measurable gain.) A payload larger than its region travels in the pipe, and
-so does one whose pages ``/dev/shm`` has no room for (:class:`~ordpool._worker.Reservation`:
+so does one whose pages ``/dev/shm`` has no room for (:class:`~ordpool._transport.worker.Reservation`:
 the pages are allocated before they are written, where writing them would raise ``SIGBUS``).
 
 Why a sender thread per worker: a write can block (a full pipe, a large inline payload) until
@@ -46,12 +46,13 @@ from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from queue import SimpleQueue
-from typing import Any, Protocol
+from typing import Any
 
-from . import _wire
-from ._worker import Reservation, worker_main
+from . import wire as _wire
+from .base import TransportEvents
+from .worker import CANCEL_ALL, Reservation, worker_main
 
-__all__ = ["REGION_SIZE", "ProcessTransport", "TransportEvents", "write_frame"]
+__all__ = ["REGION_SIZE", "ProcessTransport", "write_frame"]
 
 # Parent-side pipe ends of every live worker in this process. A child forked later inherits
 # them and must close them, or a worker would keep another worker's pipe open after the parent
@@ -74,20 +75,6 @@ _SPARES = 4
 _LEN = struct.Struct("!i")
 _LEN_LONG = struct.Struct("!iQ")
 _Task = tuple[int, tuple[int, ...], _wire.Payload, bytes]  # bid, failed positions, items, call
-
-
-class TransportEvents(Protocol):
-    """What a transport reports to the engine (called from the transport's own thread)."""
-
-    def on_ready(self, slot: int, pid: int) -> None: ...
-    def on_init_error(self, slot: int, exc: BaseException) -> None: ...
-    def on_retire(self, slot: int) -> None: ...
-    def on_result(
-        self, slot: int, bid: int, seconds: float, payload: Any, nerrors: int = 0
-    ) -> None: ...
-    def on_death(
-        self, slot: int, exitcode: int | None, pid: int, progress: tuple[int, int]
-    ) -> None: ...
 
 
 def write_frame(fd: int, parts: list[Any]) -> None:
@@ -152,7 +139,7 @@ class _BufferFile:
 
 def _enlarge(conn: Connection) -> None:
     try:
-        fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_SIZE)  # type: ignore[attr-defined]
+        fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
     except (AttributeError, OSError):
         pass  # not Linux, or above /proc/sys/fs/pipe-max-size: the default size works, slower
 
@@ -220,7 +207,7 @@ class _Worker:
         ]
         _PARENT_FDS.update((self.writer.fileno(), self.reader.fileno()))
         inherited = tuple(_PARENT_FDS) if ctx.get_start_method() == "fork" else ()
-        self.process = ctx.Process(  # type: ignore[attr-defined]
+        self.process = ctx.Process(  # type: ignore[attr-defined]  # BaseContext lacks it
             target=worker_main,
             args=(task_r, res_w, spec, os.getpid(), inherited, tuple(r.name for r in self.regions)),
             name=f"ordpool-worker-{slot}",
@@ -402,10 +389,11 @@ class ProcessTransport:
     """Starts worker processes and moves frames to and from them."""
 
     # A worker holds at most this many tasks: one shared-memory region each way per task.
-    max_depth = TURNS
+    max_depth: int = TURNS
     # Batches are sized to carry at most this many bytes of items, or of results (the engine's
     # BatchSizer): a payload larger than a region goes through the pipe, several times slower.
-    max_payload = REGION_SIZE * 3 // 4
+    max_payload: int | None = REGION_SIZE * 3 // 4
+    batch_target: float | None = None  # the engine's default
 
     def __init__(self, ctx: BaseContext, spec: bytes, events: TransportEvents) -> None:
         self._ctx = ctx
@@ -496,11 +484,20 @@ class ProcessTransport:
         with self._lock:
             return {s: w.process.pid for s, w in self._workers.items() if w.process.pid}
 
-    def cancel(self, slot: int | None, bid: int, position: int = -1) -> None:
-        """Ask the running item ``(bid, position)`` of ``slot`` to stop (``ordpool.cancelled()``);
-        ``slot=None, bid=-2`` asks every worker's running item."""
+    def cancel(self, slot: int, bid: int, position: int) -> None:
+        """Ask the running item ``(bid, position)`` of ``slot`` to stop (``cancelled()``)."""
         with self._lock:
-            workers = list(self._workers.values()) if slot is None else [self._workers.get(slot)]
+            worker = self._workers.get(slot)
+        self._request_cancel([worker], bid, position)
+
+    def cancel_all(self) -> None:
+        """Ask every worker's running item to stop."""
+        with self._lock:
+            workers: list[_Worker | None] = list(self._workers.values())
+        self._request_cancel(workers, CANCEL_ALL, -1)
+
+    @staticmethod
+    def _request_cancel(workers: list[_Worker | None], bid: int, position: int) -> None:
         for w in workers:
             if w is not None and not w.closed:
                 w.progress[3] = position

@@ -21,7 +21,7 @@ follows the header in the pipe frame when ``region`` is -1.
 ``items`` is ``b"B" n:I lengths:q*n data`` when every item is exactly ``bytes`` (the Kafka case:
 a table of lengths and the bytes themselves, five times cheaper than pickling a list of bytes),
 else ``b"P" pickle(list)``. Results are pickled in chunks of ``k`` values (a list per chunk,
-:func:`chunk_length`) as the worker makes them (:func:`ordpool._worker.run_batch`); a batch in
+:func:`chunk_length`) as the worker makes them (:func:`ordpool._transport.worker.run_batch`); a batch in
 which no item gave a result is ``b"P" pickle((values, errors))``::
 
     b"C" n:I k:I nerr:I ends:q*ceil(n/k) chunk_0 chunk_1 ... errors:nerr
@@ -71,7 +71,7 @@ from typing import Any
 
 import cloudpickle
 
-from ._errors import wrap_exception
+from .._core.errors import wrap_exception
 
 __all__ = [
     "ALL_FAILED",
@@ -101,6 +101,8 @@ __all__ = [
 TASK, STOP, READY, INITERR, RESULT, RETIRE = (b"T"[0], b"S"[0], b"Y"[0], b"E"[0], b"R"[0], b"Q"[0])
 STOP_FRAME = b"S"
 ALL_FAILED = 0xFFFFFFFF  # RESULT nerrors: every item failed (its batch could not be decoded)
+# The error position that stands for every position of a task (its items could not be loaded).
+WHOLE_TASK = -1
 RETIRE_FRAME = b"Q"
 
 _TASK_HEAD = struct.Struct("<BqIiqI")  # kind, bid, nfailed, region, nbytes, ncall
@@ -121,7 +123,8 @@ def dumps(obj: Any) -> bytes:
     try:
         return pickle.dumps(obj, PROTOCOL)
     except Exception:
-        return cloudpickle.dumps(obj, PROTOCOL)
+        data: bytes = cloudpickle.dumps(obj, PROTOCOL)
+        return data
 
 
 def _no_gc(load: Any, data: Any) -> Any:
@@ -155,7 +158,7 @@ class Payload:
         self.nbytes = nbytes
 
     def buffers(self) -> list[Any]:
-        """Every buffer, in order: what :func:`ordpool._process.write_frame` takes."""
+        """Every buffer, in order: what :func:`ordpool._transport.process.write_frame` takes."""
         return [self.head, *self.body]
 
     def join(self) -> bytes:
@@ -214,7 +217,7 @@ def decode_items(data: memoryview, source: Any = None) -> list[Any]:
             return [source[a:b] for a, b in pairwise(accumulate(lengths, initial=start))]
         raw = bytes(data[start:])
         return [raw[a:b] for a, b in pairwise(accumulate(lengths, initial=0))]
-    return pickle.loads(data[1:])  # type: ignore[no-any-return]
+    return pickle.loads(data[1:])  # type: ignore[no-any-return]  # unpickled
 
 
 def task_head(bid: int, failed: Any, region: int, nbytes: int, call: bytes = b"") -> bytes:
@@ -421,8 +424,8 @@ def decode_results(payload: Any) -> tuple[list[Any], dict[int, BaseException] | 
     values; a batch pickled as a whole fails as a whole (the caller handles the exception).
     """
     if payload[0] != b"C"[0]:
-        return _no_gc(pickle.loads, memoryview(payload)[1:])  # type: ignore[no-any-return]
-    return _no_gc(_load_chunks, payload)  # type: ignore[no-any-return]
+        return _no_gc(pickle.loads, memoryview(payload)[1:])  # type: ignore[no-any-return]  # unpickled
+    return _no_gc(_load_chunks, payload)  # type: ignore[no-any-return]  # unpickled
 
 
 def _load_chunks(payload: Any) -> tuple[list[Any], dict[int, BaseException] | None]:

@@ -22,8 +22,11 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
-from . import _wire
-from ._errors import wrap_exception
+from .._core.errors import wrap_exception
+from . import wire as _wire
+
+# The cancel-request bid that asks every running item to stop (terminate with a grace period).
+CANCEL_ALL = -2
 
 __all__ = [
     "cancelled",
@@ -39,7 +42,7 @@ __all__ = [
 _local: dict[str, Any] | None = None  # this process's worker_local() dict, None in the parent
 # Shared with the parent: [bid running, position running, bid to cancel, position to cancel].
 # The parent writes the last two to cancel a running item (-1: every item of that bid; a cancel
-# bid of -2: everything, the pool is stopping).
+# bid of CANCEL_ALL: everything, the pool is stopping).
 _progress: Any = None
 
 
@@ -77,7 +80,7 @@ def cancelled() -> bool:
     if p is None:
         return False
     bid = p[2]
-    return bid == -2 or (bid == p[0] and p[3] in (-1, p[1]))
+    return bid == CANCEL_ALL or (bid == p[0] and p[3] in (-1, p[1]))
 
 
 def run_batch(
@@ -89,12 +92,12 @@ def run_batch(
 ) -> tuple[bytes | None, int]:
     """Run ``call`` over ``items``; returns the encoded results and how many items failed.
 
-    The results are written by ``out`` (a new :class:`~ordpool._wire.ChunkWriter` when
+    The results are written by ``out`` (a new :class:`~ordpool._transport.wire.ChunkWriter` when
     ``None``) into the region it targets, if any, when they fit there: the encoded results
     are then ``None``, and lie in that region (``out.size`` bytes).
 
     ``progress[1]`` is set to each position before its call, ``len(items)`` after the last.
-    The first result decides the chunk length (:func:`ordpool._wire.chunk_length`); the results
+    The first result decides the chunk length (:func:`ordpool._transport.wire.chunk_length`); the results
     are then made and pickled a chunk at a time, so that each chunk dies at once instead of a
     batch of them waiting, out of the CPU caches, to be pickled and freed (measured on
     600-byte dicts, one by one against as one list: 3.5 against 6.4 us per item; chunks share a
@@ -118,6 +121,30 @@ def run_batch(
         return _run_chunks(call, items, failed, progress, values, size, errors, out)
     progress[1] = n
     return _wire.encode_results(values, errors or None), len(errors)
+
+
+def run_task(
+    call: Callable[[Any], Any],
+    data: memoryview,
+    source: Any,
+    failed: set[int],
+    progress: Any,
+    out: _wire.ChunkWriter,
+) -> tuple[bytes | None, int, int]:
+    """The batch step of every worker (a process's loop, a Ray actor): unpickle a task's items
+    from ``data`` (``source``: the region's mmap, or ``None``), run them with
+    :func:`run_batch`; returns ``(encoded results, items failed, items run)``.
+
+    Items that cannot be unpickled here (a class the worker cannot import) fail the whole
+    task: its results are then one error for every position (``wire.WHOLE_TASK``).
+    """
+    try:
+        items = _wire.decode_items(data, source)
+    except BaseException as exc:
+        error = {_wire.WHOLE_TASK: wrap_exception(exc)}
+        return _wire.encode_results([], error), _wire.ALL_FAILED, 0
+    payload, nerrors = run_batch(call, items, failed, progress, out)
+    return payload, nerrors, len(items)  # (the items are freed as this returns)
 
 
 def _run_range(
@@ -228,7 +255,8 @@ def worker_spec(
     """What a worker needs to start, cloudpickled (lambdas and closures travel too)."""
     import cloudpickle
 
-    return cloudpickle.dumps((fn, init, tuple(initargs), max_tasks))
+    spec: bytes = cloudpickle.dumps((fn, init, tuple(initargs), max_tasks))
+    return spec
 
 
 def keep_freed_memory() -> None:
@@ -317,7 +345,7 @@ def attach_regions(names: tuple[str, ...]) -> list[Any]:
     regions = []
     for name in names:
         try:
-            shm = shared_memory.SharedMemory(name, track=False)  # type: ignore[call-arg]
+            shm = shared_memory.SharedMemory(name, track=False)  # type: ignore[call-arg]  # 3.13+
         except TypeError:  # Python < 3.13: registering again with the tracker is harmless
             shm = shared_memory.SharedMemory(name)
         regions.append(shm)
@@ -379,6 +407,35 @@ def worker_main(
                 pass  # a task kept a view of its input alive; the exit unmaps it anyway
 
 
+def _send_result(
+    conn: Connection,
+    bid: int,
+    seconds: float,
+    payload: bytes | None,
+    nerrors: int,
+    written: int,
+    turn: int,
+    regions: list[tuple[Any, Reservation]],
+) -> bool:
+    """Send a task's RESULT frame: its payload in the result region of ``turn`` when it fits
+    there (``payload`` is ``None`` when the ChunkWriter already wrote ``written`` bytes
+    there), else in the pipe after the header. True when the region was used."""
+    buf, reservation = regions[turn]
+    if payload is None:  # written in the result region of this turn already
+        size, in_region = written, True
+    else:
+        size = len(payload)
+        in_region = reservation.fits(size)
+        if in_region:
+            buf[:size] = payload
+    if in_region:
+        conn.send_bytes(_wire.result_head(bid, seconds, turn, size, nerrors))
+        return True
+    assert payload is not None  # (None means: in the region)
+    conn.send_bytes(_wire.result_head(bid, seconds, -1, size, nerrors) + payload)
+    return False
+
+
 def _loop(
     call: Callable[[Any], Any],
     task_conn: Connection,
@@ -401,6 +458,7 @@ def _loop(
     task_maps = [getattr(r, "_mmap", None) for r in regions[:turns]]
     result_bufs = [r.buf for r in regions[turns:-1]]
     reservations = [Reservation(getattr(r, "_fd", None), len(r.buf)) for r in regions[turns:-1]]
+    regions_out = list(zip(result_bufs, reservations))
     turn = 0
     out = _wire.ChunkWriter()  # writes results straight into the result region
     done = 0  # items run by this process (max_tasks_per_child)
@@ -422,23 +480,15 @@ def _loop(
         gc.disable()
         progress[0] = bid
         progress[1] = 0
-        try:
-            if region >= 0:
-                items = _wire.decode_items(task_bufs[region][:nbytes], task_maps[region])
-            else:
-                items = _wire.decode_items(inline)
-        except BaseException as exc:
-            # An item that cannot be unpickled here (a class the worker cannot import) fails
-            # the batch: position -1 means "every item".
-            payload: bytes | None = _wire.encode_results([], {-1: wrap_exception(exc)})
-            nerrors = _wire.ALL_FAILED
+        if region >= 0:
+            data, source = task_bufs[region][:nbytes], task_maps[region]
         else:
-            out.target(result_bufs[turn], reservations[turn].fits)
-            payload, nerrors = run_batch(
-                stream_call(call_bytes, call, calls), items, failed, progress, out
-            )
-            done += len(items)
-            del items  # freed before the collector runs again
+            data, source = inline, None
+        out.target(result_bufs[turn], reservations[turn].fits)
+        payload, nerrors, ran = run_task(
+            stream_call(call_bytes, call, calls), data, source, failed, progress, out
+        )
+        done += ran
         seconds = perf_counter() - start
         if gc_was_enabled:
             gc.enable()
@@ -446,18 +496,7 @@ def _loop(
         if retire:
             # Said before the result, so the parent sends nothing more to this process.
             result_conn.send_bytes(_wire.RETIRE_FRAME)
-        if payload is None:  # written in the result region of this turn already
-            size, in_region = out.size, True
-        else:
-            size = len(payload)
-            in_region = reservations[turn].fits(size)
-            if in_region:
-                result_bufs[turn][:size] = payload
-        if in_region:
-            result_conn.send_bytes(_wire.result_head(bid, seconds, turn, size, nerrors))
+        if _send_result(result_conn, bid, seconds, payload, nerrors, out.size, turn, regions_out):
             turn = (turn + 1) % turns
-        else:
-            assert payload is not None  # (None means: in the region)
-            result_conn.send_bytes(_wire.result_head(bid, seconds, -1, size, nerrors) + payload)
         if retire:
             return

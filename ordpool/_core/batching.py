@@ -12,7 +12,10 @@ The classes here are used under the engine's lock (``Batcher``) or from a single
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .streams import Stream
 
 __all__ = ["Batch", "BatchSizer", "Batcher", "Task", "compact_indices"]
 
@@ -42,18 +45,32 @@ class Task:
         slot: the worker slot the task must run on, or ``None`` for the least-loaded worker.
         positions: positions of the task's items in the batch (``[0, 3, 4]``), or ``None`` for
             all of them in order (the unkeyed case).
-        payload: the encoded items (:class:`ordpool._wire.Payload`): the items' own ``bytes``
+        payload: the encoded items (:class:`ordpool._transport.wire.Payload`): the items' own ``bytes``
             objects when they are bytes, so nothing is copied before the wire; ``None`` once
             sent and answered, or when nothing is to be sent.
         failed: items that fail without running, by position in the task: an item that could not
             be pickled, or one whose worker died too often (``{2: WorkerCrashed(...)}``).
-        attempts: position in the task -> times it was running when its worker died; -1: the
-            worker died after running every item (the task then runs once more); -2: deaths
-            that blamed only items already failed (see ``Engine._requeue_lost_locked``).
+        attempts: position in the task -> times it was running when its worker died.
+        rerun: the task's worker died after running every item (while sending the results):
+            no item was blamed, and the task runs once more, once.
+        late_deaths: deaths that blamed only items already failed: counted against the task
+            (see ``Supervisor.requeue_lost``).
         frame: the pickled results once answered, else ``None``.
     """
 
-    __slots__ = ("attempts", "batch", "bid", "failed", "frame", "n", "payload", "positions", "slot")
+    __slots__ = (
+        "attempts",
+        "batch",
+        "bid",
+        "failed",
+        "frame",
+        "late_deaths",
+        "n",
+        "payload",
+        "positions",
+        "rerun",
+        "slot",
+    )
 
     def __init__(
         self,
@@ -73,6 +90,8 @@ class Task:
         self.slot = slot
         self.positions = positions
         self.attempts: dict[int, int] = {}
+        self.rerun = False
+        self.late_deaths = 0
         self.frame: Any = None
 
     def __repr__(self) -> str:
@@ -92,7 +111,7 @@ class Batch:
 
     __slots__ = ("indices", "seq", "stream", "tasks", "unanswered")
 
-    def __init__(self, seq: int, stream: Any, indices: range | list[int]) -> None:
+    def __init__(self, seq: int, stream: Stream, indices: range | list[int]) -> None:
         self.seq = seq
         self.stream = stream
         self.indices = indices

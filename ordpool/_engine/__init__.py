@@ -1,0 +1,80 @@
+"""The engine: one ordered pipeline, whatever carries the batches (processes or Ray actors).
+
+Data flow, each stage with the module that owns it::
+
+    producer thread(s)       enqueue(stream, index, item)   |  a feeder thread per imap/map,
+        |                    (intake.Intake.enqueue)        |  pulling its input
+        |                                                   |  (feeding.Feeder.run)
+        v                                                   v
+    intake: items collect in a stream (_core.streams); a batch is cut when full, when a worker
+        |   sits idle, or by the flusher after max_delay (flusher.Flusher)
+        |   encode: pickle before commit, an unpicklable item fails at its position (wire)
+        v
+    scheduler: tasks (a batch, or its items per worker when keys route them) to a slot:
+        |   pinned tasks to their slot, others to the least loaded ready slot, `depth` each
+        |   transport.send(slot, bid, failed, payload, call): never waits for a worker
+        v
+    transport (_transport.process / _transport.ray) -> worker: fn over the items -> results
+        |
+    transport's thread -> Engine.on_result / supervisor.Supervisor.on_ready, on_death, ...
+        |   supervisor: a dead worker's running item is blamed, the rest re-queued, or the
+        |   pool breaks
+        v
+    delivery: all tasks of a batch answered -> ordered stream: its reorder buffer (min-heap
+        |   on seq); callback stream: on_batch(batch) outside the lock (executor futures)
+        v
+    consumer thread: delivery.next_batch() pops the next seq in order; decoding unpickles it,
+                     a chunk at a time, outside every lock
+
+The parts, one module each: ``coordinator`` (:class:`Engine`: wiring, lifecycle, the stream
+registry, stats), ``intake``, ``feeding``, ``flusher``, ``scheduler``, ``supervisor``,
+``delivery``, ``decoding``; the pure data structures they drive live in :mod:`ordpool._core`.
+
+Threading model
+---------------
+Threads the engine and its transports start, and what each owns:
+
+* **caller threads** (any number): producers call ``Intake.enqueue``; a consumer per stream
+  iterates it (``Delivery.next_batch``, then ``decoding`` outside the lock). ``enqueue`` and
+  ``close`` encode batches in the caller's thread.
+* **ordpool-flusher** (one per engine, :class:`~.flusher.Flusher`): sends partial batches
+  that waited ``max_delay``.
+* **ordpool-imap-feeder**, **ordpool-executor-map-feeder** (one per numbered stream, started by
+  the pool or executor, running :meth:`~.feeding.Feeder.run`): reads the stream's input and
+  encodes its batches. It alone appends to its stream's ``feed``, without the lock.
+* **ordpool-collector** (one per process transport): waits in one ``selectors`` call over every
+  result pipe, process sentinel and a wakeup pipe; reports results, READY, init errors,
+  retirements and deaths to the engine. Completing an executor's futures runs here too.
+* **ordpool-sender-N** (one per worker process): writes a task whose write could block; the
+  collector never writes, so a slow worker can never deadlock the reading side.
+* **ordpool-ray-collector** (one per Ray transport): waits on Ray's futures, reports as above.
+* **ordpool-worker-N** names the worker processes themselves (not threads of this process).
+* The executor adds **ordpool-executor-start** (starts the workers off the caller's thread)
+  and **ordpool-executor-gc** (shuts down an executor that was garbage-collected).
+
+Shared state and its guard: everything mutable in the coordinator, intake, scheduler,
+supervisor and delivery (streams, slots, queues, counters, the window, the lifecycle state) is
+guarded by one lock, ``Engine.lock`` (an ``RLock``: see the comment where it is made). Three
+conditions share it: ``Engine.space`` (producers and feeders wait for room in the window or
+the queue), ``Engine.ready`` (consumers wait for a batch; ``start``/``join`` wait for a state)
+and ``Flusher.cond`` (the flusher sleeps). Two things are touched without the lock, by design:
+a numbered stream's ``feed`` (appended by its one feeder; takers remove from the front under
+the lock) and the scheduler's ``idle`` count, read by a feeder as a hint (a stale value costs a
+batch cut early or late, never a wrong result). Pickling and unpickling happen outside the
+lock, so a producer encoding a large batch never delays the transport's thread; callbacks of
+callback streams run outside the lock too, because a future's callbacks run user code, which
+may call back into the pool.
+
+Accounting, the invariant behind "nothing lost, nothing duplicated": every item taken into a
+batch is answered exactly once, by its batch being delivered (see :mod:`.delivery`); a task
+whose worker dies is re-queued or failed, never both (see :mod:`.supervisor`).
+"""
+
+from __future__ import annotations
+
+from .coordinator import Engine
+from .feeding import Feeder
+from .intake import PacedSequence
+from .supervisor import Supervision
+
+__all__ = ["Engine", "Feeder", "PacedSequence", "Supervision"]

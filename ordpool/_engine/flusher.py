@@ -1,0 +1,101 @@
+"""The flusher: the partial-batch timer. Sends a partial batch that waited ``max_delay`` (a lone
+message on a quiet stream), in its own thread.
+
+The flusher polls rather than being told about every new batch: producers wake it only when it
+sleeps idle (nothing pending anywhere). While items flow it wakes once per ``max_delay``, sees
+that batches were taken meanwhile, and sleeps again; it takes the pending items only when none
+were taken for a whole ``max_delay``. A partial batch thus waits between one and two
+``max_delay``, and a busy stream pays nothing per batch.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+from .._core.state import ENDED
+from .._core.streams import Stream
+from .intake import Work
+
+if TYPE_CHECKING:
+    from .coordinator import Engine
+
+__all__ = ["Flusher"]
+
+
+class Flusher:
+    """The ``ordpool-flusher`` thread of one engine.
+
+    Attributes:
+        max_delay: seconds a partial batch may wait before it is sent (0.005).
+        idle: the thread sleeps until woken (nothing was pending): a producer that adds the
+            first pending item wakes it (:meth:`wake_locked`).
+    """
+
+    __slots__ = ("cond", "engine", "idle", "max_delay", "thread")
+
+    def __init__(self, engine: Engine, max_delay: float) -> None:
+        self.engine = engine
+        self.max_delay = max_delay
+        self.cond = threading.Condition(engine.lock)
+        self.idle = False
+        self.thread = threading.Thread(target=self._loop, name="ordpool-flusher", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def wake_locked(self) -> None:
+        """A first item is pending (engine lock held): wake the thread if it sleeps idle."""
+        if self.idle:
+            self.cond.notify()
+
+    def _loop(self) -> None:
+        engine = self.engine
+        while True:
+            with engine.lock:
+                if engine.state in ENDED:
+                    return
+                waiting = [
+                    (s, s.next_seq)
+                    for s in engine.streams
+                    if not s.abandoned and not s.closed and s.pending()
+                ]
+                if not waiting:
+                    self.idle = True
+                    self.cond.wait()
+                    self.idle = False
+                    continue
+                self.cond.wait(self.max_delay)
+                works = self._take_aged_locked(waiting)
+            for work in works:
+                engine.intake.encode_dispatch(*work)
+
+    def _take_aged_locked(self, waiting: list[tuple[Stream, int]]) -> list[Work]:
+        """Take the pending items of each stream that cut no batch for a whole ``max_delay``
+        (its ``next_seq`` unchanged since ``waiting`` was made)."""
+        engine = self.engine
+        intake, scheduler = engine.intake, engine.scheduler
+        works: list[Work] = []
+        for stream, taken in waiting:
+            if stream.next_seq != taken or not stream.pending() or stream.abandoned:
+                continue
+            if stream.closed or engine.stopping:
+                continue  # close() stopped its intake: nothing more goes out
+            room = intake.window - intake.inflight
+            if room <= 0:
+                break
+            if (
+                stream.bulk
+                and scheduler.queued_locked() >= engine.workers
+                and not (stream.keyed and scheduler.has_items_for_free_slot(stream))
+            ):
+                # Tasks already wait for every worker: a bulk batch cut now would only wait
+                # too, at a size chosen before results came back (its feeder holds back for
+                # the same reason). A lone job of an indexed stream (a submit) still goes
+                # after max_delay.
+                continue
+            # (enqueue never lets batcher + in-flight exceed the window)
+            work = intake.take_locked(stream, limit=room)
+            if work is not None:
+                works.append(work)
+        return works
