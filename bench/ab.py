@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ordpool import ProcessOrderedPool
-from ordpool._bench import WORKLOADS, make_messages
+from ordpool.bench import WORKLOADS, make_messages
 
 ROOT = Path(__file__).resolve().parents[1]
 
