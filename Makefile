@@ -1,10 +1,12 @@
 # Two entry points on a fresh machine with Python 3.10+:
-#   make bench   creates .venv, installs ordpool, runs `ordpool bench`
-#   make test    creates .venv, installs ordpool[test,ray], runs ruff, mypy and pytest
+#   make bench   creates .venv, installs ordpool with its extras, runs `ordpool bench`
+#   make test    creates .venv, installs ordpool[test,ray,bench], runs ruff, mypy and pytest
+# Both share one .venv and one install stamp: EXTRAS holds the bench extra (orjson, rich,
+# mpire, joblib) that `ordpool bench` needs and that the CLI tests run.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= test,ray
+EXTRAS ?= test,ray,bench
 STAMP := $(VENV)/.installed-$(shell (cat setup.cfg pyproject.toml; echo $(EXTRAS)) | cksum | cut -d' ' -f1)
 
 .PHONY: test bench lint format venv clean

@@ -8,7 +8,8 @@ order flipped every round. The report gives the medians of each version's throug
 parent CPU per message, and the difference within each pair.
 
 Usage: ``python bench/ab.py --against REV [--workload transform|decode] [--rounds 10]
-[--messages 200000] [--new-option batch_size=2730] [--old-option ...]``
+[--messages 200000] [--input FILE --fn module:function] [--new-option batch_size=2730]
+[--old-option ...]``
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ordpool import ProcessOrderedPool
-from ordpool._bench import WORKLOADS, make_messages
+from ordpool.bench import WORKLOADS, load_callable, make_messages, read_input
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,10 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--input", help="messages from this file instead (one per line)")
+    parser.add_argument("--fn", help="module:function to run instead of the workload's")
     parser.add_argument("--new-option", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--old-option", action="append", default=[], metavar="NAME=VALUE")
     args = parser.parse_args(argv)
-    fn = WORKLOADS[args.workload].fn
+    fn = load_callable(args.fn) if args.fn else WORKLOADS[args.workload].fn
+    what = args.fn or args.workload
     with tempfile.TemporaryDirectory(prefix="ordpool-ab-") as tmp:
         export_old(args.against, Path(tmp))
         sys.path.insert(0, tmp)
@@ -82,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
             ),
         }
         try:
-            messages = make_messages(args.messages)
+            if args.input:
+                messages = read_input(args.input, args.messages)
+            else:
+                messages = make_messages(args.messages)
             expected = list(map(fn, messages[:2000]))
             for pool in pools.values():
                 assert list(pool.imap(messages[:2000])) == expected
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 pool.close()
                 pool.join()
     print(
-        f"{args.workload}, {args.workers} workers, {args.messages:,} messages, {args.rounds} "
+        f"{what}, {args.workers} workers, {args.messages:,} messages, {args.rounds} "
         f"pairs of runs; old = {args.against}"
     )
     for name, values in runs.items():

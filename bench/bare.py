@@ -55,7 +55,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ordpool import ProcessOrderedPool
-from ordpool._bench import WORKLOADS, make_messages
+from ordpool.bench import WORKLOADS, make_messages
 
 REGION = 16 << 20  # bytes per region: two task and two result regions per worker
 CHUNK_BYTES = 16 << 10  # pickled bytes of results per chunk, about, as ordpool sends them:

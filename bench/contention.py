@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ordpool._bench import WORKLOADS, load_callable, make_messages, read_input
+from ordpool.bench import WORKLOADS, load_callable, make_messages, read_input
 
 
 def _run(queue: mp.Queue, workload: str, n: int, start: mp.Event, path: str | None) -> None:  # type: ignore[type-arg]

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ordpool._bench import load_callable, read_input
+from ordpool.bench import load_callable, read_input
 
 REGION = 8 << 20  # as ordpool's regions
 

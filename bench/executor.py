@@ -1,6 +1,6 @@
 """``OrderedProcessPoolExecutor`` against ``ProcessPoolExecutor``: map throughput, submit latency.
 
-One run, one machine, the same messages and function for everyone (``ordpool._bench.transform``:
+One run, one machine, the same messages and function for everyone (``ordpool.bench.transform``:
 stdlib ``json.loads`` of a ~460-byte message, validation and a few computed fields into a
 5-tuple, about 8 us of work), both executors with the same start method (``forkserver`` by
 default: workers started from a clean process, so the parent's data pages are not shared with
@@ -45,8 +45,8 @@ import sys
 import time
 from typing import Any, Callable, Iterator, Sequence
 
-from ordpool._bench import make_messages, transform
-from ordpool._executor import OrderedProcessPoolExecutor
+from ordpool import OrderedProcessPoolExecutor
+from ordpool.bench import make_messages, transform
 
 
 def _parent_cpu() -> float:

@@ -11,8 +11,8 @@ decoding, in rounds, bound every pool from below:
 and each is compared with serial ``orjson.loads`` (issue 3's target: 0.5x serial on 2 cores).
 Pickling is measured two ways: one dict per pickle (``ProcessPoolExecutor`` at chunksize 1,
 ordpool before chunks), and in chunks of ``k`` dicts per pickle as ordpool sends large results
-(``ordpool._transport.wire.chunk_length``), where the dicts' common keys are pickled and rebuilt once. The
-caps use the cheaper of the two. Python overheads (the batch loop, copying messages and
+(``ordpool.bench.result_chunk_length``), where the dicts' common keys are pickled and rebuilt
+once. The caps use the cheaper of the two. Python overheads (the batch loop, copying messages and
 results, threads) only add to these.
 
 Usage: ``python bench/floor.py [--messages 2000] [--rounds 30] [--cores 2]``
@@ -32,8 +32,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ordpool import _wire
-from ordpool._bench import make_messages
+from ordpool.bench import PICKLE_PROTOCOL, make_messages, result_chunk_length
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     messages = make_messages(args.messages)
     dicts = [orjson.loads(m) for m in messages]
-    protocol = _wire.PROTOCOL
-    k = _wire.chunk_length(len(pickle.dumps(dicts[0], protocol)))
+    protocol = PICKLE_PROTOCOL
+    k = result_chunk_length(len(pickle.dumps(dicts[0], protocol)))
     starts = range(0, len(dicts), k)
     pickles = [pickle.dumps(d, protocol) for d in dicts]
     chunks = [pickle.dumps(dicts[i : i + k], protocol) for i in starts]

@@ -31,8 +31,7 @@ from typing import Any, Iterator
 import psutil
 
 from ordpool import ProcessOrderedPool
-from ordpool._bench import descendants
-from ordpool._core.defaults import usable_cores
+from ordpool.bench import descendants, usable_cores
 
 TARGET_MB = 100.0
 

@@ -6,7 +6,7 @@ What it does, in order::
 
     start Ray (local, num_cpus = --workers, temp dir build/ray, no dashboard)
         -> open both pools (process pool: forkserver; Ray pool: actors), before the data exists
-        -> build the messages once (~460-byte JSON, ordpool._bench.make_messages)
+        -> build the messages once (~460-byte JSON, ordpool.bench.make_messages)
         -> per engine: one untimed warm-up pass, then --repeat timed passes
         -> table: throughput, x serial, driver CPU per message, workers' CPU per message
 
@@ -38,7 +38,7 @@ from typing import Callable, Iterable
 import psutil
 
 from ordpool import ProcessOrderedPool
-from ordpool._bench import make_messages, transform
+from ordpool.bench import make_messages, transform
 
 _ROOT = Path(__file__).resolve().parents[1]
 _SOCKET_ROOM = 70  # Ray's longest socket path below its temp dir; Unix allows 107 bytes
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 rows.append((name, _measure(run, n, args.repeat, pids)))
             driver_rss = psutil.Process().memory_info().rss / 2**20
-            batch = ray_pool._engine.sizer.size if ray_pool._engine else 0
+            batch = ray_pool.stats().batch_size
     finally:
         ray.shutdown()
 

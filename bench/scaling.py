@@ -21,16 +21,16 @@ import shlex
 import sys
 from typing import Any
 
-from ordpool._bench import (
+from ordpool.bench import (
     WORKLOADS,
     BenchConfig,
     BenchError,
     format_report,
     parse_int_list,
     run_benchmark,
+    usable_cores,
     write_json,
 )
-from ordpool._core.defaults import usable_cores
 
 
 def scaling_rows(report: dict[str, Any]) -> list[dict[str, Any]]:

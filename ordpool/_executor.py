@@ -504,82 +504,7 @@ class _Core:
                 raise RuntimeError(_AFTER_SHUTDOWN) from None
             self._maps.add(feed)
             self._feeding.add(feed)
-        feeder = threading.Thread(
-            target=self._feed_map,
-            args=(engine, stream, feed, source),
-            name="ordpool-executor-map-feeder",
-            daemon=True,
-        )
-        feeder.start()
-        results = self._map_results(engine, stream, feed, end_time)
-        next(results)  # started: dropping the iterator now runs its finally (releases the stream)
-        return itertools.chain.from_iterable(results)
-
-    def _feed_map(
-        self, engine: Engine, stream: NumberedStream, feed: _MapFeed, source: Iterable[Any]
-    ) -> None:
-        """Body of a map's feeder thread."""
-        paced: Iterable[Any] | PacedSequence
-        if isinstance(source, (list, tuple)):
-            paced = PacedSequence(source, feed.room)  # by slices, in C
-        else:
-            paced = feed.items(source, stream.feed)
-        try:
-            Feeder(engine, stream).run(paced)
-        finally:
-            with self._lock:
-                self._feeding.discard(feed)
-            self._maybe_close()
-
-    def _map_results(
-        self, engine: Engine, stream: NumberedStream, feed: _MapFeed, end_time: float | None
-    ) -> Iterator[Iterable[Any]]:
-        """map()'s values, an iterable per batch, in order; ``[]`` first (see :meth:`map`)."""
-        try:
-            yield []
-            taken = 0  # items of the batch handed out last
-            while True:
-                if taken:
-                    # Resumed: the previous batch has been yielded in full, so the feeder may
-                    # read that many more (buffersize counts results yielded, as the stdlib's).
-                    feed.consumed(taken)
-                batch = self._next_map_batch(engine, stream, feed, end_time)
-                if batch is None:
-                    return
-                taken = len(batch)
-                # map ends at its first error, as the stdlib's does (a chunk that cannot be
-                # unpickled raises at its first position: its good values are not yielded)
-                yield from batch_values(batch, self._map_error)
-        finally:
-            feed.halt(_Abandoned())
-            with self._lock:
-                self._maps.discard(feed)
-                self._feeding.discard(feed)
-            engine.release_stream(stream)
-            self._maybe_close()
-
-    def _next_map_batch(
-        self, engine: Engine, stream: NumberedStream, feed: _MapFeed, end_time: float | None
-    ) -> Batch | None:
-        """The map's next batch; its end, the pool's failures and shutdown as the stdlib's."""
-        timeout = None if end_time is None else end_time - time.monotonic()
-        try:
-            return engine.delivery.next_batch(stream, timeout)
-        except (BrokenPool, PoolClosed) as exc:
-            if isinstance(exc, BrokenPool):
-                self._break(_failure_cause(exc))
-            if self.broken is not None:
-                raise self._new_broken_error() from None
-            if isinstance(feed.stop, CancelledError):
-                raise CancelledError() from None  # shutdown(cancel_futures=True)
-            raise
-
-    def _map_error(self, pos: int, error: BaseException) -> Any:
-        """A map item failed: the map raises there (a pool failure breaks the executor)."""
-        if _is_pool_failure(error):
-            self._break(_failure_cause(error))
-            raise self._new_broken_error()
-        raise _caller_error(error)
+        return _MapCall(self, engine, stream, feed, end_time).start(source)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -739,6 +664,97 @@ class _Core:
         if self.shut:
             return "shutdown" if self.engine.state is PoolState.CLOSED else "shutting down"
         return self.engine.state.value
+
+
+class _MapCall:
+    """One ``map`` call of an executor: its stream, its feeder thread and its results."""
+
+    def __init__(
+        self,
+        core: _Core,
+        engine: Engine,
+        stream: NumberedStream,
+        feed: _MapFeed,
+        end_time: float | None,
+    ) -> None:
+        self.core = core
+        self.engine = engine
+        self.stream = stream
+        self.feed = feed
+        self.end_time = end_time  # time.monotonic() by which the map must end, or None
+
+    def start(self, source: Iterable[Any]) -> Iterator[Any]:
+        """Start the feeder over ``source``; the map's iterator."""
+        feeder = threading.Thread(
+            target=self._feed, args=(source,), name="ordpool-executor-map-feeder", daemon=True
+        )
+        feeder.start()
+        results = self._results()
+        next(results)  # started: dropping the iterator now runs its finally (releases the stream)
+        return itertools.chain.from_iterable(results)
+
+    def _feed(self, source: Iterable[Any]) -> None:
+        """Body of the map's feeder thread."""
+        core, engine, stream, feed = self.core, self.engine, self.stream, self.feed
+        paced: Iterable[Any] | PacedSequence
+        if isinstance(source, (list, tuple)):
+            paced = PacedSequence(source, feed.room)  # by slices, in C
+        else:
+            paced = feed.items(source, stream.feed)
+        try:
+            Feeder(engine, stream).run(paced)
+        finally:
+            with core._lock:
+                core._feeding.discard(feed)
+            core._maybe_close()
+
+    def _results(self) -> Iterator[Iterable[Any]]:
+        """The map's values, an iterable per batch, in order; ``[]`` first (see :meth:`start`)."""
+        core, engine, stream, feed = self.core, self.engine, self.stream, self.feed
+        try:
+            yield []
+            taken = 0  # items of the batch handed out last
+            while True:
+                if taken:
+                    # Resumed: the previous batch has been yielded in full, so the feeder may
+                    # read that many more (buffersize counts results yielded, as the stdlib's).
+                    feed.consumed(taken)
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                taken = len(batch)
+                # map ends at its first error, as the stdlib's does (a chunk that cannot be
+                # unpickled raises at its first position: its good values are not yielded)
+                yield from batch_values(batch, self._error)
+        finally:
+            feed.halt(_Abandoned())
+            with core._lock:
+                core._maps.discard(feed)
+                core._feeding.discard(feed)
+            engine.release_stream(stream)
+            core._maybe_close()
+
+    def _next_batch(self) -> Batch | None:
+        """The map's next batch; its end, the pool's failures and shutdown as the stdlib's."""
+        core, end_time = self.core, self.end_time
+        timeout = None if end_time is None else end_time - time.monotonic()
+        try:
+            return self.engine.delivery.next_batch(self.stream, timeout)
+        except (BrokenPool, PoolClosed) as exc:
+            if isinstance(exc, BrokenPool):
+                core._break(_failure_cause(exc))
+            if core.broken is not None:
+                raise core._new_broken_error() from None
+            if isinstance(self.feed.stop, CancelledError):
+                raise CancelledError() from None  # shutdown(cancel_futures=True)
+            raise
+
+    def _error(self, pos: int, error: BaseException) -> Any:
+        """An item failed: the map raises there (a pool failure breaks the executor)."""
+        if _is_pool_failure(error):
+            self.core._break(_failure_cause(error))
+            raise self.core._new_broken_error()
+        raise _caller_error(error)
 
 
 def _fail_later(error: BaseException) -> Iterator[Any]:

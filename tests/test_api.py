@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import concurrent.futures
+import configparser
 import inspect
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 import ordpool
 
@@ -47,3 +52,24 @@ def test_importing_ordpool_does_not_import_ray() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.timeout(60)
+def test_install_requires_is_exactly_what_import_ordpool_imports():
+    """The library's install needs only the third-party packages its runtime imports."""
+    probe = "import sys, ordpool; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split()
+    imported = {
+        name
+        for name in out
+        if name not in sys.stdlib_module_names and name != "ordpool" and not name.startswith("_")
+    }
+    config = configparser.ConfigParser()
+    config.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    required = {
+        re.split(r"[<>=!~\[ ;]", line.strip())[0].lower()
+        for line in config["options"]["install_requires"].strip().splitlines()
+    }
+    assert imported == required == {"cloudpickle", "psutil"}

@@ -7,11 +7,13 @@ also proves that every engine returned serial's results in serial's order.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -312,6 +314,57 @@ def test_bad_options_and_help() -> None:
         assert option in proc.stdout
 
 
+def test_peers_run_when_installed_and_are_skipped_when_not() -> None:
+    proc = run("bench", *TINY, "--engines", "ordpool,mpire,joblib")
+    assert proc.returncode == 0, proc.stderr
+    _, rows, verdicts = table(proc.stdout)
+    labels = [r.split("  ")[0].split(" (")[0] for r in rows]
+    expected = ["serial", "ordpool"]
+    for key, label in (("mpire", "mpire imap"), ("joblib", "joblib loky")):
+        if importlib.util.find_spec(key) is None:
+            assert f"{key} is not installed: skipped" in proc.stderr
+        else:
+            expected.append(label)
+    assert labels == expected
+    assert all(r.split()[-1] in ("ref", "ok") for r in rows)
+    assert len(verdicts) == len(expected)
+    assert "check: every engine returned serial's results in serial's order" in proc.stdout
+
+
+def test_a_missing_peer_is_one_line_and_the_rest_runs() -> None:
+    code = (
+        "import sys; sys.modules['mpire'] = None\n"  # as if mpire were not installed
+        "from ordpool.__main__ import main\n"
+        f"sys.exit(main({['bench', *TINY, '--engines', 'ordpool,mpire']!r}))"
+    )
+    proc = run("-c", code, module="")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "ordpool bench: mpire is not installed: skipped "
+        "(pip install mpire, or pip install 'ordpool[bench]')"
+    ]
+    _, rows, _ = table(proc.stdout)
+    assert [r.split("  ")[0].split(" (")[0] for r in rows] == ["serial", "ordpool"]
+
+
+@pytest.mark.parametrize("module", ["orjson", "rich"])
+def test_without_the_bench_extra_one_line_says_what_to_install(module: str) -> None:
+    code = (
+        f"import sys; sys.modules[{module!r}] = None\n"  # as if it were not installed
+        "from ordpool.__main__ import main\n"
+        "sys.exit(main(['bench', '--messages', '100']))"
+    )
+    proc = run("-c", code, module="")
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        f"ordpool bench: {module} is not installed; install the bench extra: "
+        "pip install 'ordpool[bench]'"
+    ]
+    proc = run("-c", code.replace("'bench', '--messages', '100'", "'--help'"), module="")
+    assert proc.returncode == 0 and "bench" in proc.stdout  # the rest of the CLI still works
+
+
 def test_main_signature() -> None:
     from ordpool.__main__ import main
 
@@ -393,11 +446,11 @@ def test_peak_rss_sees_a_peak_that_came_and_went_during_the_run():
     in its peak, though it is gone before the end (and the peak before the run does not)."""
     import psutil
 
-    from ordpool._bench import _PeakRss
+    from ordpool.bench import PeakRss
 
     first = bytearray(200 << 20)  # a peak *before* the run, freed: it must not count
     del first
-    with _PeakRss([]) as rss:
+    with PeakRss([]) as rss:
         before = psutil.Process().memory_info().rss
         block = bytearray(96 << 20)  # zero-filled: every page touched
         del block
@@ -408,25 +461,26 @@ def test_peak_rss_sees_a_peak_that_came_and_went_during_the_run():
 
 def test_progress_bar_draws_on_steps_on_a_terminal_only(monkeypatch):
     import io
-    import time
 
-    from ordpool._bench import Progress
+    from ordpool.bench import Progress
 
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
+    monkeypatch.setenv("TERM", "xterm")  # rich draws no live bar on a "dumb" terminal
     for stream, drawn in ((Terminal(), True), (io.StringIO(), False)):
         monkeypatch.setattr(sys, "stderr", stream)
         progress = Progress(2, delay=0.0)
+        deadline = time.monotonic() + 10
+        while drawn and "0/2" not in stream.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)  # the bar shows after the delay, first drawn by its thread
         progress.step("first step")
         progress.advance()
-        progress.step("second step")
-        deadline = time.monotonic() + 10
-        while drawn and "second step" not in stream.getvalue() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        progress.step("second step")  # drawn at once, by the caller
+        assert ("second step" in stream.getvalue()) is drawn
         progress.close()
         out = stream.getvalue()
         assert ("second step" in out and "1/2" in out) is drawn, out
         if drawn:
-            assert out.endswith("\r")  # the line is cleared at the end
+            assert out.endswith("\x1b[2K")  # the line is cleared at the end

@@ -368,7 +368,7 @@ def test_result_that_cannot_be_unpickled_fails_its_chunk(start_method):
 
 
 def _big(i):
-    """A result large enough to travel at most CHUNK_MAX to a chunk (ordpool._transport.wire.LARGE_MIN)."""
+    """A result large enough to travel at most CHUNK_MAX to a chunk (wire.LARGE_MIN)."""
     return {"i": i, "pad": "p" * 300}
 
 

@@ -1,4 +1,5 @@
-"""The pure parts of ordpool: no threads, no I/O, no locks of their own.
+"""The pure parts of ordpool: no threads, no locks of their own, no I/O but reading the CPU
+count and a worker's CPU time and memory (``defaults``, ``stats``).
 
 ``batching`` (batches, tasks, the batch sizer), ``reorder`` (the min-heap that releases batches
 in order), ``streams`` (the stream types), ``routing`` (key -> worker slot), ``state`` (the

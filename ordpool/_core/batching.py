@@ -45,7 +45,7 @@ class Task:
         slot: the worker slot the task must run on, or ``None`` for the least-loaded worker.
         positions: positions of the task's items in the batch (``[0, 3, 4]``), or ``None`` for
             all of them in order (the unkeyed case).
-        payload: the encoded items (:class:`ordpool._transport.wire.Payload`): the items' own ``bytes``
+        payload: the encoded items (:class:`~.wire.Payload`): the items' own ``bytes``
             objects when they are bytes, so nothing is copied before the wire; ``None`` once
             sent and answered, or when nothing is to be sent.
         failed: items that fail without running, by position in the task: an item that could not

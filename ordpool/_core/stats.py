@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["PoolStats", "WorkerStats"]
+import psutil
+
+__all__ = ["PoolStats", "WorkerStats", "worker_usage"]
 
 
 @dataclass(frozen=True)
@@ -64,3 +66,16 @@ class PoolStats:
     restarts: int
     batch_size: int
     workers: tuple[WorkerStats, ...]
+
+
+def worker_usage(pid: int | None) -> tuple[float | None, int | None]:
+    """``(cpu seconds, rss bytes)`` of a process, or ``(None, None)`` if it cannot be read."""
+    if not pid:
+        return None, None
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            times = proc.cpu_times()
+            return times.user + times.system, proc.memory_info().rss
+    except psutil.Error:
+        return None, None

@@ -12,15 +12,13 @@ import time
 import weakref
 from typing import Sized, TypeVar
 
-import psutil
-
 from .._core.batching import BatchSizer, Task
 from .._core.defaults import DEPTH, Deadline
 from .._core.errors import BrokenPool, PoolClosed, WorkerInitError
 from .._core.reorder import ReorderBuffer
 from .._core.routing import KeyRouter
 from .._core.state import ENDED, PoolState
-from .._core.stats import PoolStats, WorkerStats
+from .._core.stats import PoolStats, WorkerStats, worker_usage
 from .._core.streams import Stream
 from .._transport.base import TransportFactory
 from .delivery import Delivery
@@ -363,7 +361,7 @@ class Engine:
             idle = sum(1 for s in self.scheduler.slots if s.ready and not s.outstanding)
             restarts, peak = self.supervisor.restarts, delivery.peak_heap
         workers = tuple(
-            WorkerStats(i, pid, is_busy, done, started, *_worker_usage(pid))
+            WorkerStats(i, pid, is_busy, done, started, *worker_usage(pid))
             for i, (pid, is_busy, done, started) in enumerate(slots)
         )
         return PoolStats(*counters, in_heap, peak, busy, idle, restarts, self.sizer.size, workers)
@@ -374,19 +372,6 @@ class Engine:
     @property
     def inflight(self) -> int:
         return self.intake.inflight
-
-
-def _worker_usage(pid: int | None) -> tuple[float | None, int | None]:
-    """``(cpu seconds, rss bytes)`` of a process, or ``(None, None)`` if it cannot be read."""
-    if not pid:
-        return None, None
-    try:
-        proc = psutil.Process(pid)
-        with proc.oneshot():
-            times = proc.cpu_times()
-            return times.user + times.system, proc.memory_info().rss
-    except psutil.Error:
-        return None, None
 
 
 def _terminate_all() -> None:

@@ -16,7 +16,7 @@ and as many result regions, used in turn. A region is reused ``TURNS`` batches l
 earliest, and a worker never holds more than ``TURNS`` batches (``max_depth``), so by then the
 worker has read the task and the collector has copied the result out. (Three turns, tried on
 ``decode``, gave no measurable gain.) A payload larger than its region travels in the pipe, and
-so does one whose pages ``/dev/shm`` has no room for (:class:`~ordpool._transport.worker.Reservation`:
+so does one whose pages ``/dev/shm`` has no room for (:class:`~.worker.Reservation`:
 the pages are allocated before they are written, where writing them would raise ``SIGBUS``).
 
 Why a sender thread per worker: a write can block (a full pipe, a large inline payload) until

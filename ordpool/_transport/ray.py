@@ -99,7 +99,7 @@ class OrdpoolActor:
     """One worker slot's actor: ``init`` once, then batches, one call at a time.
 
     Instantiated by Ray (``ray.remote(OrdpoolActor)``) in a process of its own; the driver never
-    builds one. It is the Ray counterpart of :func:`ordpool._transport.worker.worker_main`: the same spec
+    builds one. It is the Ray counterpart of :func:`.worker.worker_main`: the same spec
     bytes, the same batch loop (:func:`ordpool._transport.worker.run_batch`), the same encodings.
     """
 

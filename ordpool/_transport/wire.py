@@ -21,7 +21,7 @@ follows the header in the pipe frame when ``region`` is -1.
 ``items`` is ``b"B" n:I lengths:q*n data`` when every item is exactly ``bytes`` (the Kafka case:
 a table of lengths and the bytes themselves, five times cheaper than pickling a list of bytes),
 else ``b"P" pickle(list)``. Results are pickled in chunks of ``k`` values (a list per chunk,
-:func:`chunk_length`) as the worker makes them (:func:`ordpool._transport.worker.run_batch`); a batch in
+:func:`chunk_length`) as the worker makes them (:func:`.worker.run_batch`); a batch in
 which no item gave a result is ``b"P" pickle((values, errors))``::
 
     b"C" n:I k:I nerr:I ends:q*ceil(n/k) chunk_0 chunk_1 ... errors:nerr

@@ -97,7 +97,7 @@ def run_batch(
     are then ``None``, and lie in that region (``out.size`` bytes).
 
     ``progress[1]`` is set to each position before its call, ``len(items)`` after the last.
-    The first result decides the chunk length (:func:`ordpool._transport.wire.chunk_length`); the results
+    The first result decides the chunk length (:func:`.wire.chunk_length`); the results
     are then made and pickled a chunk at a time, so that each chunk dies at once instead of a
     batch of them waiting, out of the CPU caches, to be pickled and freed (measured on
     600-byte dicts, one by one against as one list: 3.5 against 6.4 us per item; chunks share a

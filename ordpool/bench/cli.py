@@ -1,0 +1,304 @@
+"""``ordpool bench``: the options, and the run from parsed options to the exit status.
+
+``ordpool/__main__.py`` imports this module only when the ``bench`` subcommand runs, so that
+``ordpool`` itself needs none of the bench extra (orjson, rich, mpire, joblib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import traceback
+from typing import Sequence
+
+from ._runtime import usable_cores
+from .config import DEFAULT_ENGINES, BenchConfig, BenchError
+from .engines import PEERS, BenchEngine, installed
+from .report import print_report, write_json
+from .runner import run_benchmark
+from .workloads import WORKLOADS, Workload, load_callable
+
+__all__ = [
+    "DESCRIPTION",
+    "add_arguments",
+    "build_parser",
+    "config_from_args",
+    "main",
+    "parse_int_list",
+    "run_command",
+]
+
+DESCRIPTION = (
+    "Run one workload over the same messages with serial (one process), ordpool, "
+    "multiprocessing.Pool.imap and ProcessPoolExecutor.map (each at its best chunksize), and "
+    "print throughput, CPU per message, peak RSS and what limits each. With no options: the "
+    "transform workload, 200,000 generated messages, one worker per usable core, median of 3 "
+    "runs."
+)
+
+
+def parse_int_list(text: str) -> list[int]:
+    """``"1,2,4"`` or ``"1-4"`` -> positive ints.
+
+    >>> parse_int_list("1,2,4"), parse_int_list("1-3")
+    ([1, 2, 4], [1, 2, 3])
+    """
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers like 1,2,4 or 1-4, got {text!r}"
+        ) from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return out
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _batch_size(text: str) -> int | None:
+    return None if text == "auto" else _positive_int(text)
+
+
+def _chunksizes(text: str) -> tuple[int, ...] | None:
+    if text == "auto":
+        return None
+    return tuple(_positive_int(part) for part in text.split(","))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``bench`` subcommand's options."""
+    _add_workload_arguments(parser)
+    _add_input_arguments(parser)
+    _add_engine_arguments(parser)
+    _add_output_arguments(parser)
+
+
+def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """What runs: ``--workload``, or ``--fn`` with ``--init``."""
+    parser.add_argument(
+        "--workload",
+        "-w",
+        choices=sorted(WORKLOADS),
+        default="transform",
+        help="built-in workload (default: transform); ignored with --fn",
+    )
+    parser.add_argument(
+        "--fn",
+        metavar="MODULE:FUNCTION",
+        help="your own function, fn(msg) or fn(state, msg) with --init; the current directory "
+        "is importable",
+    )
+    parser.add_argument(
+        "--init",
+        metavar="MODULE:FUNCTION",
+        help="builds each worker's state, called once per worker with no arguments",
+    )
+
+
+def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """The messages: ``--input``, or how many to generate and how large."""
+    parser.add_argument(
+        "--input",
+        metavar="FILE",
+        help="messages from FILE (one per line, or a JSON array) instead of generated ones",
+    )
+    parser.add_argument(
+        "--messages",
+        "-n",
+        type=_positive_int,
+        metavar="N",
+        help="messages to generate (default: 200000; sleep: 1000); with --input, at most N",
+    )
+    parser.add_argument(
+        "--message-size",
+        type=_positive_int,
+        default=600,
+        metavar="BYTES",
+        help="size of each generated message (default: 600)",
+    )
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Who runs it, how many times, with which pool settings."""
+    parser.add_argument(
+        "--workers",
+        type=parse_int_list,
+        metavar="N[,N...]",
+        help="worker counts, a row group each: 1,2,4 or 1-4 (default: the usable cores)",
+    )
+    parser.add_argument(
+        "--engines",
+        default=",".join(DEFAULT_ENGINES),
+        metavar="E[,E...]",
+        help="engines besides serial: ordpool, pool (multiprocessing.Pool.imap), executor "
+        "(ProcessPoolExecutor.map), mpire (WorkerPool.imap), joblib (Parallel, loky backend); "
+        "a peer that is not installed is skipped; default: ordpool,pool,executor",
+    )
+    parser.add_argument(
+        "--repeat",
+        "-r",
+        type=_positive_int,
+        default=3,
+        metavar="K",
+        help="timed runs per engine; the report shows the median (default: 3)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=None,
+        metavar="auto|N",
+        help="ordpool's batch size (default: auto)",
+    )
+    parser.add_argument(
+        "--chunksize",
+        type=_chunksizes,
+        default=None,
+        metavar="auto|N[,N...]",
+        help="the other pools' chunksize: one value, or candidates to sweep (default: auto: "
+        "100,1000,5000; sleep: 1,10,100)",
+    )
+    parser.add_argument(
+        "--start-method",
+        choices=("forkserver", "spawn", "fork"),
+        default="forkserver",
+        help="for every pool (default: forkserver; with fork the pools start before the data)",
+    )
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """What is checked and reported."""
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="verify every engine returns serial's results in serial's order (untimed pass)",
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
+    parser.add_argument(
+        "--traceback", action="store_true", help="show the traceback when the workload fails"
+    )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (it is off when stderr is not a tty)",
+    )
+
+
+def build_parser(
+    prog: str = "ordpool bench", description: str = DESCRIPTION
+) -> argparse.ArgumentParser:
+    """An argument parser with the ``bench`` options."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser)
+    return parser
+
+
+def _workload(args: argparse.Namespace) -> Workload:
+    """``--workload``, or a workload of ``--fn`` (and ``--init``), imported here."""
+    if args.init and not args.fn:
+        raise BenchError("--init needs --fn (the built-in workloads take no state)")
+    if not args.fn:
+        return WORKLOADS[args.workload]
+    fn = load_callable(args.fn, "--fn")
+    init = load_callable(args.init, "--init") if args.init else None
+    how = f"fn(state, msg), state from {args.init}" if init else "fn(msg)"
+    return Workload(args.fn, fn, init, description=how)
+
+
+def _engines(text: str) -> list[str]:
+    """The engine keys of ``--engines`` (serial always runs), less the peers not installed:
+    each skipped one is a line on stderr."""
+    kept = []
+    for key in (e.strip() for e in text.split(",")):
+        if not key or key == "serial":
+            continue
+        if installed(key):
+            kept.append(key)
+        else:
+            print(
+                f"ordpool bench: {key} is not installed: skipped "
+                f"(pip install {PEERS[key]}, or pip install 'ordpool[bench]')",
+                file=sys.stderr,
+            )
+    return kept
+
+
+def config_from_args(args: argparse.Namespace, command_line: str = "") -> BenchConfig:
+    """Build a :class:`.config.BenchConfig` from parsed options (imports ``--fn``/``--init``).
+
+    Raises:
+        BenchError: bad ``--fn``, ``--init`` or ``--engines``.
+    """
+    return BenchConfig(
+        workload=_workload(args),
+        workers=args.workers or [usable_cores()],
+        engines=_engines(args.engines),
+        messages=args.messages,
+        message_size=args.message_size,
+        input_path=args.input,
+        repeat=args.repeat,
+        start_method=args.start_method,
+        batch_size=args.batch_size,
+        chunksizes=args.chunksize,
+        check=args.check,
+        progress=not args.no_progress,
+        command_line=command_line,
+    )
+
+
+def run_command(
+    args: argparse.Namespace, extra_engines: dict[str, type[BenchEngine]] | None = None
+) -> int:
+    """``ordpool bench``: run, print the table, write ``--json``; the exit status.
+
+    Returns:
+        0; 1 when ``--check`` found a difference or the workload failed; 2 for bad options or
+        input; 130 when interrupted (Ctrl-C).
+    """
+    command_line = getattr(args, "command_line", "") or shlex.join(["ordpool", *sys.argv[1:]])
+    try:
+        config = config_from_args(args, command_line)
+        report = run_benchmark(config, extra_engines)
+    except BenchError as exc:
+        print(f"ordpool bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ordpool bench: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.traceback:
+            traceback.print_exc()
+        print(
+            f"ordpool bench: error: the workload failed: {type(exc).__name__}: {exc}"
+            + ("" if args.traceback else " (--traceback shows where)"),
+            file=sys.stderr,
+        )
+        return 1
+    print_report(report, sys.stdout)
+    if args.json:
+        write_json(report, args.json)
+    return 1 if report["check_passed"] is False else 0
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "ordpool bench") -> int:
+    """Parse the ``bench`` options in ``argv`` (default ``sys.argv[1:]``) and run.
+
+    Returns:
+        The exit status (see :func:`run_command`).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(prog).parse_args(argv)
+    args.command_line = shlex.join([*prog.split(), *argv])
+    return run_command(args)
