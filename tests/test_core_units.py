@@ -91,6 +91,45 @@ def test_reorder_first_seq():
         buf.push(9, "old")
 
 
+def test_reorder_measures_how_long_each_entry_waited_for_a_predecessor():
+    buf: ReorderBuffer[str] = ReorderBuffer()
+    assert buf.push(0, "a", size=4, nbytes=10, now=1.0) == 0.0  # in order: no hold
+    assert buf.push(3, "d", size=2, nbytes=30, now=2.0) == 0.0  # waits for 1 and 2
+    assert buf.push(2, "c", size=5, nbytes=20, now=3.0) == 0.0  # waits for 1
+    assert buf.held_bytes == 60
+    # 1 arrives at 7.0: it releases 2 (held 4 s, 5 items) and 3 (held 5 s, 2 items)
+    assert buf.push(1, "b", size=1, nbytes=5, now=7.0) == pytest.approx(5 * 4.0 + 2 * 5.0)
+    assert buf.max_hold == pytest.approx(5.0)
+    assert [buf.pop() for _ in range(4)] == ["a", "b", "c", "d"]
+    assert buf.held_bytes == 0 and buf.items == 0
+    # the consumer coming late is not hold: an entry in order never counts, however long
+    assert buf.push(4, "e", size=3, nbytes=1, now=100.0) == 0.0
+    assert buf.max_hold == pytest.approx(5.0)
+
+
+def test_reorder_hold_with_random_arrivals_adds_up():
+    rnd = random.Random(7)
+    seqs = list(range(300))
+    rnd.shuffle(seqs)
+    buf: ReorderBuffer[int] = ReorderBuffer()
+    arrived = {}
+    total = 0.0
+    for now, seq in enumerate(seqs):
+        arrived[seq] = float(now)
+        total += buf.push(seq, seq, size=1, now=float(now))
+    # each entry's hold is the time the last of its predecessors (and itself) arrived, minus
+    # its own arrival
+    latest = 0.0
+    expected = 0.0
+    for seq in range(300):
+        latest = max(latest, arrived[seq])
+        expected += latest - arrived[seq]
+    assert total == pytest.approx(expected)
+    assert buf.max_hold == max(
+        max(arrived[s] for s in range(seq + 1)) - arrived[seq] for seq in range(300)
+    )
+
+
 # -- Batcher --------------------------------------------------------------------------------------
 
 

@@ -229,6 +229,36 @@ def test_batches_answered_out_of_order_are_delivered_in_order(make_engine):
     assert _batches(engine, stream) == [([10], [100], {}), ([20], [200], {}), ([35], [350], {})]
 
 
+def test_stats_show_results_held_for_a_predecessor(make_engine):
+    engine, transport = make_engine(workers=2)
+    stream = engine.open_stream(IndexedStream())
+    for index in (0, 1):
+        engine.intake.enqueue(stream, index, index, None, None)
+    transport.answer(transport.sent[1])  # index 1 must wait for index 0
+    held = engine.stats()
+    assert held.in_heap == 1 and held.held_bytes > 0
+    assert held.hold_seconds == 0.0  # still waiting: counted once it may leave
+    transport.answer(transport.sent[0])
+    released = engine.stats()
+    assert released.hold_seconds > 0 and released.max_hold_seconds > 0
+    assert released.in_heap == 2  # both may leave now, and wait for the consumer
+    assert [b[0] for b in _batches(engine, stream)] == [[0], [1]]
+    after = engine.stats()
+    assert after.held_bytes == 0 and after.in_heap == 0
+    assert after.hold_seconds == released.hold_seconds  # consuming late adds no hold
+
+
+def test_results_answered_in_order_are_never_held(make_engine):
+    engine, transport = make_engine(workers=2)
+    stream = engine.open_stream(IndexedStream())
+    for index in range(6):
+        engine.intake.enqueue(stream, index, index, None, None)
+        transport.answer(transport.sent[-1])
+    assert len(_batches(engine, stream)) == 6
+    stats = engine.stats()
+    assert stats.hold_seconds == 0.0 and stats.max_hold_seconds == 0.0
+
+
 def test_a_callback_stream_gets_each_batch_as_soon_as_it_is_answered(make_engine):
     engine, transport = make_engine()
     got: list[list[int]] = []

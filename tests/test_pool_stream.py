@@ -796,3 +796,16 @@ def test_a_fixed_batch_size_larger_than_the_window_does_not_hang(start_method, k
         abs, workers=2, batch_size=10**6, window=1000, start_method=start_method
     ) as pool:
         assert list(pool.imap(source)) == list(range(n))
+
+
+@pytest.mark.timeout(60)
+def test_stats_show_the_results_a_slow_item_held_back(start_method):
+    """Item 1 finishes at once on the other worker but must wait for item 0 (1 s): the wait
+    shows in stats() as hold, which tells a slow item from a slow pool."""
+    with ProcessOrderedPool(time.sleep, workers=2, batch_size=1, start_method=start_method) as pool:
+        before = pool.stats()
+        assert list(pool.imap([1.0, 0.0])) == [None, None]
+        after = pool.stats()
+    assert before.hold_seconds == before.max_hold_seconds == 0.0
+    assert after.max_hold_seconds > 0 and after.hold_seconds > 0
+    assert after.held_bytes == 0  # nothing is waiting any more

@@ -357,6 +357,8 @@ class Engine:
                 self.intake.inflight,
             )
             in_heap = sum(s.reorder.items for s in self.streams)
+            held_bytes = sum(s.reorder.held_bytes for s in self.streams)
+            hold = (held_bytes, delivery.hold_seconds, delivery.max_hold)
             busy = sum(1 for s in self.scheduler.slots if s.outstanding)
             idle = sum(1 for s in self.scheduler.slots if s.ready and not s.outstanding)
             restarts, peak = self.supervisor.restarts, delivery.peak_heap
@@ -364,7 +366,9 @@ class Engine:
             WorkerStats(i, pid, is_busy, done, started, *worker_usage(pid))
             for i, (pid, is_busy, done, started) in enumerate(slots)
         )
-        return PoolStats(*counters, in_heap, peak, busy, idle, restarts, self.sizer.size, workers)
+        return PoolStats(
+            *counters, in_heap, peak, busy, idle, restarts, self.sizer.size, workers, *hold
+        )
 
     def worker_pids(self) -> list[int]:
         return sorted(self.transport.pids().values())

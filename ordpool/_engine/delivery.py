@@ -13,6 +13,7 @@ broken), or a mix. A batch is delivered when its last task is answered:
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from .._core.batching import Batch, Task
@@ -32,7 +33,7 @@ class Delivery:
     """Answer accounting and delivery for one engine. Everything here runs under the engine's
     lock except :meth:`drain_due` (which takes it briefly) and the callbacks it runs."""
 
-    __slots__ = ("completed", "due", "engine", "failed", "peak_heap")
+    __slots__ = ("completed", "due", "engine", "failed", "hold_seconds", "max_hold", "peak_heap")
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -40,6 +41,8 @@ class Delivery:
         self.completed = 0  # items answered with a value, since the start
         self.failed = 0  # items answered with an error
         self.peak_heap = 0  # the most items ever waiting in one reorder buffer
+        self.hold_seconds = 0.0  # item-seconds results waited for a predecessor (12.5)
+        self.max_hold = 0.0  # the longest one batch waited for a predecessor, seconds (0.02)
 
     def answer_locked(self, task: Task, worker_errors: int = 0) -> None:
         """One task is answered; deliver its batch when it was the last. ``worker_errors``:
@@ -67,9 +70,14 @@ class Delivery:
             if stream.closed and not stream.open_batches:
                 engine.ready.notify_all()
             return
-        stream.reorder.push(batch.seq, batch, len(batch))
-        if stream.reorder.items > self.peak_heap:
-            self.peak_heap = stream.reorder.items
+        reorder = stream.reorder
+        self.hold_seconds += reorder.push(
+            batch.seq, batch, len(batch), _payload_bytes(batch), time.monotonic()
+        )
+        if reorder.max_hold > self.max_hold:
+            self.max_hold = reorder.max_hold
+        if reorder.items > self.peak_heap:
+            self.peak_heap = reorder.items
         if batch.seq == stream.reorder.next_seq or stream.closed:
             engine.ready.notify_all()
 
@@ -120,3 +128,13 @@ class Delivery:
         if engine.state is PoolState.TERMINATED:
             raise PoolClosed("the pool was terminated before this stream's input was processed")
         raise PoolClosed("the pool was closed before this stream's input was fully read")
+
+
+def _payload_bytes(batch: Batch) -> int:
+    """Bytes of a batch's pickled results (0 for results failed before they ran)."""
+    total = 0
+    for task in batch.tasks:
+        frame = task.frame
+        if frame is not None:
+            total += len(frame)
+    return total
