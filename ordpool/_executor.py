@@ -719,6 +719,7 @@ class _MapCall:
                     # Resumed: the previous batch has been yielded in full, so the feeder may
                     # read that many more (buffersize counts results yielded, as the stdlib's).
                     feed.consumed(taken)
+                    taken = 0
                 batch = self._next_batch()
                 if batch is None:
                     return

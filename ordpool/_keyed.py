@@ -293,7 +293,9 @@ class KeyedPool:
                 if future is not None and future.slot is not None:
                     self._queued[future.slot] -= 1
             self._space.notify_all()
-        complete_futures(done, values, errors)
+        # (a job cancelled before it was sent is answered too, by its CancelledError: its future
+        # is done already)
+        complete_futures([None if f is None or f.done() else f for f in done], values, errors)
 
     def _engine_now(self) -> Engine | None:
         return self._engine

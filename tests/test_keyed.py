@@ -358,3 +358,26 @@ def test_keyed_sessions_example_checks_itself() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "20000 events" in done.stdout and "in order: True" in done.stdout
+
+
+def _crash_on_one(x: int) -> int:
+    if x == 1:
+        time.sleep(0.3)
+        os._exit(3)
+    if x == 0:
+        time.sleep(0.3)
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_jobs_sent_again_after_their_worker_died_complete(start_method: str) -> None:
+    """Jobs batched behind one that kills its worker are sent again to the replacement: their
+    futures (RUNNING already) must complete, not wedge the pool."""
+    with KeyedPool(1, start_method=start_method) as pool:
+        first = pool.submit("k", _crash_on_one, 0)
+        time.sleep(0.05)  # the next three wait, batched, behind the first
+        crashing, *rest = [pool.submit("k", _crash_on_one, i) for i in (1, 2, 3)]
+        assert first.result(timeout=30) == 0
+        with pytest.raises(WorkerCrashed):
+            crashing.result(timeout=30)
+        assert [f.result(timeout=30) for f in rest] == [2, 3]

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 import psutil
 import pytest
@@ -1121,3 +1122,48 @@ def test_a_reservation_grows_ahead_and_falls_back_to_the_exact_size(monkeypatch)
     for size in (1000, 200_000, 300_000, 600_000, 5_000_000, 4_000_000):
         assert r.fits(size)
     assert calls == [256 << 10, 375_000, 750_000, 6_250_000]  # a quarter ahead, 256 KiB at least
+
+
+def _fail_at_4000(x):
+    if x == 4000:
+        raise ValueError("4000")
+    return x
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["imap", "executor"])
+def test_leaving_before_a_failed_item_leaves_no_cycle(api):
+    """A consumer that stops before a failure it was about to get: the batch, its values and
+    the exception are freed at once, not kept as a cycle until the cyclic GC runs."""
+    import gc
+    import multiprocessing
+
+    from ordpool import OrderedProcessPoolExecutor
+
+    if api == "imap":
+        pool: Any = ProcessOrderedPool(_fail_at_4000, workers=1, start_method="fork")
+        it = pool.imap(range(5000))
+    else:
+        pool = OrderedProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
+        it = pool.map(_fail_at_4000, range(5000))
+    try:
+        for value in it:
+            if value == 3999:
+                break
+        gc.collect()
+        gc.disable()
+        try:
+            del it
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            cyclic = [o for o in gc.garbage if isinstance(o, ValueError)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        assert cyclic == []
+    finally:
+        if api == "imap":
+            pool.terminate()
+        else:
+            pool.shutdown(wait=True, cancel_futures=True)

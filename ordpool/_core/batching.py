@@ -54,7 +54,7 @@ class Task:
         rerun: the task's worker died after running every item (while sending the results):
             no item was blamed, and the task runs once more, once.
         late_deaths: deaths that blamed only items already failed: counted against the task
-            (see ``Supervisor.requeue_lost``).
+            (see ``Supervisor._blame``).
         frame: the pickled results once answered, else ``None``.
     """
 

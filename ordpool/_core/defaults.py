@@ -56,10 +56,9 @@ class Deadline:
     True
     """
 
-    __slots__ = ("at", "timeout")
+    __slots__ = ("at",)
 
     def __init__(self, timeout: float | None) -> None:
-        self.timeout = timeout
         self.at = None if timeout is None else time.monotonic() + timeout
 
     def remaining(self) -> float | None:

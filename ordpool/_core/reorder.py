@@ -30,16 +30,16 @@ class ReorderBuffer(Generic[T]):
         >>> r = ReorderBuffer()
         >>> r.push(1, "b", size=10, nbytes=100, now=5.0)
         0.0
-        >>> r.pop() is None          # seq 0 is still missing
-        True
+        >>> r.pop() is None, r.held_bytes   # seq 0 is still missing: "b" is held
+        (True, 100)
         >>> r.push(0, "a", size=5, nbytes=40, now=5.5)  # "b" held 0.5 s: 10 items x 0.5 s
         5.0
-        >>> r.held_bytes, r.max_hold
-        (140, 0.5)
+        >>> r.held_bytes, r.max_hold, r.items   # nothing held; 15 items wait for the consumer
+        (0, 0.5, 15)
         >>> r.pop(), r.pop(), r.pop()
         ('a', 'b', None)
-        >>> r.peak_items, r.held_bytes
-        (15, 0)
+        >>> r.peak_items
+        15
     """
 
     __slots__ = (
@@ -57,9 +57,10 @@ class ReorderBuffer(Generic[T]):
         self._heap: list[tuple[int, int, int, T]] = []  # (seq, size, nbytes, entry), on seq
         self._next = first_seq  # the seq that must be released next (42)
         self._ready_next = first_seq  # the first seq not arrived yet (45: 42 to 44 are in)
-        self._waiting: dict[int, tuple[float, int]] = {}  # seq -> (pushed at, size), held
-        self.items = 0  # items held in the heap right now (sum of sizes)
-        self.held_bytes = 0  # bytes of the entries held right now (sum of nbytes)
+        # seq -> (pushed at, size, nbytes) of the entries waiting for a predecessor
+        self._waiting: dict[int, tuple[float, int, int]] = {}
+        self.items = 0  # items in the heap right now (sum of sizes), held or not
+        self.held_bytes = 0  # bytes of the entries waiting for a predecessor right now
         self.peak_items = 0  # the most items ever held at once
         self.max_hold = 0.0  # the longest an entry waited for a predecessor, in seconds
 
@@ -74,18 +75,19 @@ class ReorderBuffer(Generic[T]):
             raise ValueError(f"seq {seq} was already released (next is {self._next})")
         heapq.heappush(self._heap, (seq, size, nbytes, entry))
         self.items += size
-        self.held_bytes += nbytes
         if self.items > self.peak_items:
             self.peak_items = self.items
         if seq != self._ready_next:
-            self._waiting[seq] = (now, size)
+            self._waiting[seq] = (now, size, nbytes)
+            self.held_bytes += nbytes
             return 0.0
         self._ready_next += 1
         held = 0.0
         waiting = self._waiting
         while waiting and self._ready_next in waiting:
-            pushed_at, n = waiting.pop(self._ready_next)
+            pushed_at, n, nbytes = waiting.pop(self._ready_next)
             self._ready_next += 1
+            self.held_bytes -= nbytes
             hold = now - pushed_at
             held += hold * n
             if hold > self.max_hold:
@@ -96,10 +98,9 @@ class ReorderBuffer(Generic[T]):
         """Remove and return the entry for the next seq, or ``None`` if it has not arrived."""
         heap = self._heap
         if heap and heap[0][0] == self._next:
-            _, size, nbytes, entry = heapq.heappop(heap)
+            _, size, _, entry = heapq.heappop(heap)
             self._next += 1
             self.items -= size
-            self.held_bytes -= nbytes
             return entry
         return None
 

@@ -51,10 +51,12 @@ class PoolStats:
         restarts: worker processes replaced after a crash.
         batch_size: items per batch now (fixed, or the adaptive choice).
         workers: one :class:`WorkerStats` per slot.
-        held_bytes: bytes of the results waiting in the reorder heaps now.
+        held_bytes: bytes of the results waiting for an earlier item now (results in order
+            that only wait for the consumer do not count; ``in_heap`` counts both).
         hold_seconds: item-seconds results have waited in a reorder heap for an earlier
-            item, from the start: a batch of 100 items held 0.02 s adds 2.0. Divided by
-            ``completed + failed``, the mean wait an item's order cost it. Time a result
+            item, from the start: a batch of 100 items held 0.02 s adds 2.0. Divided by the
+            items of the pool's ordered streams (all of them but an executor's ``submit``
+            and a keyed pool's jobs), the mean wait an item's order cost it. Time a result
             then waits for the consumer to ask for it does not count.
         max_hold_seconds: the longest a result waited for an earlier item. High while
             ``busy_workers`` is low: a slow item holds the ones after it back; low while

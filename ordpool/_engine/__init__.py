@@ -57,13 +57,24 @@ supervisor and delivery (streams, slots, queues, counters, the window, the lifec
 guarded by one lock, ``Engine.lock`` (an ``RLock``: see the comment where it is made). Three
 conditions share it: ``Engine.space`` (producers and feeders wait for room in the window or
 the queue), ``Engine.ready`` (consumers wait for a batch; ``start``/``join`` wait for a state)
-and ``Flusher.cond`` (the flusher sleeps). Two things are touched without the lock, by design:
-a numbered stream's ``feed`` (appended by its one feeder; takers remove from the front under
-the lock) and the scheduler's ``idle`` count, read by a feeder as a hint (a stale value costs a
-batch cut early or late, never a wrong result). Pickling and unpickling happen outside the
-lock, so a producer encoding a large batch never delays the transport's thread; callbacks of
-callback streams run outside the lock too, because a future's callbacks run user code, which
-may call back into the pool.
+and ``Flusher.cond`` (the flusher sleeps).
+
+Read or written without the lock, by design (each a single attribute, atomic under the GIL):
+
+* a numbered stream's ``feed``: appended by its one feeder; takers remove from the front under
+  the lock;
+* ``Scheduler.idle`` and ``Flusher.idle``, read by a feeder as hints: a stale value costs a
+  batch cut early or late, or a flusher woken for nothing, never a wrong result;
+* ``Engine.state``, read before taking the lock where a stale value only costs the lock
+  (``terminate``, ``check_open``, the supervisor's policy hook), and ``Slot.retiring`` in
+  ``Supervisor.on_death``, written by the same transport thread that reports the death;
+* ``Engine.streams`` by the pool's face, to refuse a second stream: a list read whole.
+
+Pickling and unpickling happen outside the lock: a producer encoding a large batch never
+delays the transport's thread. The transport's thread encodes batches itself only when a
+worker has gone idle with items waiting (``Intake.take_for_idle_locked``): then nothing else
+would send them. Callbacks of callback streams run outside the lock too, because a future's
+callbacks run user code, which may call back into the pool.
 
 Accounting, the invariant behind "nothing lost, nothing duplicated": every item taken into a
 batch is answered exactly once, by its batch being delivered (see :mod:`.delivery`); a task

@@ -38,7 +38,7 @@ def lazy_values(
 ) -> _wire.ChunkValues | None:
     """The batch's values unpickled a chunk at a time as they are iterated, or ``None`` when
     the batch cannot go that way (no item gave a result, errors in the batch, a keyed
-    batch merged from several tasks): then use :meth:`decode`. Each value of a chunk
+    batch merged from several tasks): then use :func:`decode`. Each value of a chunk
     that cannot be unpickled here goes to ``on_error(position, error)``; with ``result``,
     the iterator yields ``result((index, value, error))`` instead (see
     :func:`_wire.iter_values`).
@@ -215,15 +215,16 @@ def batch_values(
         try:
             value = on_error(pos, errors[pos])
         except BaseException as exc:
-            stop: BaseException | None = exc
+            # Without its traceback, which holds this very frame: suspended at the yield
+            # below, the generator would otherwise keep itself, the exception and the batch's
+            # values alive as a cycle until the cyclic GC's next pass.
+            stop: BaseException | None = exc.with_traceback(None)
         else:
             stop = None
             if value is not SKIP:
                 out.append(value)
         if stop is not None:
-            # (raised outside the except block: a suspended generator holding the exception
-            # would keep a reference cycle alive, see retrying)
-            yield out
+            yield out  # the values before the failed item, then the failure
             try:
                 raise stop
             finally:

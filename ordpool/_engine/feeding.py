@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from .._core.batching import Task
 from .._core.routing import KeyRouter
-from .._core.state import ENDED, PoolState
+from .._core.state import PoolState
 from .._core.streams import NumberedStream
 from .intake import Intake, PacedSequence
 
@@ -40,11 +40,7 @@ class Feeder:
         try:
             outcome = self._feed(iterable)
         except BaseException as exc:  # a bug of ours: fail loudly, not silently
-            with engine.lock:
-                if engine.state not in ENDED:
-                    engine.supervisor.break_locked(exc)
-            engine.delivery.drain_due()
-            engine.transport.stop(graceful=False)
+            engine.supervisor.break_now(exc)
             return
         if outcome is False:
             return

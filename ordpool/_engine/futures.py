@@ -30,13 +30,18 @@ class JobFuture(Future[Any]):
     def __init__(self, engine: Callable[[], Engine | None], slot: int | None = None) -> None:
         super().__init__()
         self._engine = engine
-        self.slot = slot
-        self.where: tuple[Task, int] | None = None  # (task, position) once sent to a worker
+        self._slot = slot
+        self._where: tuple[Task, int] | None = None  # (task, position) once sent to a worker
+
+    @property
+    def slot(self) -> int | None:
+        """The worker slot the job is routed to (``None``: any)."""
+        return self._slot
 
     def cancel(self) -> bool:
         if super().cancel():
             return True
-        where, engine = self.where, self._engine()
+        where, engine = self._where, self._engine()
         if where is not None and engine is not None and self.running():
             engine.cancel_running(*where)
         return False
@@ -44,18 +49,21 @@ class JobFuture(Future[Any]):
 
 def bind_futures(task: Task, futures: Mapping[int, Future[Any]], *, start: bool) -> None:
     """A callback stream's ``on_send`` (engine lock held): remember where each job runs, for
-    :meth:`JobFuture.cancel`. With ``start``, each future turns RUNNING now, and a job whose
-    future was cancelled meanwhile fails its position with ``CancelledError`` (it is not run).
+    :meth:`JobFuture.cancel`. With ``start``, each PENDING future turns RUNNING now, and a job
+    whose future was cancelled meanwhile fails its position with ``CancelledError`` (it is not
+    run). A future RUNNING already is a task sent again after its worker died: it runs again.
     """
     indices, positions = task.batch.indices, task.positions
     for pos in range(task.n):
         if pos in task.failed:
             continue
         future = futures.get(indices[positions[pos] if positions is not None else pos])
-        if start and (future is None or not future.set_running_or_notify_cancel()):
+        if start and (
+            future is None or not (future.running() or future.set_running_or_notify_cancel())
+        ):
             task.failed[pos] = CancelledError()
         elif isinstance(future, JobFuture):
-            future.where = (task, pos)
+            future._where = (task, pos)
 
 
 def complete_futures(
@@ -71,7 +79,7 @@ def complete_futures(
     """
     held: list[Future[Any]] = []
     for pos, future in enumerate(futures):
-        if future is None or future.cancelled():
+        if future is None:
             continue
         error = errors.get(pos) if errors else None
         if error is None:

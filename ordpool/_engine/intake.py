@@ -2,7 +2,7 @@
 
 Producers add items to an :class:`~ordpool._core.streams.IndexedStream` (``enqueue``); a feeder
 thread pulls an input into a :class:`~ordpool._core.streams.NumberedStream`
-(:func:`~ordpool._engine.feeding.feed_stream`).
+(:meth:`~ordpool._engine.feeding.Feeder.run`).
 Pending items are cut into a batch when there are enough of them (the sizer's size), when an
 idle worker could start them now (Nagle-style: a lone item does not wait), or by the flusher
 after ``max_delay``. A batch is pickled *before* it counts as queued, outside the lock ("pickle
@@ -95,7 +95,8 @@ class Intake:
         """Add one item to an indexed stream, waiting while the window is full."""
         engine = self.engine
         with engine.lock:
-            self._check_accepts(stream)
+            if engine.state is not PoolState.RUNNING or stream.closed:
+                self._check_accepts(stream)  # raises
             batcher = stream.batcher
             batcher.check(index)
             if self.inflight + len(batcher) >= self.window:
@@ -103,7 +104,7 @@ class Intake:
             n = batcher.add(index, item, slot)
             self.submitted += 1
             if n < self.sizer.size and not self.scheduler.starts_now(stream, slot):
-                if n == 1:
+                if n == 1 and engine.flusher.idle:
                     engine.flusher.wake_locked()
                 return
             work = self.take_locked(stream)

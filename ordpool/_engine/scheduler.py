@@ -100,7 +100,7 @@ class Scheduler:
 
     def pump_locked(self) -> None:
         """Send queued tasks: a slot's own (keyed) tasks first, then any task, least loaded
-        slot first. A feeder waiting for the queue to shrink (``Intake.take_feed``) is woken
+        slot first. A feeder waiting for the queue to shrink (``Feeder.take_feed``) is woken
         when it did."""
         depth = self.depth
         sent = False

@@ -39,7 +39,9 @@ class Supervision:
         """A worker's init raised ``exc``; the engine breaks (or fails to start) next."""
 
     def broke(self, error: BaseException) -> None:
-        """The engine broke (workers could not be (re)started) with ``error``."""
+        """The running engine broke with ``error``: a worker could not be (re)started, or
+        the engine itself failed. (A failed start is not reported here: ``start()`` raises
+        it, or leaves the engine BROKEN for its caller to see.)"""
 
 
 class Supervisor:
@@ -143,10 +145,16 @@ class Supervisor:
         try:
             engine.transport.start_worker(slot)
         except BaseException as exc:  # a start failure breaks the pool
-            with engine.lock:
-                self.break_locked(exc)
-            self.policy.broke(exc)
+            self.break_now(exc)
         engine.delivery.drain_due()
+
+    def break_now(self, error: BaseException) -> None:
+        """Break the engine (unless it has ended), from any thread but under no lock."""
+        with self.engine.lock:
+            if self.engine.state in ENDED:
+                return
+            self.break_locked(error)
+        self._after_break(error)
 
     def _after_break(self, error: BaseException) -> None:
         """Outside the lock, once the engine broke: hand over failed batches, stop the workers,

@@ -5,7 +5,7 @@
                                                      |  Ray moves it (inline, or through its
                                                      v  object store when over ~100 KB)
                                      actor of the slot (its own process; one per slot)
-                                                     |  decode_items -> run_batch (encodes)
+                                                     |  run_task: decode, run, encode
                                                      v  returns (seconds, results blob, retire)
     Ray's thread: ref completed --> ObjectRef.future() callback --> SimpleQueue
                                                      |
@@ -100,7 +100,7 @@ class OrdpoolActor:
 
     Instantiated by Ray (``ray.remote(OrdpoolActor)``) in a process of its own; the driver never
     builds one. It is the Ray counterpart of :func:`.worker.worker_main`: the same spec
-    bytes, the same batch loop (:func:`ordpool._transport.worker.run_batch`), the same encodings.
+    bytes, the same batch step (:func:`.worker.run_task`), the same encodings.
     """
 
     def __init__(self, spec: bytes) -> None:
@@ -129,27 +129,26 @@ class OrdpoolActor:
 
     def run(
         self, bid: int, failed: tuple[int, ...], payload: bytes, call: bytes = b""
-    ) -> tuple[float, bytes, bool]:
-        """Run one batch; returns ``(worker seconds, encoded results, retire)``.
+    ) -> tuple[float, bytes, int, bool]:
+        """Run one batch; returns ``(worker seconds, encoded results, items failed, retire)``.
 
         ``retire`` is True when this call reached ``max_tasks``: the actor runs nothing more
         (later calls return an empty answer that the driver ignores) and is replaced.
         """
         if self._retired or self._call is None:
-            return 0.0, b"", False
+            return 0.0, b"", 0, False
         start = time.perf_counter()
         progress = self._progress
         progress[0] = bid
         progress[1] = 0
         fn = _worker.stream_call(call, self._call, self._calls)
-        encoded, _, ran = _worker.run_task(
+        encoded, nerrors, ran = _worker.run_task(
             fn, memoryview(payload), None, set(failed), progress, self._writer
         )
         assert encoded is not None  # no region given: the results come back in memory
-        results = encoded
         self._done += ran
         self._retired = self._max_tasks is not None and self._done >= self._max_tasks
-        return time.perf_counter() - start, results, self._retired
+        return time.perf_counter() - start, encoded, nerrors, self._retired
 
 
 @functools.lru_cache(maxsize=1)
@@ -470,11 +469,11 @@ class RayTransport:
             if future.exception() is not None:
                 self._lose(actor, call.bid)
                 return
-            seconds, payload, retire = future.result()
+            seconds, payload, nerrors, retire = future.result()
             if retire:
                 # Before the result, so the engine sends nothing more to this actor.
                 events.on_retire(slot)
-            events.on_result(slot, call.bid, seconds, payload)
+            events.on_result(slot, call.bid, seconds, payload, nerrors)
             if retire:
                 self._lose(actor, -1, exitcode=0)
                 return

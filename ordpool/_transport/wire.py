@@ -81,6 +81,7 @@ __all__ = [
     "RETIRE",
     "STOP",
     "TASK",
+    "WHOLE_TASK",
     "ChunkValues",
     "ChunkWriter",
     "Payload",

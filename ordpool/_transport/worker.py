@@ -29,9 +29,11 @@ from . import wire as _wire
 CANCEL_ALL = -2
 
 __all__ = [
+    "CANCEL_ALL",
     "cancelled",
     "invoke",
     "run_batch",
+    "run_task",
     "star",
     "stream_call",
     "worker_local",
