@@ -7,16 +7,25 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 import traceback
-from typing import Sequence
+from typing import Any, Sequence
 
 from ._runtime import usable_cores
-from .config import DEFAULT_ENGINES, BenchConfig, BenchError
+from .config import (
+    DEFAULT_ENGINES,
+    STREAM_ENGINE_KEYS,
+    BenchConfig,
+    BenchError,
+    StreamCheckError,
+    StreamConfig,
+)
 from .engines import PEERS, BenchEngine, installed
 from .report import print_report, write_json
 from .runner import run_benchmark
+from .stream import run_stream
 from .workloads import WORKLOADS, Workload, load_callable
 
 __all__ = [
@@ -27,6 +36,7 @@ __all__ = [
     "main",
     "parse_int_list",
     "run_command",
+    "stream_config_from_args",
 ]
 
 DESCRIPTION = (
@@ -34,7 +44,8 @@ DESCRIPTION = (
     "multiprocessing.Pool.imap and ProcessPoolExecutor.map (each at its best chunksize), and "
     "print throughput, CPU per message, peak RSS and what limits each. With no options: the "
     "transform workload, 200,000 generated messages, one worker per usable core, median of 3 "
-    "runs."
+    "runs. With --stream RATE: the latency of each message in an open loop at RATE messages "
+    "per second instead."
 )
 
 
@@ -68,6 +79,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _number(text: str, zero_ok: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan  # rejected below
+    if not 0 <= value < math.inf or (value == 0 and not zero_ok):
+        what = "non-negative" if zero_ok else "positive"
+        raise argparse.ArgumentTypeError(f"expected a {what} number, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    return _number(text, zero_ok=False)
+
+
+def _non_negative_float(text: str) -> float:
+    return _number(text, zero_ok=True)
+
+
 def _batch_size(text: str) -> int | None:
     return None if text == "auto" else _positive_int(text)
 
@@ -83,6 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_workload_arguments(parser)
     _add_input_arguments(parser)
     _add_engine_arguments(parser)
+    _add_stream_arguments(parser)
     _add_output_arguments(parser)
 
 
@@ -141,11 +172,12 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--engines",
-        default=",".join(DEFAULT_ENGINES),
+        default=None,
         metavar="E[,E...]",
         help="engines besides serial: ordpool, pool (multiprocessing.Pool.imap), executor "
         "(ProcessPoolExecutor.map), mpire (WorkerPool.imap), joblib (Parallel, loky backend); "
-        "a peer that is not installed is skipped; default: ordpool,pool,executor",
+        "a peer that is not installed is skipped; default: ordpool,pool,executor. With "
+        f"--stream: {', '.join(STREAM_ENGINE_KEYS)} (default: all)",
     )
     parser.add_argument(
         "--repeat",
@@ -175,6 +207,51 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("forkserver", "spawn", "fork"),
         default="forkserver",
         help="for every pool (default: forkserver; with fork the pools start before the data)",
+    )
+
+
+def _add_stream_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--stream``: per-message latency in an open loop, and its work."""
+    parser.add_argument(
+        "--stream",
+        type=_positive_float,
+        metavar="RATE",
+        help="measure latency instead of throughput: feed RATE messages per second to each "
+        "engine in turn (an open loop: message i is due at start + i / RATE) and report "
+        "percentiles of the time from each message's due time to its result, in order; "
+        "--workers, --engines, --batch-size, --start-method and --json apply",
+    )
+    parser.add_argument(
+        "--duration",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="with --stream: seconds of feed per engine (default: 10)",
+    )
+    parser.add_argument(
+        "--work-us",
+        type=_non_negative_float,
+        metavar="US",
+        help="with --stream: microseconds of CPU per message in the worker (default: 8)",
+    )
+    parser.add_argument(
+        "--slow-every",
+        type=_positive_int,
+        metavar="N",
+        help="with --stream: every N-th message sleeps --slow-ms instead of working",
+    )
+    parser.add_argument(
+        "--slow-ms",
+        type=_positive_float,
+        metavar="MS",
+        help="with --stream and --slow-every: how long a slow message sleeps",
+    )
+    parser.add_argument(
+        "--spin-us",
+        type=_non_negative_float,
+        metavar="US",
+        help="with --stream: the producer spins the last US microseconds before each due time "
+        "instead of sleeping (default: 0); precise feed times, but the spinning thread holds "
+        "the GIL and a core that the pools under test need",
     )
 
 
@@ -217,11 +294,11 @@ def _workload(args: argparse.Namespace) -> Workload:
     return Workload(args.fn, fn, init, description=how)
 
 
-def _engines(text: str) -> list[str]:
+def _engines(text: str | None) -> list[str]:
     """The engine keys of ``--engines`` (serial always runs), less the peers not installed:
     each skipped one is a line on stderr."""
     kept = []
-    for key in (e.strip() for e in text.split(",")):
+    for key in (e.strip() for e in (text or ",".join(DEFAULT_ENGINES)).split(",")):
         if not key or key == "serial":
             continue
         if installed(key):
@@ -239,8 +316,22 @@ def config_from_args(args: argparse.Namespace, command_line: str = "") -> BenchC
     """Build a :class:`.config.BenchConfig` from parsed options (imports ``--fn``/``--init``).
 
     Raises:
-        BenchError: bad ``--fn``, ``--init`` or ``--engines``.
+        BenchError: bad ``--fn``, ``--init`` or ``--engines``, or an option of ``--stream``
+            without it.
     """
+    given = [
+        option
+        for option, value in (
+            ("--duration", args.duration),
+            ("--work-us", args.work_us),
+            ("--slow-every", args.slow_every),
+            ("--slow-ms", args.slow_ms),
+            ("--spin-us", args.spin_us),
+        )
+        if value is not None
+    ]
+    if given:
+        raise BenchError(f"{given[0]} needs --stream")
     return BenchConfig(
         workload=_workload(args),
         workers=args.workers or [usable_cores()],
@@ -258,22 +349,78 @@ def config_from_args(args: argparse.Namespace, command_line: str = "") -> BenchC
     )
 
 
+def stream_config_from_args(args: argparse.Namespace, command_line: str = "") -> StreamConfig:
+    """Build a :class:`.config.StreamConfig` from parsed options (``--stream`` given).
+
+    Raises:
+        BenchError: an option that does not apply to ``--stream``, or ``--slow-every``
+            without ``--slow-ms`` (or the reverse). :func:`.stream.run_stream` checks the
+            engines.
+    """
+    given = [
+        option
+        for option, value in (
+            ("--fn", args.fn),
+            ("--init", args.init),
+            ("--input", args.input),
+            ("--messages", args.messages),
+            ("--chunksize", args.chunksize),
+            ("--check", args.check),
+        )
+        if value
+    ]
+    if given:
+        raise BenchError(
+            f"{given[0]} does not apply to --stream (it runs its own work: --work-us, "
+            "--slow-every, --slow-ms)"
+        )
+    if (args.slow_every is None) != (args.slow_ms is None):
+        raise BenchError("--slow-every and --slow-ms go together")
+    engines = [e.strip() for e in (args.engines or ",".join(STREAM_ENGINE_KEYS)).split(",")]
+    return StreamConfig(
+        rate=args.stream,
+        workers=args.workers or [usable_cores()],
+        duration=10.0 if args.duration is None else args.duration,
+        work_us=8.0 if args.work_us is None else args.work_us,
+        slow_every=args.slow_every,
+        slow_ms=args.slow_ms or 0.0,
+        spin_us=args.spin_us or 0.0,
+        engines=list(dict.fromkeys(engines)),
+        start_method=args.start_method,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        command_line=command_line,
+    )
+
+
+def _run(
+    args: argparse.Namespace, command_line: str, extra_engines: dict[str, type[BenchEngine]] | None
+) -> dict[str, Any]:
+    """The report of ``--stream`` or of the throughput comparison."""
+    if args.stream is not None:
+        return run_stream(stream_config_from_args(args, command_line))
+    return run_benchmark(config_from_args(args, command_line), extra_engines)
+
+
 def run_command(
     args: argparse.Namespace, extra_engines: dict[str, type[BenchEngine]] | None = None
 ) -> int:
     """``ordpool bench``: run, print the table, write ``--json``; the exit status.
 
     Returns:
-        0; 1 when ``--check`` found a difference or the workload failed; 2 for bad options or
-        input; 130 when interrupted (Ctrl-C).
+        0; 1 when ``--check`` found a difference, the workload failed, or a ``--stream`` engine
+        lost, duplicated or reordered a result; 2 for bad options or input; 130 when
+        interrupted (Ctrl-C).
     """
     command_line = getattr(args, "command_line", "") or shlex.join(["ordpool", *sys.argv[1:]])
     try:
-        config = config_from_args(args, command_line)
-        report = run_benchmark(config, extra_engines)
+        report = _run(args, command_line, extra_engines)
     except BenchError as exc:
         print(f"ordpool bench: error: {exc}", file=sys.stderr)
         return 2
+    except StreamCheckError as exc:
+        print(f"ordpool bench: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("ordpool bench: interrupted", file=sys.stderr)
         return 130
@@ -289,7 +436,7 @@ def run_command(
     print_report(report, sys.stdout)
     if args.json:
         write_json(report, args.json)
-    return 1 if report["check_passed"] is False else 0
+    return 1 if report.get("check_passed") is False else 0
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "ordpool bench") -> int:

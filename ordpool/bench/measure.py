@@ -24,7 +24,15 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import psutil
 
-__all__ = ["PeakRss", "RssSampler", "RunStats", "descendants", "start_helpers", "timed_run"]
+__all__ = [
+    "PeakRss",
+    "RssSampler",
+    "RunStats",
+    "descendants",
+    "parent_cpu_seconds",
+    "start_helpers",
+    "timed_run",
+]
 
 _SAMPLE_INTERVAL = 0.05  # seconds between RSS samples
 
@@ -92,7 +100,7 @@ def _busy_seconds() -> float:
     return float(busy)
 
 
-def _parent_cpu_seconds() -> float:
+def parent_cpu_seconds() -> float:
     """User + system CPU seconds of this process, all threads."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
@@ -244,11 +252,11 @@ def timed_run(engine: Runnable, messages: Sequence[Any]) -> RunStats:
     with PeakRss(workers) as rss:
         busy0 = _busy_seconds()
         worker_cpu0 = _cpu_seconds(workers)
-        cpu0 = _parent_cpu_seconds()
+        cpu0 = parent_cpu_seconds()
         t0 = time.perf_counter()
         collections.deque(engine.imap(messages), maxlen=0)
         wall = time.perf_counter() - t0
-        cpu = _parent_cpu_seconds() - cpu0
+        cpu = parent_cpu_seconds() - cpu0
         worker_cpu = _cpu_seconds(workers) - worker_cpu0
         busy = _busy_seconds() - busy0
     return RunStats(

@@ -1,4 +1,5 @@
-"""The report: each engine's medians and verdict, the tables on stdout, and the JSON file.
+"""The report: each engine's medians and verdict, the tables on stdout, and the JSON file;
+and the latency table of ``--stream`` (:data:`STREAM_SCHEMA`).
 
 The verdict names what limits an engine. Its throughput is at most
 ``min(cores / (work + worker overhead), 1 / parent cost per message)``: *parent-bound* when the
@@ -37,6 +38,8 @@ from .measure import RunStats
 __all__ = [
     "COLUMNS",
     "SCHEMA",
+    "STREAM_COLUMNS",
+    "STREAM_SCHEMA",
     "EngineResult",
     "format_report",
     "machine_info",
@@ -48,6 +51,7 @@ __all__ = [
 ]
 
 SCHEMA = "ordpool-bench/1"
+STREAM_SCHEMA = "ordpool-bench-stream/1"  # the report of --stream (see .stream)
 MB = 1e6
 
 
@@ -328,7 +332,9 @@ def _verdicts(group: dict[str, Any]) -> list[RenderableType]:
 
 def report_renderables(report: dict[str, Any]) -> list[RenderableType]:
     """The text report, piece by piece: a header, then per worker count a table and a
-    verdict per engine, then the check's outcome."""
+    verdict per engine, then the check's outcome (for ``--stream``: the latency tables)."""
+    if report["schema"] == STREAM_SCHEMA:
+        return stream_renderables(report)
     parts = _header(report)
     for group in report["groups"]:
         parts += [Text(""), Text(f"workers={group['workers']}", style="bold")]
@@ -363,3 +369,97 @@ def format_report(report: dict[str, Any]) -> str:
     out = io.StringIO()
     print_report(report, out)
     return "\n".join(line.rstrip() for line in out.getvalue().splitlines())
+
+
+# -- the --stream report -------------------------------------------------------------------------
+
+# Columns of the --stream table: (title, row field, format, scale). The slow-item columns show
+# with --slow-every, the reorder-buffer ones where some row has them (ordpool's stats).
+STREAM_COLUMNS = (
+    ("k msg/s", "msgs_per_s", ",.1f", 1e-3),
+    ("done", "items_done", ",d", 1),
+    ("p50 ms", "p50_ms", ",.2f", 1),
+    ("p99 ms", "p99_ms", ",.2f", 1),
+    ("p99.9 ms", "p999_ms", ",.2f", 1),
+    ("max ms", "max_ms", ",.2f", 1),
+    ("parent us/msg", "parent_cpu_us_per_msg", ".2f", 1),
+)
+_SLOW_COLUMNS = (
+    ("before-slow p50 ms", "before_slow_p50_ms", ",.2f", 1),
+    ("other p50 ms", "other_p50_ms", ",.2f", 1),
+)
+_HOLD_COLUMNS = (
+    ("hold s", "hold_seconds", ",.3f", 1),
+    ("max hold ms", "max_hold_seconds", ",.2f", 1e3),
+    ("held KB", "held_bytes", ",.1f", 1e-3),
+)
+_BEHIND = 0.95  # an engine that sustained less than this share of the rate fell behind
+
+
+def _stream_header(report: dict[str, Any]) -> list[RenderableType]:
+    cfg, machine = report["config"], report["machine"]
+    slow = (
+        f"; every {cfg['slow_every']:,}th item sleeps {cfg['slow_ms']:g} ms instead"
+        if cfg["slow_every"]
+        else ""
+    )
+    return [
+        Text(
+            f"ordpool bench --stream: {cfg['rate']:,.0f} msg/s for {cfg['duration_s']:g} s "
+            f"({cfg['items_per_run']:,} items per engine), open loop",
+            style="bold",
+        ),
+        Text(
+            f"{cfg['work_us']:g} us of CPU per item{slow}; start method {cfg['start_method']}; "
+            f"{machine['usable_cores']} usable cores; Python {machine['python']}"
+        ),
+        Text(
+            "latency: from each item's due time (start + i / rate) to its result reaching the "
+            "consumer, in order"
+        ),
+    ]
+
+
+def _stream_table(rows: list[dict[str, Any]], columns: tuple[Any, ...]) -> Table:
+    table = Table(
+        box=_RULED_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), expand=False
+    )
+    table.add_column("engine", justify="left", no_wrap=True)
+    for title, *_ in columns:
+        table.add_column(title, justify="right", no_wrap=True)
+    for row in rows:
+        cells = [
+            _num(None if row[field] is None else row[field] * scale, fmt)
+            for _, field, fmt, scale in columns
+        ]
+        table.add_row(row["label"], *cells)
+    return table
+
+
+def _stream_notes(rows: list[dict[str, Any]]) -> list[RenderableType]:
+    """A line per engine that did not keep up with the rate."""
+    notes: list[RenderableType] = []
+    for row in rows:
+        if row["msgs_per_s"] < _BEHIND * row["rate"]:
+            notes.append(
+                Text(
+                    f"  {row['label']}: fell behind: sustained {_rate(row['msgs_per_s'])} of "
+                    f"{_rate(row['rate'])} msg/s; the backlog is in its latency"
+                )
+            )
+    return [Text("notes:"), *notes] if notes else []
+
+
+def stream_renderables(report: dict[str, Any]) -> list[RenderableType]:
+    """The ``--stream`` report: a header, then per worker count a latency table, and a note
+    per engine that fell behind."""
+    rows = report["rows"]
+    columns = STREAM_COLUMNS + _SLOW_COLUMNS * bool(report["config"]["slow_every"])
+    if any(row[field] is not None for row in rows for _, field, _, _ in _HOLD_COLUMNS):
+        columns += _HOLD_COLUMNS
+    parts = _stream_header(report)
+    for workers in dict.fromkeys(row["workers"] for row in rows):
+        group = [row for row in rows if row["workers"] == workers]
+        parts += [Text(""), Text(f"workers={workers}", style="bold")]
+        parts += [_stream_table(group, columns), *_stream_notes(group)]
+    return parts

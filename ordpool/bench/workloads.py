@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import math
 import os
 import random
 import sys
@@ -32,7 +33,9 @@ __all__ = [
     "make_messages",
     "read_input",
     "sleep_1ms",
+    "spin",
     "stdlib_init",
+    "stream_work",
     "transform",
 ]
 
@@ -72,6 +75,58 @@ def sleep_1ms(raw: bytes) -> int:
     """Sleep one millisecond (a latency-bound job: a lookup, a call); return the message size."""
     time.sleep(0.001)
     return len(raw)
+
+
+# -- the --stream workload -----------------------------------------------------------------------
+
+_SPIN_PER_US = 0.0  # loop turns per microsecond in this process, measured on first use: 61.2
+
+
+def _spin_loop(turns: int) -> None:
+    for _ in range(turns):
+        pass
+
+
+def _calibrate_spin() -> float:
+    """Loop turns per microsecond: the fastest of five runs of 20,000 turns (about 1.5 ms)."""
+    turns = 20_000
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        _spin_loop(turns)
+        best = min(best, time.perf_counter() - start)
+    return turns / max(best * 1e6, 1e-3)
+
+
+def spin(us: float) -> None:
+    """Run a pure-Python loop for about ``us`` microseconds of CPU (holding the GIL).
+
+    The turns per microsecond are measured once per process, on the first call, on an
+    undisturbed run (the fastest of five): under contention the same turns take longer, as real
+    work would.
+    """
+    global _SPIN_PER_US
+    if not _SPIN_PER_US:
+        _SPIN_PER_US = _calibrate_spin()
+    _spin_loop(int(us * _SPIN_PER_US))
+
+
+def stream_work(item: tuple[int, float, float]) -> int:
+    """The work of ``ordpool bench --stream``: ``item`` is ``(index, work_us, slow_ms)``.
+
+    Sleeps ``slow_ms`` milliseconds when it is positive (a slow message: a lookup that
+    stalls), else spins ``work_us`` microseconds of CPU; returns ``index``, which the consumer
+    checks against the order it expects.
+
+    >>> stream_work((7, 5.0, 0.0)), stream_work((8, 0.0, 1.0))
+    (7, 8)
+    """
+    index, work_us, slow_ms = item
+    if slow_ms > 0:
+        time.sleep(slow_ms / 1e3)
+    else:
+        spin(work_us)
+    return index
 
 
 @dataclass(frozen=True)
