@@ -522,7 +522,7 @@ class _Core:
         ctx = self._ctx
 
         def transport(events: TransportEvents) -> ProcessTransport:
-            return ProcessTransport(ctx, spec, events)
+            return ProcessTransport(ctx, spec, events, early_after=MAX_DELAY)
 
         exact = self._max_tasks is not None  # count tasks per worker exactly: one item a task
         engine = Engine(

@@ -199,7 +199,11 @@ class ProcessOrderedPool:
         batch_size: items per batch; default ``None`` adapts it to the measured cost per item
             (batches of about 40 ms of worker time, and of at most 6 MiB of items or of
             results; a lone item goes at once to an idle worker).
-        max_delay: seconds a partial batch waits for more items before it is sent anyway.
+        max_delay: the latency bound, in seconds. A partial batch waits at most this long for
+            more items before it is sent; and when an item has run this long in a worker, the
+            results finished before it in its batch are sent at once, instead of with the
+            batch's end: a slow item holds back only the results after it. Ray actors cannot
+            send early: there a result waits for its batch.
         retries: times an item whose worker died is re-run before it fails with
             :class:`~ordpool.WorkerCrashed`. Items of the batch that were not running when the
             worker died are always re-run, and never count as attempts.
@@ -247,7 +251,9 @@ class ProcessOrderedPool:
         spec = worker_spec(fn, init, initargs)
         self._stream: IndexedStream | None = None  # the enqueue/results stream, opened on use
         self._stream_lock = threading.Lock()
-        factory = self._transport_factory(spec, backend, start_method, ray_address, ray_options)
+        factory = self._transport_factory(
+            spec, backend, start_method, max_delay, ray_address, ray_options
+        )
         self._engine = Engine(
             factory,
             workers=workers,
@@ -263,6 +269,7 @@ class ProcessOrderedPool:
         spec: bytes,
         backend: str,
         start_method: str | None,
+        max_delay: float,
         ray_address: str | None,
         ray_options: dict[str, Any] | None,
     ) -> TransportFactory:
@@ -274,7 +281,7 @@ class ProcessOrderedPool:
             self._start_method = ctx.get_start_method()
 
             def process_factory(events: TransportEvents) -> ProcessTransport:
-                return ProcessTransport(ctx, spec, events)
+                return ProcessTransport(ctx, spec, events, early_after=max_delay)
 
             return process_factory
         if backend == "ray":

@@ -12,6 +12,7 @@ import ctypes
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -405,9 +406,20 @@ def stream_table(stdout: str) -> tuple[str, list[str]]:
     return lines[start], rows
 
 
-def _numbers(row: str, count: int) -> list[float]:
-    """The last ``count`` cells of a row, as numbers (a cell that is not one fails)."""
-    return [float(cell.replace(",", "")) for cell in row.split()[-count:]]
+def stream_cells(stdout: str) -> list[dict[str, str]]:
+    """The first worker group's rows as ``{column name: cell}``, cut where the rule under the
+    header puts the columns."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("engine "))
+    header, rule = lines[start], lines[start + 1]
+    spans = [(m.start(), m.end()) for m in re.finditer(r"-+", rule)]
+    names = [header[a:b].strip() for a, b in spans]
+    _, rows = stream_table(stdout)
+    return [{name: row[a:b].strip() for name, (a, b) in zip(names, spans)} for row in rows]
+
+
+def _number(cell: str) -> float:
+    return float(cell.replace(",", ""))  # (a cell that is not a number fails)
 
 
 @pytest.mark.timeout(240)
@@ -424,8 +436,9 @@ def test_stream_run_measures_every_item_of_every_engine(tmp_path: Path) -> None:
     assert "before-slow" not in header
     labels = ["ordpool enqueue", "ordpool imap", "mp.Pool.imap", "ProcessPoolExecutor.submit"]
     assert [r.split(" (")[0].split("  ")[0] for r in rows] == labels
-    for row in rows:
-        rate, done, p50, p99, p999, worst, parent = _numbers(row, 7)
+    for cells in stream_cells(proc.stdout):
+        names = ("k msg/s", "done", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "parent us/msg")
+        rate, done, p50, p99, p999, worst, parent = (_number(cells[name]) for name in names)
         assert done == 2000
         assert 0 <= p50 <= p99 <= p999 <= worst and rate > 0 and parent > 0
     report = json.loads(out.read_text())
@@ -460,8 +473,9 @@ def test_stream_slow_items_add_the_before_slow_column(tmp_path: Path) -> None:
     header, rows = stream_table(proc.stdout)
     assert "before-slow p50 ms" in header and "other p50 ms" in header
     assert len(rows) == 2
-    for row in rows:
-        _numbers(row, 9)  # the two slow-item columns are numbers too
+    for cells in stream_cells(proc.stdout):  # the two slow-item columns are numbers too
+        _number(cells["before-slow p50 ms"])
+        _number(cells["other p50 ms"])
     for row in json.loads(out.read_text())["rows"]:
         assert row["slow_items"] == 10 and row["items_done"] == 2000
         assert row["before_slow_p50_ms"] is not None and row["other_p50_ms"] is not None

@@ -17,7 +17,7 @@ import time
 import pytest
 from conftest import wait_until
 
-from ordpool import PoolClosed, ProcessOrderedPool, fnv1a
+from ordpool import PoolClosed, ProcessOrderedPool, WorkerCrashed, fnv1a
 from ordpool._transport import wire as _wire
 
 # -- functions run by the workers ----------------------------------------------------------------
@@ -809,3 +809,166 @@ def test_stats_show_the_results_a_slow_item_held_back(start_method):
     assert before.hold_seconds == before.max_hold_seconds == 0.0
     assert after.max_hold_seconds > 0 and after.hold_seconds > 0
     assert after.held_bytes == 0  # nothing is waiting any more
+
+
+# -- results sent ahead of a slow item ------------------------------------------------------------
+
+
+def _ten_then_slow(x: int) -> int:
+    if x == 10:
+        time.sleep(3)
+    return x
+
+
+def _first_arrivals(values, start: float) -> list[tuple[int, float]]:
+    return [(value, time.monotonic() - start) for value in values]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["results", "imap", "executor"])
+def test_with_default_settings_a_slow_item_holds_back_only_what_comes_after_it(start_method, api):
+    """0 to 9 are instant and 10 sleeps 3 s, on 2 workers with the default batching: 0 to 9
+    reach the consumer while 10 still runs, whatever batch it shares with them."""
+    import multiprocessing
+
+    from ordpool import OrderedProcessPoolExecutor
+
+    if api == "executor":
+        context = multiprocessing.get_context(start_method)
+        # (the initializer loads this module in each worker before the clock starts)
+        with OrderedProcessPoolExecutor(
+            2, mp_context=context, initializer=_ten_then_slow, initargs=(0,)
+        ) as executor:
+            assert list(executor.map(abs, [-1, -2])) == [1, 2]  # workers started
+            start = time.monotonic()
+            arrivals = _first_arrivals(executor.map(_ten_then_slow, range(11)), start)
+    else:
+        with ProcessOrderedPool(_ten_then_slow, workers=2, start_method=start_method) as pool:
+            start = time.monotonic()
+            if api == "imap":
+                arrivals = _first_arrivals(pool.imap(range(11)), start)
+            else:
+                for i in range(11):
+                    pool.enqueue(i, i)
+                pool.close()
+                arrivals = _first_arrivals((r.value for r in pool.results()), start)
+    assert [value for value, _ in arrivals] == list(range(11))
+    early = max(seconds for value, seconds in arrivals if value < 10)
+    late = arrivals[-1][1]
+    # 0 to 9 came while 10 was still sleeping (3 s): not held back by it
+    assert early < 1.0 and late >= 3.0, arrivals
+
+
+def _crash_once_after_19(job: tuple[int, str]) -> int:
+    """Item 20 waits until the consumer has received item 19 (so results before it have been
+    delivered, from the batch still running), then kills its worker, once (``crash-once``)
+    or every time."""
+    x, directory = job
+    if x == 20:
+        got19 = os.path.join(directory, "got-19")
+        for _ in range(2000):
+            if os.path.exists(got19):
+                break
+            time.sleep(0.005)
+        marker = os.path.join(directory, "crashed")
+        if not os.path.exists(marker) or os.path.exists(os.path.join(directory, "always")):
+            with open(marker, "w"):
+                pass
+            os._exit(7)
+    with open(os.path.join(directory, f"ran-{x}-{os.getpid()}-{time.monotonic_ns()}"), "w"):
+        pass
+    return x * 2
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_worker_killed_after_it_delivered_part_of_a_batch(start_method, tmp_path, retries):
+    """One batch of 50 on one worker: 0 to 19 are delivered early while 20 runs, then 20 kills
+    its worker. Nothing is delivered twice or lost, order holds; the rerun runs only 20 on."""
+    directory = str(tmp_path)
+    if retries == 0:
+        open(os.path.join(directory, "always"), "w").close()
+    jobs = [(i, directory) for i in range(50)]
+    with ProcessOrderedPool(
+        _crash_once_after_19, workers=1, batch_size=50, retries=retries, start_method=start_method
+    ) as pool:
+        results = []
+        for result in pool.imap(jobs, errors="return"):
+            results.append(result)
+            if len(results) == 20:
+                open(os.path.join(directory, "got-19"), "w").close()
+        restarts = pool.stats().restarts
+    assert len(results) == 50  # none lost, none twice
+    assert results[:20] == [2 * i for i in range(20)]  # delivered before the crash
+    assert results[21:] == [2 * i for i in range(21, 50)]
+    if retries:
+        assert results[20] == 40
+    else:
+        assert isinstance(results[20], WorkerCrashed)
+        assert results[20].exitcode == 7
+    assert restarts == 1
+    ran = sorted(int(name.split("-")[1]) for name in os.listdir(directory) if name[:4] == "ran-")
+    # every item ran once: 0 to 19 were not run again (their results had been delivered), 20
+    # only when its retry succeeded, 21 on only after the crash (20 held them back until then)
+    assert ran == [x for x in range(50) if x != 20 or retries]
+
+
+def _wait_for_the_consumer(job):
+    """Item 10 waits (up to 20 s) until the consumer has item 9: it can only have it early, while
+    item 10 runs. It says whether it saw that (``saw-9``)."""
+    x, directory = job
+    if x == 1:
+        raise ValueError("one")
+    if x == 10:
+        for _ in range(4000):
+            if os.path.exists(os.path.join(directory, "got-9")):
+                open(os.path.join(directory, "saw-9"), "w").close()
+                break
+            time.sleep(0.005)
+    return x
+
+
+@pytest.mark.timeout(90)
+def test_early_results_keep_errors_at_their_positions(start_method, tmp_path):
+    """One batch holding an item that cannot be pickled (2), one that raises (1), then a slow
+    one (10): the early results carry both failures at their own positions."""
+    directory = str(tmp_path)
+    jobs: list = [(i, directory) for i in range(12)]
+    jobs[2] = (2, threading.Lock())  # cannot be pickled: fails in the parent, at index 2
+    with ProcessOrderedPool(
+        _wait_for_the_consumer, workers=1, batch_size=12, start_method=start_method
+    ) as pool:
+        results = []
+        for result in pool.imap(jobs, errors="return"):
+            results.append(result)
+            if len(results) == 10:
+                open(os.path.join(directory, "got-9"), "w").close()
+    assert os.path.exists(os.path.join(directory, "saw-9"))  # 0 to 9 arrived while 10 ran
+    assert results[0] == 0 and results[3:] == list(range(3, 12))
+    assert isinstance(results[1], ValueError)
+    assert "pickle" in str(results[2]).lower()
+
+
+def _own_alarm(x: int) -> int:
+    """A function with its own SIGALRM timeout, as functions that guard a slow call do."""
+    import signal
+
+    def timed_out(signum, frame):
+        raise TimeoutError("took too long")
+
+    previous = signal.signal(signal.SIGALRM, timed_out)
+    signal.alarm(5)
+    try:
+        time.sleep(0.02 if x % 10 == 9 else 0)
+        return x
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.timeout(60)
+def test_a_function_with_its_own_sigalrm_timeout_is_left_alone(start_method):
+    """Early results use a signal of their own: a function's alarm() is neither cancelled nor
+    fired early by them."""
+    with ProcessOrderedPool(_own_alarm, workers=2, start_method=start_method) as pool:
+        assert list(pool.imap(range(200))) == list(range(200))

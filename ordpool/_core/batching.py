@@ -12,6 +12,7 @@ The classes here are used under the engine's lock (``Batcher``) or from a single
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ class Task:
         late_deaths: deaths that blamed only items already failed: counted against the task
             (see ``Supervisor._blame``).
         frame: the pickled results once answered, else ``None``.
+        skip: positions at the front of ``frame`` that are not this task's (a view of a
+            task's later positions, whose earlier ones were delivered in parts): 0.
     """
 
     __slots__ = (
@@ -69,6 +72,7 @@ class Task:
         "payload",
         "positions",
         "rerun",
+        "skip",
         "slot",
     )
 
@@ -91,6 +95,7 @@ class Task:
         self.positions = positions
         self.attempts: dict[int, int] = {}
         self.rerun = False
+        self.skip = 0
         self.late_deaths = 0
         self.frame: Any = None
 
@@ -107,9 +112,13 @@ class Batch:
         indices: the user's indices of the items (``range(3000, 4000)`` or ``[5, 9, 12]``).
         tasks: the tasks carrying the items to workers (one, unless keys split the batch).
         unanswered: tasks still running; the batch is delivered when it reaches 0.
+        parts: results that arrived while the batch ran, ``(first position in the payload,
+            first position to deliver, end, payload)``, until the consumer takes them; ``None``
+            for a batch that got none.
+        taken: positions ``[0, taken)`` arrived in parts: its RESULT delivers the rest.
     """
 
-    __slots__ = ("indices", "seq", "stream", "tasks", "unanswered")
+    __slots__ = ("indices", "parts", "seq", "stream", "taken", "tasks", "unanswered")
 
     def __init__(self, seq: int, stream: Stream, indices: range | list[int]) -> None:
         self.seq = seq
@@ -117,6 +126,8 @@ class Batch:
         self.indices = indices
         self.tasks: list[Task] = []
         self.unanswered = 0
+        self.parts: deque[tuple[int, int, int, Any]] | None = None
+        self.taken = 0
 
     def __len__(self) -> int:
         return len(self.indices)

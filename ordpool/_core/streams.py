@@ -52,6 +52,11 @@ class Stream:
         consumer: a consumer is iterating this stream (one at a time).
         leftover: what a consumer that left its loop mid-batch did not take (the next
             ``results()`` starts there).
+        partial: batches still running whose first results arrived early (``Batch.parts``),
+            by seq ({4: <Batch>}).
+        pending_since: when the oldest pending item arrived (``time.monotonic()``), or 0.0
+            when none is pending or its time is not known yet (the flusher then starts the
+            clock). A hint written without the lock by a feeder.
 
     Class attributes, the behaviour that differs by type:
         bulk: batches of a bulk stream (``imap``, ``map``) may be ``stream_depth`` per worker,
@@ -77,6 +82,8 @@ class Stream:
         "on_send",
         "open_batches",
         "parked",
+        "partial",
+        "pending_since",
         "queued_seq",
         "reorder",
     )
@@ -102,6 +109,8 @@ class Stream:
         self.abandoned = False
         self.consumer = False
         self.leftover: Any = None
+        self.partial: dict[int, Batch] = {}
+        self.pending_since = 0.0
 
     def pending(self) -> int:
         """Items waiting to be taken into a batch."""

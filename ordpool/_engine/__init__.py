@@ -15,13 +15,14 @@ Data flow, each stage with the module that owns it::
         |   transport.send(slot, bid, failed, payload, call): never waits for a worker
         v
     transport (_transport.process / _transport.ray) -> worker: fn over the items -> results
-        |
-    transport's thread -> Engine.on_result / supervisor.Supervisor.on_ready, on_death, ...
+        |   (an item running longer than max_delay: the results before it go ahead, PART)
+        v
+    transport's thread -> Engine.on_result, on_part / supervisor.Supervisor.on_ready, ...
         |   supervisor: a dead worker's running item is blamed, the rest re-queued, or the
         |   pool breaks
         v
     delivery: all tasks of a batch answered -> ordered stream: its reorder buffer (min-heap
-        |   on seq); callback stream: on_batch(batch) outside the lock (executor futures)
+        |   on seq), its early parts first; callback stream: on_batch(batch) outside the lock
         v
     consumer thread: delivery.next_batch() pops the next seq in order; decoding unpickles it,
                      a chunk at a time, outside every lock

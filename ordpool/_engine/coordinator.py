@@ -308,6 +308,13 @@ class Engine:
     ) -> None:
         self.supervisor.on_death(slot, exitcode, pid, progress)
 
+    def on_part(self, slot: int, bid: int, lo: int, hi: int, payload: Sized) -> None:
+        """Early results of the task a worker is running (see :meth:`Delivery.part_locked`)."""
+        with self.lock:
+            outstanding = self.scheduler.slots[slot].outstanding
+            if outstanding and outstanding[0].bid == bid:
+                self.delivery.part_locked(outstanding[0], lo, hi, payload)
+
     def on_result(
         self, slot: int, bid: int, seconds: float, payload: Sized, nerrors: int = 0
     ) -> None:

@@ -47,7 +47,7 @@ def lazy_values(
     if len(tasks) != 1:
         return None
     task = tasks[0]
-    if task.positions is not None or task.failed or task.frame is None:
+    if task.positions is not None or task.failed or task.frame is None or task.skip:
         return None
     values = _wire.iter_values(task.frame, on_error, batch.indices, result)
     if values is not None:
@@ -178,6 +178,11 @@ def _decode_task(
         every = errors[_wire.WHOLE_TASK]
         values = [None] * n
         errors = {pos: every for pos in range(n)}
+    elif task.skip or len(values) != n:  # a view of later positions (see Delivery)
+        skip = task.skip
+        values = values[skip : skip + n]
+        if errors:
+            errors = {pos - skip: err for pos, err in errors.items() if skip <= pos < skip + n}
     if task.failed:
         errors = {**(errors or {}), **task.failed}
     return values, errors or None

@@ -9,11 +9,19 @@ broken), or a mix. A batch is delivered when its last task is answered:
 * a callback stream's batch (an executor's futures) is queued in ``due`` and handed to the
   stream's ``on_batch`` outside the lock (:meth:`Delivery.drain_due`), because a future's
   callbacks run user code, which may call back into the pool.
+
+Early results: a worker whose item runs longer than ``max_delay`` sends the results finished
+before it at once (a PART). They wait in their batch (``Batch.parts``) and reach the consumer as
+soon as every earlier batch has, as a view of the batch's first positions
+(:meth:`Delivery.next_batch`); the batch's answer then delivers only the positions after them.
+Positions delivered early are not run again if the worker dies: the task is sent again with
+them marked as not to run, and only the item that was running is blamed.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 from .._core.batching import Batch, Task
@@ -81,6 +89,26 @@ class Delivery:
         if batch.seq == stream.reorder.next_seq or stream.closed:
             engine.ready.notify_all()
 
+    def part_locked(self, task: Task, lo: int, hi: int, payload: object) -> None:
+        """Results of positions ``lo`` to ``hi`` of a running task arrived early. They wait in
+        their batch's ``parts`` until the consumer reaches them, ahead of the rest of the batch.
+        Only an ordered stream's single-task batch takes them (a keyed batch split over
+        workers, and a callback stream's, wait for their whole answer)."""
+        batch = task.batch
+        stream = batch.stream
+        if stream.on_batch is not None or stream.abandoned or task.positions is not None:
+            return
+        first = max(lo, batch.taken)  # after a crash, the task's rerun starts over at 0
+        if hi <= first:
+            return
+        if batch.parts is None:
+            batch.parts = deque()
+            stream.partial[batch.seq] = batch
+        batch.parts.append((lo, first, hi, payload))
+        batch.taken = hi
+        if batch.seq == stream.reorder.next_seq:
+            self.engine.ready.notify_all()
+
     def drain_due(self) -> None:
         """Hand answered batches to their streams' callbacks, outside the lock."""
         while self.due:
@@ -103,10 +131,21 @@ class Delivery:
         deadline = Deadline(timeout)
         with engine.lock:
             while True:
+                if stream.partial:
+                    view = self._next_view_locked(stream)
+                    if view is not None:
+                        return view
                 batch = stream.reorder.pop()
                 if batch is not None:
                     engine.intake.release_locked(len(batch))
-                    return batch
+                    if batch.parts is None:
+                        return batch
+                    stream.partial.pop(batch.seq, None)
+                    rest = _view(batch, 0, batch.taken, len(batch), batch.tasks[0].frame)
+                    batch.tasks[0].frame = None  # the view holds it now
+                    if rest is not None:
+                        return rest
+                    continue  # every result came early
                 if stream.finished() or stream.abandoned:
                     if not stream.complete and not stream.abandoned:
                         self._raise_truncated()
@@ -117,6 +156,14 @@ class Delivery:
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"no result within {timeout} seconds")
                 engine.ready.wait(remaining)
+
+    def _next_view_locked(self, stream: Stream) -> Batch | None:
+        """The next results that came early, if they are next in order."""
+        head = stream.partial.get(stream.reorder.next_seq)
+        if head is None or not head.parts:
+            return None
+        lo, first, hi, payload = head.parts.popleft()
+        return _view(head, lo, first, hi, payload)
 
     def _raise_truncated(self) -> None:
         engine = self.engine
@@ -138,3 +185,20 @@ def _payload_bytes(batch: Batch) -> int:
         if frame is not None:
             total += len(frame)
     return total
+
+
+def _view(batch: Batch, lo: int, first: int, hi: int, payload: object) -> Batch | None:
+    """A batch of positions ``first`` to ``hi`` of ``batch``, whose results are ``payload``
+    (the results of positions ``lo`` on); ``None`` when it is empty. The consumer decodes and
+    releases it as any batch. The window counts the whole batch until its last view is taken.
+    """
+    if first >= hi:
+        return None
+    view = Batch(batch.seq, batch.stream, batch.indices[first:hi])
+    failed = batch.tasks[0].failed
+    local = {pos - first: err for pos, err in failed.items() if first <= pos < hi}
+    task = Task(view, batch.tasks[0].bid, hi - first, None, local)
+    task.frame = payload
+    task.skip = first - lo
+    view.tasks.append(task)
+    return view

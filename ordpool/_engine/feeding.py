@@ -10,6 +10,7 @@ ends there.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, Iterable
 
 from .._core.batching import Task
@@ -99,6 +100,7 @@ class Feeder:
         stream, sizer, engine = self.stream, self.intake.sizer, self.engine
         scheduler, flusher, route = engine.scheduler, engine.flusher, engine.route
         keyed = stream.keyed
+        monotonic = time.monotonic
         size = sizer.size
         feed = stream.feed  # appended to without the lock: never swapped (not feed_locked)
         append = feed.append
@@ -116,9 +118,11 @@ class Feeder:
                         and scheduler.starts_now(stream, _slot_of(route, item) if keyed else None)
                     ):
                         break  # (idle first: no call per item while every worker is busy)
-                    if n == 1 and flusher.idle:
-                        with engine.lock:
-                            flusher.wake_locked()
+                    if n == 1:
+                        stream.pending_since = monotonic()
+                        if flusher.idle:
+                            with engine.lock:
+                                flusher.wake_locked()
                 else:
                     return True
             except BaseException as exc:  # delivered at its position

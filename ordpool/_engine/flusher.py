@@ -1,16 +1,19 @@
-"""The flusher: the partial-batch timer. Sends a partial batch that waited ``max_delay`` (a lone
-message on a quiet stream), in its own thread.
+"""The flusher: the partial-batch timer. Sends a partial batch once its oldest item has waited
+``max_delay`` (a lone message on a quiet stream, items that came while every worker was busy),
+in its own thread.
 
-The flusher polls rather than being told about every new batch: producers wake it only when it
-sleeps idle (nothing pending anywhere). While items flow it wakes once per ``max_delay``, sees
-that batches were taken meanwhile, and sleeps again; it takes the pending items only when none
-were taken for a whole ``max_delay``. A partial batch thus waits between one and two
-``max_delay``, and a busy stream pays nothing per batch.
+The flusher is not told about every new batch: producers wake it only when it sleeps idle
+(nothing pending anywhere). Each stream notes when its oldest pending item arrived
+(``Stream.pending_since``, once per batch); the flusher sleeps until the earliest of those plus
+``max_delay``, and takes what is still pending then. While items flow, batches are cut first
+(full, or for an idle worker) and the flusher finds nothing due; so an item waits in the parent
+at most ``max_delay`` before it is sent, and a busy stream pays nothing per item.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from .._core.state import ENDED
@@ -65,19 +68,37 @@ class Flusher:
                     self.cond.wait()
                     self.idle = False
                     continue
-                self.cond.wait(self.max_delay)
+                wait = self._until_due(waiting)
+                if wait > 0:
+                    self.cond.wait(wait)
+                    continue  # look again: items may have been taken meanwhile
                 works = self._take_aged_locked(waiting)
+                if not works:
+                    # Due but not to be cut now (the window is full, or a bulk stream's tasks
+                    # already wait for every worker): look again after max_delay, not at once.
+                    self.cond.wait(self.max_delay)
             for work in works:
                 engine.intake.encode_dispatch(*work)
 
+    def _until_due(self, waiting: list[tuple[Stream, int]]) -> float:
+        """Seconds until the oldest pending item of ``waiting`` has waited ``max_delay``; a
+        stream whose clock is not started yet starts it now."""
+        now = time.monotonic()
+        due = now + self.max_delay
+        for stream, _ in waiting:
+            if not stream.pending_since:
+                stream.pending_since = now
+            due = min(due, stream.pending_since + self.max_delay)
+        return due - now
+
     def _take_aged_locked(self, waiting: list[tuple[Stream, int]]) -> list[Work]:
-        """Take the pending items of each stream that cut no batch for a whole ``max_delay``
-        (its ``next_seq`` unchanged since ``waiting`` was made)."""
+        """Take the pending items of each stream whose oldest has waited ``max_delay``."""
         engine = self.engine
         intake, scheduler = engine.intake, engine.scheduler
         works: list[Work] = []
-        for stream, taken in waiting:
-            if stream.next_seq != taken or not stream.pending() or stream.abandoned:
+        due = time.monotonic() - self.max_delay
+        for stream, _ in waiting:
+            if not stream.pending() or stream.abandoned or stream.pending_since > due:
                 continue
             if stream.closed or engine.stopping:
                 continue  # close() stopped its intake: nothing more goes out

@@ -15,6 +15,7 @@ a callback). ``enqueue`` blocks, and a feeder stops reading its input, while it 
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from .._core.batching import Batch, Task
@@ -104,7 +105,8 @@ class Intake:
             n = batcher.add(index, item, slot)
             self.submitted += 1
             if n < self.sizer.size and not self.scheduler.starts_now(stream, slot):
-                if n == 1 and engine.flusher.idle:
+                if n == 1:
+                    stream.pending_since = time.monotonic()
                     engine.flusher.wake_locked()
                 return
             work = self.take_locked(stream)
@@ -164,6 +166,7 @@ class Intake:
         taken: Taken | None = stream.take(limit, self.sizer.size)
         if taken is None:
             return None
+        stream.pending_since = 0.0
         indices, items, slots = taken
         if stream.counted_on_take:
             self.submitted += len(items)

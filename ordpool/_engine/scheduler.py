@@ -144,9 +144,11 @@ class Scheduler:
                 return
         self.slots[slot].outstanding.append(task)
         assert task.payload is not None  # encoded before it was queued
-        self.engine.transport.send(
-            slot, task.bid, tuple(task.failed), task.payload, task.batch.stream.call
-        )
+        failed = tuple(task.failed)
+        taken = task.batch.taken
+        if taken:  # sent again after a crash: the results that came early are not run again
+            failed = tuple(set(failed).union(range(taken)))
+        self.engine.transport.send(slot, task.bid, failed, task.payload, task.batch.stream.call)
 
     def count_idle_locked(self) -> None:
         self.idle = sum(1 for s in self.slots if s.takes_work() and not s.outstanding)

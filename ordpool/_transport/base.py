@@ -33,6 +33,11 @@ class TransportEvents(Protocol):
         """The task ``bid`` was answered: the encoded results, the worker's seconds on it, and
         how many of its items failed (``wire.ALL_FAILED``: all of them)."""
 
+    def on_part(self, slot: int, bid: int, lo: int, hi: int, payload: Sized) -> None:
+        """The task ``bid`` is still running; the results of its positions ``lo`` to ``hi``
+        are ready (encoded as a RESULT payload of ``hi - lo`` values). Its RESULT, later, still
+        holds every position."""
+
     def on_death(
         self, slot: int, exitcode: int | None, pid: int, progress: tuple[int, int]
     ) -> None:

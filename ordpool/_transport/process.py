@@ -7,7 +7,7 @@ move bytes.
                                               worker process
                                                      |  payload -> result region
                                                      v  header  -> result pipe
-    engine <--on_result/on_ready/on_init_error/on_death-- [collector thread]
+    engine <--on_result/on_part/on_ready/on_init_error/on_death-- [collector thread]
                                                      ^-- result pipes, process sentinels, wakeup
 
 Why shared memory: moving a 4.7 KB message through a pipe costs the parent about 4 us of CPU,
@@ -41,6 +41,7 @@ import os
 import selectors
 import struct
 import threading
+import time
 from collections import deque
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
@@ -50,7 +51,7 @@ from typing import Any
 
 from . import wire as _wire
 from .base import TransportEvents
-from .worker import CANCEL_ALL, Reservation, worker_main
+from .worker import CANCEL_ALL, EARLY_SIGNAL, RUNNING, Reservation, worker_main
 
 __all__ = ["REGION_SIZE", "ProcessTransport", "write_frame"]
 
@@ -152,6 +153,7 @@ class _Worker:
         "closed",
         "inline_bids",
         "lock",
+        "poked",
         "process",
         "progress",
         "queue",
@@ -159,6 +161,7 @@ class _Worker:
         "regions",
         "reservations",
         "result_views",
+        "seen",
         "sender",
         "slot",
         "spare",
@@ -168,7 +171,7 @@ class _Worker:
         "writer",
     )
 
-    def __init__(self, slot: int, ctx: BaseContext, spec: bytes) -> None:
+    def __init__(self, slot: int, ctx: BaseContext, spec: bytes, early_after: float) -> None:
         self.slot = slot
         self.closed = False
         self.spare: list[bytearray] = []  # result payload buffers for reuse (_copy_out)
@@ -183,23 +186,15 @@ class _Worker:
         _enlarge(self.writer)
         _enlarge(self.reader)
         # [task 0..TURNS-1, result 0..TURNS-1, control]; created (and unlinked) by the parent.
-        # control holds four int64: [bid running, position running, bid to cancel, position to
-        # cancel] (see _worker.cancelled).
+        # control holds int64s: [bid running, position running, bid to cancel, position to
+        # cancel, a task running] (see worker.cancelled and worker.RUNNING).
         self.regions: list[shared_memory.SharedMemory] = []
-        try:
-            for size in (REGION_SIZE,) * (2 * TURNS) + (_CONTROL_SIZE,):
-                self.regions.append(shared_memory.SharedMemory(create=True, size=size))
-        except BaseException:  # /dev/shm full or missing: leave nothing behind
-            self._abandon(task_r, res_w)
-            raise
+        self._make_regions(task_r, res_w)
         self.result_views: list[memoryview] = [_buf(r) for r in self.regions[TURNS:-1]]
-        if not Reservation(getattr(self.regions[-1], "_fd", None), _CONTROL_SIZE).fits(
-            _CONTROL_SIZE
-        ):
-            self._abandon(task_r, res_w)
-            raise OSError(errno.ENOSPC, "no room left in /dev/shm for a worker's shared memory")
         self.progress = _buf(self.regions[-1]).cast("q")
         self.progress[0] = self.progress[2] = -1
+        self.seen = (-1, -1)  # (bid, position) the collector saw running at its last look
+        self.poked = (-1, -1)  # the (bid, position) it last signalled for early results
         self.task_views = [_buf(r) for r in self.regions[:TURNS]]
         self.task_maps = [_mapping(r) for r in self.regions[:TURNS]]
         self.reservations = [
@@ -207,9 +202,10 @@ class _Worker:
         ]
         _PARENT_FDS.update((self.writer.fileno(), self.reader.fileno()))
         inherited = tuple(_PARENT_FDS) if ctx.get_start_method() == "fork" else ()
+        names = tuple(r.name for r in self.regions)
         self.process = ctx.Process(  # type: ignore[attr-defined]  # BaseContext lacks it
             target=worker_main,
-            args=(task_r, res_w, spec, os.getpid(), inherited, tuple(r.name for r in self.regions)),
+            args=(task_r, res_w, spec, os.getpid(), inherited, names, early_after),
             name=f"ordpool-worker-{slot}",
         )
         try:
@@ -227,6 +223,19 @@ class _Worker:
         self.sender = threading.Thread(
             target=self._send_loop, name=f"ordpool-sender-{slot}", daemon=True
         )
+
+    def _make_regions(self, task_r: Connection, res_w: Connection) -> None:
+        """Create the shared-memory regions; on failure release everything made so far."""
+        try:
+            for size in (REGION_SIZE,) * (2 * TURNS) + (_CONTROL_SIZE,):
+                self.regions.append(shared_memory.SharedMemory(create=True, size=size))
+        except BaseException:  # /dev/shm full or missing: leave nothing behind
+            self._abandon(task_r, res_w)
+            raise
+        control = self.regions[-1]
+        if not Reservation(getattr(control, "_fd", None), _CONTROL_SIZE).fits(_CONTROL_SIZE):
+            self._abandon(task_r, res_w)
+            raise OSError(errno.ENOSPC, "no room left in /dev/shm for a worker's shared memory")
 
     def _abandon(self, task_r: Connection, res_w: Connection) -> None:
         """Release what ``__init__`` made before it failed: regions and pipes."""
@@ -395,9 +404,14 @@ class ProcessTransport:
     max_payload: int | None = REGION_SIZE * 3 // 4
     batch_target: float | None = None  # the engine's default
 
-    def __init__(self, ctx: BaseContext, spec: bytes, events: TransportEvents) -> None:
+    def __init__(
+        self, ctx: BaseContext, spec: bytes, events: TransportEvents, *, early_after: float = 0.0
+    ) -> None:
         self._ctx = ctx
         self._spec = spec  # cloudpickled (fn, init, initargs)
+        # Seconds an item may run before the results before it are sent early (_look); or 0.
+        self._early_after = early_after
+        self._next_look = 0.0  # time.monotonic() of the collector's next look
         self._events = events
         self._lock = threading.Lock()  # guards _workers, _closing and _dirty
         self._workers: dict[int, _Worker] = {}  # slot -> live worker ({0: <_Worker>, 1: ...})
@@ -425,7 +439,7 @@ class ProcessTransport:
         started = []
         try:
             for slot in slots:
-                started.append(_Worker(slot, self._ctx, self._spec))
+                started.append(_Worker(slot, self._ctx, self._spec, self._early_after))
         except BaseException:
             for worker in started:
                 worker.process.kill()
@@ -443,7 +457,7 @@ class ProcessTransport:
     def start_worker(self, slot: int) -> None:
         """Start the worker of ``slot`` (the slot's previous process has been reported dead);
         READY or INITERR is reported later."""
-        worker = _Worker(slot, self._ctx, self._spec)
+        worker = _Worker(slot, self._ctx, self._spec, self._early_after)
         worker.sender.start()
         with self._lock:
             if self._closing:
@@ -587,7 +601,9 @@ class ProcessTransport:
                                     w.process.sentinel, selectors.EVENT_READ, (w, True)
                                 )
                                 watched[slot] = w
-                ready = selector.select()
+                ready = selector.select(self._look_timeout())
+                if self._early_after:
+                    self._look(watched)
                 dead = []
                 for key, _ in ready:
                     if key.data is None:
@@ -609,6 +625,41 @@ class ProcessTransport:
                     self._bury(worker, events)
         finally:
             selector.close()
+
+    def _look_timeout(self) -> float | None:
+        """How long the collector may wait for a frame: for ever without early results; else
+        until ten times ``early_after`` after its last look at the workers. It looks as it
+        reads results anyway (see :meth:`_look`); this only bounds the wait when none come,
+        every worker being on a long item, at a tenth of a wake-up per ``early_after``."""
+        if not self._early_after:
+            return None
+        return max(0.0, self._next_look - time.monotonic()) + 9 * self._early_after
+
+    def _look(self, watched: dict[int, _Worker]) -> None:
+        """At most once per ``early_after``: signal each worker whose item has not moved since
+        the last look; it then sends the results finished before that item (early results).
+        The collector looks when it wakes anyway, for a frame, so a busy pool pays nothing
+        more; a pool whose workers all run long items is looked at every ten ``early_after``.
+        """
+        now = time.monotonic()
+        if now < self._next_look:
+            return
+        self._next_look = now + self._early_after
+        for w in watched.values():
+            try:
+                running, at = w.progress[RUNNING], (w.progress[0], w.progress[1])
+            except ValueError:  # closed meanwhile: it died or was stopped
+                continue
+            if not running:
+                w.seen = (-1, -1)
+                continue
+            if at == w.seen and at != w.poked and w.process.pid:
+                w.poked = at
+                try:
+                    os.kill(w.process.pid, EARLY_SIGNAL)
+                except OSError:  # it died: its sentinel reports that
+                    pass
+            w.seen = at
 
     @staticmethod
     def _unwatch(selector: selectors.BaseSelector, worker: _Worker) -> None:
@@ -632,6 +683,9 @@ class ProcessTransport:
                 with worker.lock:
                     worker.inline_bids.discard(bid)  # the worker has read that task
             events.on_result(worker.slot, bid, seconds, payload, nerrors)
+        elif kind == _wire.PART:
+            bid, lo, hi, part = _wire.parse_part(frame)
+            events.on_part(worker.slot, bid, lo, hi, part)
         elif kind == _wire.READY:
             events.on_ready(worker.slot, worker.process.pid)
         elif kind == _wire.INITERR:

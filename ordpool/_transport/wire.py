@@ -76,6 +76,7 @@ from .._core.errors import wrap_exception
 __all__ = [
     "ALL_FAILED",
     "INITERR",
+    "PART",
     "READY",
     "RESULT",
     "RETIRE",
@@ -93,13 +94,23 @@ __all__ = [
     "encode_items",
     "encode_results",
     "iter_values",
+    "parse_part",
     "parse_result",
     "parse_task",
+    "part_frame",
     "result_head",
     "task_head",
 ]
 
-TASK, STOP, READY, INITERR, RESULT, RETIRE = (b"T"[0], b"S"[0], b"Y"[0], b"E"[0], b"R"[0], b"Q"[0])
+TASK, STOP, READY, INITERR, RESULT, RETIRE, PART = (
+    b"T"[0],
+    b"S"[0],
+    b"Y"[0],
+    b"E"[0],
+    b"R"[0],
+    b"Q"[0],
+    b"p"[0],
+)
 STOP_FRAME = b"S"
 ALL_FAILED = 0xFFFFFFFF  # RESULT nerrors: every item failed (its batch could not be decoded)
 # The error position that stands for every position of a task (its items could not be loaded).
@@ -109,6 +120,7 @@ RETIRE_FRAME = b"Q"
 _TASK_HEAD = struct.Struct("<BqIiqI")  # kind, bid, nfailed, region, nbytes, ncall
 _RESULT_HEAD = struct.Struct("<BqdiqI")  # kind, bid, worker seconds, region, nbytes, nerrors
 _READY = struct.Struct("<Bq")  # kind, pid
+_PART_HEAD = struct.Struct("<BqII")  # kind, bid, first position, end position; payload follows
 RESULT_HEAD_SIZE = _RESULT_HEAD.size
 _COUNT = struct.Struct("<I")
 _CHUNKS_HEAD = struct.Struct("<BIII")  # b"C", values, values per chunk, bytes of pickled errors
@@ -387,6 +399,17 @@ class ChunkWriter:
             self._pickler.clear_memo()  # chunks unpickle alone; and no value is kept alive
         self._ends.append(self.size)
 
+    def dumped(self, i: int) -> bytes:
+        """The pickled bytes of chunk ``i``, dumped already (a copy)."""
+        first = self._ends[i - 1] if i else self._start
+        buf = self._spill if self._spill is not None else self._view
+        return bytes(buf[first : self._ends[i]])
+
+    @property
+    def chunk_values(self) -> int:
+        """Values per chunk of the payload being written."""
+        return self._k
+
     def finish(self, errors: dict[int, Any] | None) -> bytes | None:
         """End the payload: ``None`` when it lies in the region (``size`` bytes), else it."""
         pickled_errors = dumps(errors) if errors else b""
@@ -416,6 +439,19 @@ def parse_result(frame: bytes) -> tuple[int, float, int, int, int]:
     """``(bid, seconds, region, nbytes, nerrors)`` of a RESULT frame; inline payload follows."""
     _, bid, seconds, region, nbytes, nerrors = _RESULT_HEAD.unpack_from(frame)
     return bid, seconds, region, nbytes, nerrors
+
+
+def part_frame(bid: int, lo: int, hi: int, values: list[Any], errors: dict[int, Any]) -> bytes:
+    """A PART frame: the results of positions ``lo`` to ``hi`` of a task that is still running
+    (``errors`` by position in the task), sent ahead of its RESULT."""
+    local = {pos - lo: err for pos, err in errors.items() if lo <= pos < hi}
+    return _PART_HEAD.pack(PART, bid, lo, hi) + encode_results(values, local or None)
+
+
+def parse_part(frame: bytes) -> tuple[int, int, int, memoryview]:
+    """``(bid, first position, end position, payload)`` of a PART frame."""
+    _, bid, lo, hi = _PART_HEAD.unpack_from(frame)
+    return bid, lo, hi, memoryview(frame)[_PART_HEAD.size :]
 
 
 def decode_results(payload: Any) -> tuple[list[Any], dict[int, BaseException] | None]:
