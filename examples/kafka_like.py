@@ -6,7 +6,8 @@ malformed message. Then:
 
 * a producer thread reads the log and calls ``pool.enqueue(offset, raw_bytes)`` for each
   message (raw ``bytes`` travel to the workers without pickling);
-* each worker builds its state once, in ``init``: an orjson decoder and a counter;
+* each worker builds its state once, in ``init``: an orjson decoder and a counter (orjson:
+  ``pip install orjson``, or the ``bench`` extra);
 * a consumer thread iterates ``pool.results()`` and prints ``offset<TAB>value`` in offset
   order, which is what a consumer needs to commit offsets safely;
 * the main thread closes the pool once the producer is done, and checks everything: offsets

@@ -130,6 +130,20 @@ class SerialEngine(BenchEngine):
         return map(self.call, messages)
 
 
+def ordpool_label(name: str, batch_size: int | None) -> str:
+    """The table label of an engine that runs a ``ProcessOrderedPool``."""
+    return f"{name} (batch {'auto' if batch_size is None else batch_size})"
+
+
+def ordpool_params(pool: ProcessOrderedPool | None, batch_size: int | None) -> dict[str, Any]:
+    """The JSON params of an engine that runs a ``ProcessOrderedPool``: its batch size, and
+    what "auto" settled on while the pool runs."""
+    params: dict[str, Any] = {"batch_size": batch_size or "auto"}
+    if pool is not None and pool.state == "running":
+        params["batch_size_now"] = pool.stats().batch_size
+    return params
+
+
 class OrdpoolEngine(BenchEngine):
     """``ordpool.ProcessOrderedPool(...).imap(messages)``."""
 
@@ -137,14 +151,10 @@ class OrdpoolEngine(BenchEngine):
     _pool: ProcessOrderedPool | None = None
 
     def label(self) -> str:
-        size = self.config.batch_size
-        return f"ordpool (batch {'auto' if size is None else size})"
+        return ordpool_label(self.name, self.config.batch_size)
 
     def params(self) -> dict[str, Any]:
-        params: dict[str, Any] = {"batch_size": self.config.batch_size or "auto"}
-        if self._pool is not None and self._pool.state == "running":
-            params["batch_size_now"] = self._pool.stats().batch_size  # what "auto" settled on
-        return params
+        return ordpool_params(self._pool, self.config.batch_size)
 
     def open(self) -> None:
         self._pool = ProcessOrderedPool(

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 from .. import PoolStats, ProcessOrderedPool, Result
 from .config import StreamCheckError, StreamConfig
+from .engines import ordpool_label, ordpool_params
 from .openloop import Pacer, Producer, Recorder
 from .workloads import stream_work
 
@@ -90,14 +91,10 @@ class _OrdpoolEngine(StreamEngine):
     _pool: ProcessOrderedPool | None = None
 
     def label(self) -> str:
-        size = self.config.batch_size
-        return f"{self.name} (batch {'auto' if size is None else size})"
+        return ordpool_label(self.name, self.config.batch_size)
 
     def params(self) -> dict[str, Any]:
-        params: dict[str, Any] = {"batch_size": self.config.batch_size or "auto"}
-        if self._pool is not None and self._pool.state == "running":
-            params["batch_size_now"] = self._pool.stats().batch_size  # what "auto" settled on
-        return params
+        return ordpool_params(self._pool, self.config.batch_size)
 
     def open(self) -> None:
         self._pool = ProcessOrderedPool(
