@@ -49,6 +49,7 @@ import math
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import threading
 import time
 import weakref
@@ -610,6 +611,19 @@ class _Core:
             except InvalidStateError:
                 pass  # cancelled meanwhile
 
+    def force_shutdown(self, sig: int) -> None:
+        """``terminate_workers()`` / ``kill_workers()``: shut down without waiting, pending
+        futures cancelled, then send ``sig`` to every live worker. A future whose call was
+        running then fails with ``BrokenProcessPool``, as with the stdlib (3.14)."""
+        engine = self.engine
+        pids = engine.worker_pids() if engine is not None else []
+        self.shutdown(wait=False, cancel_futures=True)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass  # it had exited already
+
     def shutdown(self, wait: bool, cancel_futures: bool, *, stop_maps: bool = False) -> None:
         """The stdlib's shutdown; ``stop_maps`` (interpreter exit) stops lazily read inputs."""
         with self._lock:
@@ -966,6 +980,28 @@ class OrderedProcessPoolExecutor(Executor):
                 ``CancelledError`` after the results of the items already read.
         """
         self._core.shutdown(wait, cancel_futures)
+
+    def terminate_workers(self) -> None:
+        """Attempts to terminate all living worker processes immediately by calling
+        ``Process.terminate()`` on each of them. Internally, it will also call
+        :meth:`shutdown` to ensure that all other resources associated with the executor are
+        freed. After calling this method the caller should no longer submit tasks to the
+        executor.
+
+        As in Python 3.14 (on every supported Python here): pending futures are cancelled, and
+        a future whose call was running fails with :class:`BrokenProcessPool`.
+        """
+        self._core.force_shutdown(signal.SIGTERM)
+
+    def kill_workers(self) -> None:
+        """Attempts to kill all living worker processes immediately by calling
+        ``Process.kill()`` on each of them. Internally, it will also call :meth:`shutdown` to
+        ensure that all other resources associated with the executor are freed. After calling
+        this method the caller should no longer submit tasks to the executor.
+
+        As :meth:`terminate_workers`, with ``SIGKILL``: a worker cannot ignore it.
+        """
+        self._core.force_shutdown(signal.SIGKILL)
 
     def stats(self) -> PoolStats:
         """A frozen snapshot of the executor's engine (see :class:`~ordpool.PoolStats`); all

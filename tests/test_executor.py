@@ -811,3 +811,66 @@ def test_a_submit_during_a_long_map_does_not_wait_for_the_map() -> None:
         finally:
             consumer.join(60)
         assert seen == list(range(150_000))
+
+
+# -- terminate_workers() / kill_workers() (3.14's API, on every supported Python) ----------------
+
+
+def _ignore_sigterm_and_sleep(seconds: float, ready: str) -> str:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    pathlib.Path(ready).touch()
+    time.sleep(seconds)
+    return "finished"
+
+
+@pytest.mark.parametrize("how", ["terminate_workers", "kill_workers"])
+def test_terminate_or_kill_workers_ends_running_calls_and_cancels_pending(
+    method: str, how: str
+) -> None:
+    executor = make(method)
+    running = [executor.submit(time.sleep, 60) for _ in range(2)]
+    assert wait_until(lambda: all(f.running() for f in running), timeout=30)
+    pending = [executor.submit(abs, -i) for i in range(5)]
+    pids = executor._core.engine.worker_pids()  # type: ignore[union-attr]
+    getattr(executor, how)()
+    for future in running:  # the calls died with their workers
+        with pytest.raises(BrokenProcessPool):
+            future.result(timeout=30)
+    for future in pending:  # cancelled, or failed with the pool: never run
+        assert future.cancelled() or isinstance(future.exception(timeout=30), BrokenProcessPool)
+    with pytest.raises(RuntimeError):
+        executor.submit(abs, 1)
+    executor.shutdown(wait=True)
+    assert not [pid for pid in pids if psutil.pid_exists(pid) and _alive(pid)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_kill_workers_ends_a_worker_that_ignores_sigterm(
+    method: str, tmp_path: pathlib.Path
+) -> None:
+    executor = make(method, workers=1)
+    ready = tmp_path / "ignoring"
+    future = executor.submit(_ignore_sigterm_and_sleep, 60, str(ready))
+    assert wait_until(ready.exists, timeout=30)
+    executor.kill_workers()
+    with pytest.raises(BrokenProcessPool):
+        future.result(timeout=30)
+    executor.shutdown(wait=True)
+
+
+def test_terminate_workers_on_an_idle_or_unstarted_executor(method: str) -> None:
+    unstarted = make(method)
+    unstarted.terminate_workers()  # nothing to signal: it only shuts down
+    with pytest.raises(RuntimeError):
+        unstarted.submit(abs, 1)
+    idle = make(method)
+    assert idle.submit(abs, -3).result(timeout=30) == 3
+    idle.terminate_workers()
+    idle.shutdown(wait=True)
+    assert idle.stats().busy_workers == 0
