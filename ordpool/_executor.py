@@ -77,7 +77,7 @@ from ._engine.futures import JobFuture, bind_futures, complete_futures
 from ._transport import wire as _wire
 from ._transport.base import TransportEvents
 from ._transport.process import ProcessTransport
-from ._transport.worker import invoke, invoke_after_init, star, worker_spec
+from ._transport.worker import invoke, invoke_after_init, process_spec, run_initializer, star
 
 __all__ = ["BrokenProcessPool", "OrderedProcessPoolExecutor"]
 
@@ -110,11 +110,6 @@ class BrokenProcessPool(BrokenPool, _stdlib_process.BrokenProcessPool):
 
 
 # -- what the workers run ------------------------------------------------------------------------
-
-
-def _initialize(initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> None:
-    """Run the user's initializer once per worker; its return value is ignored, like the stdlib."""
-    initializer(*initargs)
 
 
 # -- interpreter exit ----------------------------------------------------------------------------
@@ -512,18 +507,20 @@ class _Core:
     def _start(self) -> None:
         """Create the engine and start its workers in the background (under the lock)."""
         if self._initializer is None:
-            spec = worker_spec(invoke, None, (), self._max_tasks)
+            spec, inherited = process_spec(invoke, None, (), self._max_tasks)
         else:
-            spec = worker_spec(
+            # (the initializer's arguments one by one: a multiprocessing.Queue among them
+            # travels with the worker's process arguments, see process_spec)
+            spec, inherited = process_spec(
                 invoke_after_init,
-                _initialize,
-                (self._initializer, self._initargs),
+                run_initializer,
+                (self._initializer, *self._initargs),
                 self._max_tasks,
             )
         ctx = self._ctx
 
         def transport(events: TransportEvents) -> ProcessTransport:
-            return ProcessTransport(ctx, spec, events, early_after=MAX_DELAY)
+            return ProcessTransport(ctx, spec, events, early_after=MAX_DELAY, inherited=inherited)
 
         exact = self._max_tasks is not None  # count tasks per worker exactly: one item a task
         engine = Engine(

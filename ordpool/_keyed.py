@@ -33,7 +33,7 @@ from ._engine.decoding import decode
 from ._engine.futures import JobFuture, bind_futures, complete_futures
 from ._transport.base import TransportEvents
 from ._transport.process import ProcessTransport
-from ._transport.worker import invoke, worker_spec
+from ._transport.worker import invoke, invoke_after_init, process_spec, run_initializer
 
 __all__ = ["KeyedPool", "QueueFull", "default_pool", "submit"]
 
@@ -99,7 +99,12 @@ class KeyedPool:
         self._queue_size = queue_size
         self._grace = grace
         self._ctx = multiprocessing.get_context(start_method)
-        self._spec = worker_spec(invoke, initializer, initargs)
+        if initializer is None:
+            self._spec, self._inherited = process_spec(invoke)
+        else:
+            self._spec, self._inherited = process_spec(
+                invoke_after_init, run_initializer, (initializer, *initargs)
+            )
         self._max_delay = max_delay
         self._lock = threading.Lock()  # guards _state, _queued and _futures
         self._space = threading.Condition(self._lock)  # submitters wait for room in a queue
@@ -135,10 +140,10 @@ class KeyedPool:
                 return self
             if self._state is not _State.NEW:
                 raise PoolClosed("this KeyedPool was stopped; create a new one")
-            ctx, spec = self._ctx, self._spec
+            ctx, spec, inherited = self._ctx, self._spec, self._inherited
 
             def transport(events: TransportEvents) -> ProcessTransport:
-                return ProcessTransport(ctx, spec, events)
+                return ProcessTransport(ctx, spec, events, inherited=inherited)
 
             engine = Engine(
                 transport,

@@ -25,7 +25,7 @@ from ._engine.decoding import (
 )
 from ._transport.base import TransportEvents, TransportFactory
 from ._transport.process import ProcessTransport
-from ._transport.worker import worker_spec
+from ._transport.worker import process_spec, worker_spec
 
 __all__ = ["ProcessOrderedPool", "Result"]
 
@@ -248,11 +248,10 @@ class ProcessOrderedPool:
         self._engine: Engine | None = None
         workers = usable_cores() if workers is None else workers
         _check_options(fn, init, workers, window, batch_size, max_delay, retries)
-        spec = worker_spec(fn, init, initargs)
         self._stream: IndexedStream | None = None  # the enqueue/results stream, opened on use
         self._stream_lock = threading.Lock()
         factory = self._transport_factory(
-            spec, backend, start_method, max_delay, ray_address, ray_options
+            (fn, init, tuple(initargs)), backend, start_method, max_delay, ray_address, ray_options
         )
         self._engine = Engine(
             factory,
@@ -266,7 +265,7 @@ class ProcessOrderedPool:
 
     def _transport_factory(
         self,
-        spec: bytes,
+        job: tuple[Callable[..., Any], Callable[..., Any] | None, tuple[Any, ...]],
         backend: str,
         start_method: str | None,
         max_delay: float,
@@ -279,9 +278,12 @@ class ProcessOrderedPool:
                 raise ValueError("ray_address and ray_options apply to backend='ray' only")
             ctx = multiprocessing.get_context(start_method)
             self._start_method = ctx.get_start_method()
+            spec, inherited = process_spec(*job)
 
             def process_factory(events: TransportEvents) -> ProcessTransport:
-                return ProcessTransport(ctx, spec, events, early_after=max_delay)
+                return ProcessTransport(
+                    ctx, spec, events, early_after=max_delay, inherited=inherited
+                )
 
             return process_factory
         if backend == "ray":
@@ -290,6 +292,7 @@ class ProcessOrderedPool:
             from ._transport.ray import transport_factory  # imports ray: only when asked for
 
             self._start_method = "ray"
+            spec = worker_spec(*job)
             return transport_factory(spec, address=ray_address, options=ray_options or {})
         raise ValueError(f"backend must be 'process' or 'ray', got {backend!r}")
 

@@ -874,3 +874,62 @@ def test_terminate_workers_on_an_idle_or_unstarted_executor(method: str) -> None
     idle.terminate_workers()
     idle.shutdown(wait=True)
     assert idle.stats().busy_workers == 0
+
+
+# -- objects that must be inherited, in initargs ---------------------------------------------------
+
+_INHERITED_SCRIPT = """
+import multiprocessing, os, sys
+import ordpool
+
+def log_to(queue, lock, counter):
+    with lock:
+        counter.value += 1
+    queue.put(("started", os.getpid()))
+
+def double(x):
+    return x * 2
+
+def double_after_init(state, x):
+    return x * 2
+
+if __name__ == "__main__":
+    method, face = sys.argv[1], sys.argv[2]
+    context = multiprocessing.get_context(method)
+    queue, lock, counter = context.Queue(), context.Lock(), context.Value("i", 0)
+    args = (queue, lock, counter)
+    if face == "executor":
+        with ordpool.OrderedProcessPoolExecutor(
+            2, mp_context=context, initializer=log_to, initargs=args
+        ) as executor:
+            assert list(executor.map(double, range(10))) == [x * 2 for x in range(10)]
+    elif face == "pool":
+        with ordpool.ProcessOrderedPool(
+            double_after_init, 2, init=log_to, initargs=args, start_method=method
+        ) as pool:
+            assert list(pool.imap(range(10))) == [x * 2 for x in range(10)]
+    else:
+        with ordpool.KeyedPool(
+            2, start_method=method, initializer=log_to, initargs=args
+        ) as pool:
+            assert pool.submit("k", double, 4).result(timeout=30) == 8
+    started = [queue.get(timeout=30) for _ in range(2)]
+    print(sorted(tag for tag, _ in started), len({pid for _, pid in started}), counter.value)
+"""
+
+
+@pytest.mark.parametrize("face", ["executor", "pool", "keyed"])
+def test_multiprocessing_queues_locks_and_values_reach_the_initializer(
+    method: str, face: str, tmp_path: pathlib.Path
+) -> None:
+    """A Queue, a Lock and a Value can only reach a child process through inheritance (or the
+    process start): in initargs they work under every start method, as with the stdlib. (In
+    a process of its own: those objects keep descriptors open for the rest of a process.)"""
+    script = tmp_path / "inherited.py"
+    script.write_text(_INHERITED_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), method, face], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    # each worker's initializer ran once, with the objects: a line from each, the count is 2
+    assert proc.stdout.split("\n")[0] == "['started', 'started'] 2 2"

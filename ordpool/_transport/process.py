@@ -171,7 +171,14 @@ class _Worker:
         "writer",
     )
 
-    def __init__(self, slot: int, ctx: BaseContext, spec: bytes, early_after: float) -> None:
+    def __init__(
+        self,
+        slot: int,
+        ctx: BaseContext,
+        spec: bytes,
+        early_after: float,
+        inherited: tuple[Any, ...],
+    ) -> None:
         self.slot = slot
         self.closed = False
         self.spare: list[bytearray] = []  # result payload buffers for reuse (_copy_out)
@@ -201,11 +208,11 @@ class _Worker:
             Reservation(getattr(r, "_fd", None), REGION_SIZE) for r in self.regions[:TURNS]
         ]
         _PARENT_FDS.update((self.writer.fileno(), self.reader.fileno()))
-        inherited = tuple(_PARENT_FDS) if ctx.get_start_method() == "fork" else ()
+        fds = tuple(_PARENT_FDS) if ctx.get_start_method() == "fork" else ()
         names = tuple(r.name for r in self.regions)
         self.process = ctx.Process(  # type: ignore[attr-defined]  # BaseContext lacks it
             target=worker_main,
-            args=(task_r, res_w, spec, os.getpid(), inherited, names, early_after),
+            args=(task_r, res_w, spec, os.getpid(), fds, names, early_after, inherited),
             name=f"ordpool-worker-{slot}",
         )
         try:
@@ -405,10 +412,17 @@ class ProcessTransport:
     batch_target: float | None = None  # the engine's default
 
     def __init__(
-        self, ctx: BaseContext, spec: bytes, events: TransportEvents, *, early_after: float = 0.0
+        self,
+        ctx: BaseContext,
+        spec: bytes,
+        events: TransportEvents,
+        *,
+        early_after: float = 0.0,
+        inherited: tuple[Any, ...] = (),
     ) -> None:
         self._ctx = ctx
         self._spec = spec  # cloudpickled (fn, init, initargs)
+        self._inherited = inherited  # initargs items passed with the process (process_spec)
         # Seconds an item may run before the results before it are sent early (_look); or 0.
         self._early_after = early_after
         self._next_look = 0.0  # time.monotonic() of the collector's next look
@@ -439,7 +453,7 @@ class ProcessTransport:
         started = []
         try:
             for slot in slots:
-                started.append(_Worker(slot, self._ctx, self._spec, self._early_after))
+                started.append(self._new_worker(slot))
         except BaseException:
             for worker in started:
                 worker.process.kill()
@@ -454,10 +468,13 @@ class ProcessTransport:
             worker.sender.start()
         self._collector.start()
 
+    def _new_worker(self, slot: int) -> _Worker:
+        return _Worker(slot, self._ctx, self._spec, self._early_after, self._inherited)
+
     def start_worker(self, slot: int) -> None:
         """Start the worker of ``slot`` (the slot's previous process has been reported dead);
         READY or INITERR is reported later."""
-        worker = _Worker(slot, self._ctx, self._spec, self._early_after)
+        worker = self._new_worker(slot)
         worker.sender.start()
         with self._lock:
             if self._closing:

@@ -353,6 +353,12 @@ def invoke(call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any] | Non
     return fn(*args, **kwargs) if kwargs else fn(*args)
 
 
+def run_initializer(initializer: Callable[..., Any], *initargs: Any) -> None:
+    """A pool's ``initializer(*initargs)``, once per worker; its return value is ignored (the
+    standard library's contract, which the executor and the keyed pool follow)."""
+    initializer(*initargs)
+
+
 def invoke_after_init(state: Any, call: tuple[Any, ...]) -> Any:
     """:func:`invoke` for pools whose initializer ran (the engine passes its state first)."""
     return invoke(call)
@@ -388,6 +394,56 @@ def worker_spec(
 
     spec: bytes = cloudpickle.dumps((fn, init, tuple(initargs), max_tasks))
     return spec
+
+
+class Inherited:
+    """Stands in the spec for the ``initargs`` item at ``index``, which travels with the worker
+    process's own arguments instead (see :func:`process_spec`)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return Inherited, (self.index,)
+
+
+def process_spec(
+    fn: Callable[..., Any],
+    init: Callable[..., Any] | None = None,
+    initargs: tuple[Any, ...] = (),
+    max_tasks: int | None = None,
+) -> tuple[bytes, tuple[Any, ...]]:
+    """:func:`worker_spec` for local worker processes: ``(spec, inherited)``.
+
+    ``multiprocessing`` objects that may only reach a child through inheritance (a ``Queue``,
+    ``Lock``, ``Event``, ``Value``...: pickling them outside a process start raises
+    ``RuntimeError``) cannot be cloudpickled into the spec. Each ``initargs`` item that holds
+    one goes to the worker with the process's arguments instead, as the standard library's
+    pools pass theirs: inherited under ``fork``, pickled by the process start under ``spawn``
+    and ``forkserver``.
+    """
+    import cloudpickle
+
+    args: list[Any] = []
+    inherited: list[Any] = []
+    for item in initargs:
+        try:
+            cloudpickle.dumps(item)
+        except RuntimeError:  # "... should only be shared between processes through inheritance"
+            args.append(Inherited(len(inherited)))
+            inherited.append(item)
+        else:
+            args.append(item)
+    return worker_spec(fn, init, tuple(args), max_tasks), tuple(inherited)
+
+
+def _with_inherited(initargs: tuple[Any, ...], inherited: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``initargs`` with each :class:`Inherited` stand-in replaced by the object it stands for."""
+    if not inherited:
+        return initargs
+    return tuple(inherited[a.index] if isinstance(a, Inherited) else a for a in initargs)
 
 
 def keep_freed_memory() -> None:
@@ -491,10 +547,12 @@ def worker_main(
     inherited_fds: tuple[int, ...],
     region_names: tuple[str, ...],
     early_after: float = 0.0,
+    inherited: tuple[Any, ...] = (),
 ) -> None:
     """Entry point of a worker process (see the module docstring). With ``early_after``, the
     results finished before an item that runs longer than that are sent ahead
-    (:class:`EarlyResults`)."""
+    (:class:`EarlyResults`). ``inherited``: the ``initargs`` items that came with the process's
+    arguments (:func:`process_spec`)."""
     global _local, _progress
     # Ctrl-C goes to the whole foreground process group; the parent handles it and tears the
     # workers down. Workers printing their own KeyboardInterrupt tracebacks would be spam.
@@ -516,7 +574,7 @@ def worker_main(
     try:
         fn, init, initargs, max_tasks = pickle.loads(spec)
         if init is not None:
-            state = init(*initargs)
+            state = init(*_with_inherited(initargs, inherited))
             call = functools.partial(fn, state)
         else:
             call = fn
