@@ -375,7 +375,7 @@ def test_jobs_sent_again_after_their_worker_died_complete(start_method: str) -> 
     futures (RUNNING already) must complete, not wedge the pool."""
     with KeyedPool(1, start_method=start_method) as pool:
         first = pool.submit("k", _crash_on_one, 0)
-        time.sleep(0.05)  # the next three wait, batched, behind the first
+        assert wait_until(first.running, timeout=30)  # the next three wait behind it
         crashing, *rest = [pool.submit("k", _crash_on_one, i) for i in (1, 2, 3)]
         assert first.result(timeout=30) == 0
         with pytest.raises(WorkerCrashed):
