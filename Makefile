@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 EXTRAS ?= test,ray,bench
 STAMP := $(VENV)/.installed-$(shell (cat setup.cfg pyproject.toml; echo $(EXTRAS)) | cksum | cut -d' ' -f1)
 
-.PHONY: test bench lint format venv clean
+.PHONY: test bench conformance lint format venv clean
 
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/ordpool bench
+
+# CPython's own test_concurrent_futures, run with the stdlib's executor and with ordpool's
+# (fetched at run time; takes minutes, so not part of `make test`).
+conformance: $(STAMP)
+	$(BIN)/python bench/conformance.py --md bench/results/$(shell date +%F)-conformance.md \
+		--json bench/results/$(shell date +%F)-conformance.json
 
 format: $(STAMP)
 	$(BIN)/ruff format ordpool tests bench examples

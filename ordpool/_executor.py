@@ -68,7 +68,7 @@ from ._core.errors import (
     WorkerCrashed,
     WorkerInitError,
 )
-from ._core.state import PoolState
+from ._core.state import ENDED, PoolState
 from ._core.stats import PoolStats
 from ._core.streams import IndexedStream, NumberedStream
 from ._engine import Engine, Feeder, PacedSequence, Supervision
@@ -77,7 +77,13 @@ from ._engine.futures import JobFuture, bind_futures, complete_futures
 from ._transport import wire as _wire
 from ._transport.base import TransportEvents
 from ._transport.process import ProcessTransport
-from ._transport.worker import invoke, invoke_after_init, process_spec, run_initializer, star
+from ._transport.worker import (
+    invoke,
+    invoke_after_init,
+    process_spec,
+    run_logged_initializer,
+    star,
+)
 
 __all__ = ["BrokenProcessPool", "OrderedProcessPoolExecutor"]
 
@@ -199,8 +205,15 @@ def _caller_error(error: BaseException) -> BaseException:
     (``TypeError: cannot pickle '_thread.lock' object``), so that one is unwrapped.
     """
     cause = error.__cause__
-    if type(error) is pickle.PicklingError and cause is not None:
-        return error if isinstance(cause, RemoteTraceback) else cause
+    if (
+        type(error) is pickle.PicklingError
+        and cause is not None
+        and not isinstance(cause, RemoteTraceback)
+    ):
+        return cause
+    if type(cause) is RemoteTraceback:
+        # The worker's traceback as the stdlib chains it: code may test for that type.
+        error.__cause__ = _stdlib_process._RemoteTraceback(cause.tb)  # type: ignore[arg-type]
     return error
 
 
@@ -210,8 +223,7 @@ class _ExecutorSupervision(Supervision):
     The engine would replace a worker that died; ``ProcessPoolExecutor`` instead breaks: so a
     death that is not a retirement (``max_tasks_per_child``) breaks the executor *before* the
     engine acts on it (the engine then finds itself terminated and restarts nothing). An
-    initializer that raised is logged at CRITICAL on the ``concurrent.futures`` logger, as the
-    stdlib's worker does.
+    initializer that raised was logged in its worker (:func:`run_logged_initializer`).
     """
 
     def __init__(self, core: _Core) -> None:
@@ -219,9 +231,6 @@ class _ExecutorSupervision(Supervision):
 
     def worker_died(self, slot: int, crash: WorkerCrashed) -> None:
         self._core._break(crash)
-
-    def init_failed(self, slot: int, exc: BaseException) -> None:
-        LOGGER.critical("Exception in initializer:", exc_info=exc)
 
     def broke(self, error: BaseException) -> None:
         self._core._break(error)
@@ -346,6 +355,10 @@ class _Core:
         self._broken_cause: BaseException | None = None  # WorkerCrashed, WorkerInitError...
         self._broken_error: BrokenProcessPool | None = None  # what pending futures got
         self._queue: deque[tuple[int, Future[Any], tuple[Any, ...]]] = deque()  # PENDING
+        # RUNNING futures whose items wait for the workers to start: the stdlib's executor
+        # moves the first calls to its call queue at once, so shutdown(cancel_futures=True)
+        # cancels only the calls after them (1: (17, (fn, args, kwargs))).
+        self._starting: deque[tuple[int, tuple[Any, ...]]] = deque()
         self._futures: dict[int, Future[Any]] = {}  # index -> RUNNING future ({17: <Future>})
         self._next_index = 0  # index of the next submit (the engine wants them increasing)
         self._maps: set[_MapFeed] = set()  # the feeds of live map() calls
@@ -375,9 +388,12 @@ class _Core:
                 future: Future[Any] = JobFuture(self._engine_now)
                 index = self._next_index
                 self._next_index = index + 1
-                if self._running and not self._queue and len(self._futures) < self.cap:
+                if not self._queue and len(self._futures) < self.cap:
                     future.set_running_or_notify_cancel()
                     self._futures[index] = future
+                    if not self._running:
+                        self._starting.append((index, item))  # _pump hands it over
+                        return future
                     try:
                         self._enqueue(index, item)
                     except (BrokenPool, PoolClosed):
@@ -398,6 +414,11 @@ class _Core:
                 if not self._running:
                     return
                 queue, futures, cap = self._queue, self._futures, self.cap
+                try:
+                    while self._starting:
+                        self._enqueue(*self._starting.popleft())
+                except (BrokenPool, PoolClosed):
+                    return  # it broke meanwhile: _break() fails the futures
                 while queue and len(futures) < cap:
                     index, future, item = queue.popleft()
                     if not future.set_running_or_notify_cancel():
@@ -424,6 +445,8 @@ class _Core:
     def _close_due_locked(self) -> bool:
         """Whether to close the engine now: shut down, and nothing left to hand to it."""
         if self.shut and self._running and not self._closed and not self._queue:
+            if self._starting:
+                return False  # _pump hands these over first
             if self._feeding:
                 return False
             self._closed = True
@@ -457,16 +480,21 @@ class _Core:
 
     def _complete(self, batch: Batch) -> None:
         """Complete the futures of an answered batch (never under a lock)."""
-        values, errors = decode(batch)
+        # Items a worker could not unpickle, results that cannot be unpickled here: the
+        # stdlib's executor breaks on these (its queues are then in an unknown state).
+        causes: list[BaseException] = []
+        values, errors = decode(batch, failures=causes)
+        undecoded = {id(cause) for cause in causes}
         with self._lock:
             pop = self._futures.pop
             futures = [pop(index, None) for index in batch.indices]
-        causes: list[BaseException] = []
 
         def error_for(error: BaseException) -> BaseException | None:
+            if id(error) in undecoded:
+                return None  # failed with the pool's error, below
             if _is_pool_failure(error):
                 causes.append(_failure_cause(error))
-                return None  # failed with the pool's error, below
+                return None
             return _caller_error(error)
 
         lost = complete_futures(futures, values, errors, error_for)
@@ -513,7 +541,7 @@ class _Core:
             # travels with the worker's process arguments, see process_spec)
             spec, inherited = process_spec(
                 invoke_after_init,
-                run_initializer,
+                run_logged_initializer,
                 (self._initializer, *self._initargs),
                 self._max_tasks,
             )
@@ -596,6 +624,7 @@ class _Core:
                 futures.extend(future for _, future, _ in self._queue)
                 self._futures.clear()
                 self._queue.clear()
+                self._starting.clear()
                 maps = list(self._maps)
             error = self._broken_error
         for feed in maps:
@@ -613,6 +642,8 @@ class _Core:
         futures cancelled, then send ``sig`` to every live worker. A future whose call was
         running then fails with ``BrokenProcessPool``, as with the stdlib (3.14)."""
         engine = self.engine
+        if engine is not None:
+            self._started.wait()  # workers still starting are signalled too
         pids = engine.worker_pids() if engine is not None else []
         self.shutdown(wait=False, cancel_futures=True)
         for pid in pids:
@@ -702,7 +733,7 @@ class _MapCall:
         feeder.start()
         results = self._results()
         next(results)  # started: dropping the iterator now runs its finally (releases the stream)
-        return itertools.chain.from_iterable(results)
+        return itertools.chain.from_iterable(map(_handed_out, results))
 
     def _feed(self, source: Iterable[Any]) -> None:
         """Body of the map's feeder thread."""
@@ -767,6 +798,81 @@ class _MapCall:
             self.core._break(_failure_cause(error))
             raise self.core._new_broken_error()
         raise _caller_error(error)
+
+
+class _ProcessView:
+    """A worker's ``multiprocessing.Process`` as ``_processes`` lists it: joining or signalling
+    it once the pool has reaped and closed it is a no-op instead of a ``ValueError``."""
+
+    def __init__(self, process: Any) -> None:
+        self._process = process
+        self.pid: int = process.pid
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self._process.join(timeout)
+        except ValueError:
+            pass  # closed: the pool joined it already
+
+    def is_alive(self) -> bool:
+        try:
+            return bool(self._process.is_alive())
+        except ValueError:
+            return False
+
+    @property
+    def exitcode(self) -> int | None:
+        try:
+            code: int | None = self._process.exitcode
+        except ValueError:
+            return None
+        return code
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        if self.is_alive():
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+class _Finish:
+    """Waits for an executor's engine to end (its workers exited, its threads done): what
+    joining the stdlib's private manager thread or call queue waits for. Holds the core, not
+    the executor, so that the executor can still be collected."""
+
+    def __init__(self, core: _Core) -> None:
+        self._core = core
+
+    def join(self, timeout: float | None = None) -> None:
+        core = self._core
+        if core._starter is not None:
+            core._starter.join(timeout)
+        if core.engine is not None:
+            core.engine.join(timeout)
+
+    def join_thread(self) -> None:
+        self.join()
+
+    def is_alive(self) -> bool:
+        engine = self._core.engine
+        return engine is not None and engine.state not in ENDED
+
+
+def _handed_out(values: Iterable[Any]) -> Iterable[Any]:
+    """A list of a map's values as an iterator that lets go of each value as it yields it,
+    so that a value the caller dropped is freed at once, as with the stdlib's ``map``
+    (whose iterator pops each future). Runs in C: ``list.pop`` on the reversed list."""
+    if type(values) is not list:
+        return values  # an Interrupted (a KeyboardInterrupt to raise), or empty
+    values.reverse()
+    return itertools.starmap(values.pop, itertools.repeat((), len(values)))
 
 
 def _fail_later(error: BaseException) -> Iterator[Any]:
@@ -1007,6 +1113,33 @@ class OrderedProcessPoolExecutor(Executor):
         if engine is None:
             return PoolStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, ())
         return engine.stats()
+
+    # -- CPython's private attributes that code and tests written against it use -----------
+
+    @property
+    def _processes(self) -> dict[int, Any]:
+        """The live worker processes, ``{pid: multiprocessing.Process}``, once started (the
+        stdlib's private attribute of that name; empty before the first ``submit``/``map``)."""
+        core = self._core
+        if core.engine is None:
+            return {}
+        core._started.wait()
+        transport = core.engine.transport
+        if not isinstance(transport, ProcessTransport):
+            return {}
+        return {pid: _ProcessView(p) for pid, p in transport.processes().items()}
+
+    @property
+    def _executor_manager_thread(self) -> _Finish | None:
+        """Joins once the workers have exited after a shutdown, as the stdlib's manager thread
+        of that name does; ``None`` before the first ``submit``/``map``."""
+        return None if self._core.engine is None else _Finish(self._core)
+
+    @property
+    def _call_queue(self) -> _Finish:
+        """The stdlib's private call queue, for code that waits on it: ``join_thread()``
+        returns once the workers have exited after a shutdown."""
+        return _Finish(self._core)
 
     @property
     def _broken(self) -> str | bool:

@@ -826,7 +826,7 @@ def test_a_value_that_cannot_be_unpickled_fails_its_chunk_only():
     assert 20 in bad and len(bad) < n
     values, errors = _wire.decode_results(payload)
     assert sorted(errors) == bad
-    assert type(errors[20]) is RuntimeError
+    assert isinstance(errors[20], RuntimeError)
     assert isinstance(errors[20].__cause__, ValueError)
     good = [i for i in range(n) if i not in bad]
     assert [values[i] for i in good] == [_doc(i) for i in good]
@@ -838,7 +838,7 @@ def test_a_value_that_cannot_be_unpickled_fails_its_chunk_only():
 
     lazy = list(_wire.iter_values(payload, stand_in))
     assert lazy == ["stand-in" if i in bad else _doc(i) for i in range(n)]
-    assert seen == [(pos, RuntimeError) for pos in bad]
+    assert seen == [(pos, _wire.UnpicklingResultError) for pos in bad]
     skipped = list(_wire.iter_values(payload, lambda pos, err: _wire.SKIP))
     assert skipped == [_doc(i) for i in good]
     # a raising on_error ends the iteration after the values before the chunk
@@ -909,7 +909,7 @@ def test_an_unloadable_chunk_keeps_the_errors_the_worker_reported_in_it():
     assert nerrors == 1
     _, errors = _wire.decode_results(payload)
     assert isinstance(errors[3], KeyError)  # not replaced by the chunk's unpickling error
-    assert type(errors[5]) is RuntimeError and "could not unpickle" in str(errors[5])
+    assert isinstance(errors[5], RuntimeError) and "could not unpickle" in str(errors[5])
 
 
 def test_a_chunk_that_pickles_value_by_value_but_not_whole_fails_its_values(monkeypatch):

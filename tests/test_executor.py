@@ -12,23 +12,24 @@ import concurrent.futures as cf
 import functools
 import gc
 import itertools
-import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
 import pathlib
+import pickle
 import signal
 import subprocess
 import sys
 import threading
 import time
 import weakref
+from typing import Any
 
 import psutil
 import pytest
 from conftest import wait_until
 
-from ordpool import BrokenPool, RemoteTraceback, WorkerCrashed, WorkerInitError, worker_local
+from ordpool import BrokenPool, WorkerCrashed, worker_local
 from ordpool._executor import BrokenProcessPool, OrderedProcessPoolExecutor
 from ordpool._transport import wire as _wire
 
@@ -255,7 +256,7 @@ def test_exception_keeps_type_and_remote_traceback(method: str) -> None:
         error = executor.submit(raise_value_error, "boom").exception(timeout=30)
         assert type(error) is ValueError
         assert str(error) == "boom"
-        assert isinstance(error.__cause__, RemoteTraceback)
+        assert type(error.__cause__) is cf.process._RemoteTraceback  # as the stdlib's
         text = str(error.__cause__)
         assert "raise_value_error" in text and "raise ValueError(message)" in text
         with pytest.raises(ValueError, match="boom"):
@@ -413,35 +414,65 @@ def test_worker_death_in_map_breaks_the_executor(method: str) -> None:
         executor.shutdown()
 
 
-def test_initializer_failure_is_logged_and_breaks(
-    method: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.CRITICAL, logger="concurrent.futures")
-    executor = make(method, initializer=init_fail)
+_FAILING_INIT_SCRIPT = """
+import logging, logging.handlers, multiprocessing, sys, time
+import concurrent.futures as cf
+import ordpool
+
+def init_fail(log_queue):
+    logger = logging.getLogger("concurrent.futures")
+    logger.addHandler(logging.handlers.QueueHandler(log_queue))
+    logger.propagate = False
+    raise ValueError("error in initializer")
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context(sys.argv[1])
+    log_queue = context.Queue()
+    executor = ordpool.OrderedProcessPoolExecutor(
+        2, mp_context=context, initializer=init_fail, initargs=(log_queue,)
+    )
     try:
+        future = executor.submit(abs, 2)
+    except cf.BrokenExecutor:
+        pass  # already broken
+    else:
         try:
-            future = executor.submit(square, 2)
-        except BrokenProcessPool:
-            pass  # already broken
+            future.result(timeout=60)
+        except cf.process.BrokenProcessPool as exc:
+            assert isinstance(exc.__cause__, ordpool.WorkerInitError), repr(exc.__cause__)
         else:
-            with pytest.raises(cf.process.BrokenProcessPool) as info:
-                future.result(timeout=30)
-            assert isinstance(info.value.__cause__, WorkerInitError)
-        assert wait_until(lambda: executor._broken, timeout=30)
-        with pytest.raises(BrokenProcessPool):
-            executor.submit(square, 2)
-    finally:
-        executor.shutdown()
-    records = [
-        r
-        for r in caplog.records
-        if r.name == "concurrent.futures" and r.levelno == logging.CRITICAL
-    ]
-    assert records
-    assert records[0].getMessage() == "Exception in initializer:"
-    assert records[0].exc_info is not None
-    assert records[0].exc_info[0] is ValueError
-    assert "error in initializer" in caplog.text
+            raise AssertionError("the future did not fail")
+    deadline = time.monotonic() + 60
+    while not executor._broken and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        executor.submit(abs, 2)
+    except cf.process.BrokenProcessPool:
+        pass
+    else:
+        raise AssertionError("submit after the break did not raise")
+    executor.shutdown()
+    record = log_queue.get(timeout=60)
+    print(record.name, record.levelname, repr(record.getMessage()))
+"""
+
+
+def test_initializer_failure_is_logged_in_the_worker_and_breaks(
+    method: str, tmp_path: pathlib.Path
+) -> None:
+    # As the stdlib's worker: the CRITICAL line is logged in the worker, so a handler that the
+    # initializer installed there (on a queue passed in initargs) receives it. (A process of
+    # its own: a Queue keeps descriptors open for the rest of a process.)
+    script = tmp_path / "failing_init.py"
+    script.write_text(_FAILING_INIT_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), method], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    name, level, message = proc.stdout.split(" ", 2)
+    assert (name, level) == ("concurrent.futures", "CRITICAL")
+    assert "Exception in initializer:" in message
+    assert "ValueError: error in initializer" in message  # with the worker's traceback
 
 
 def test_initializer_and_worker_local(method: str) -> None:
@@ -551,7 +582,7 @@ def test_map_raises_at_the_failing_position(method: str) -> None:
         with pytest.raises(ValueError, match="bad item 5") as info:
             collect(executor.map(fail_at, range(20)), results)
         assert results == [0, 1, 2, 3, 4]
-        assert isinstance(info.value.__cause__, RemoteTraceback)
+        assert type(info.value.__cause__) is cf.process._RemoteTraceback
         # an unpicklable item fails at its own position too
         it = executor.map(square, [1, 2, threading.Lock(), 4])
         assert next(it) == 1 and next(it) == 4
@@ -933,3 +964,119 @@ def test_multiprocessing_queues_locks_and_values_reach_the_initializer(
     assert proc.returncode == 0, proc.stderr
     # each worker's initializer ran once, with the objects: a line from each, the count is 2
     assert proc.stdout.split("\n")[0] == "['started', 'started'] 2 2"
+
+
+# -- failures while pickling and unpickling, as the stdlib's executor reports them --------------
+
+
+def _exit() -> None:
+    sys.exit(1)
+
+
+def _unpickling_fails() -> None:
+    raise pickle.UnpicklingError("cannot rebuild this object")
+
+
+class ErrorAtUnpickle:
+    """Pickles fine; unpickling it raises ``UnpicklingError``."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _unpickling_fails, ()
+
+
+class ExitAtUnpickle:
+    """Pickles fine; unpickling it raises ``SystemExit``."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _exit, ()
+
+
+class ExitAtPickle:
+    """Pickling it raises ``SystemExit``."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        _exit()
+        raise AssertionError("unreachable")
+
+
+def return_instance(cls: type) -> Any:
+    return cls()
+
+
+class Dropped:
+    """A result whose lifetime a test follows with a weak reference."""
+
+
+@pytest.mark.parametrize("bad", [ErrorAtUnpickle, ExitAtUnpickle])
+def test_a_call_its_worker_cannot_unpickle_breaks_the_executor(method: str, bad: type) -> None:
+    executor = make(method)
+    try:
+        future = executor.submit(id, bad())
+        with pytest.raises(cf.process.BrokenProcessPool):
+            future.result(timeout=60)
+        with pytest.raises(BrokenProcessPool):
+            executor.submit(abs, 1)
+    finally:
+        executor.shutdown()
+
+
+@pytest.mark.parametrize("bad", [ErrorAtUnpickle, ExitAtUnpickle])
+def test_a_result_the_parent_cannot_unpickle_breaks_the_executor(method: str, bad: type) -> None:
+    executor = make(method)
+    try:
+        future = executor.submit(return_instance, bad)
+        with pytest.raises(cf.process.BrokenProcessPool) as info:
+            future.result(timeout=60)
+        assert "could not unpickle" in str(info.value.__cause__)
+        with pytest.raises(BrokenProcessPool):
+            executor.submit(abs, 1)
+    finally:
+        executor.shutdown()
+
+
+def test_a_result_whose_pickling_exits_fails_only_its_future(method: str) -> None:
+    with make(method) as executor:
+        with pytest.raises(SystemExit):
+            executor.submit(return_instance, ExitAtPickle).result(timeout=60)
+        assert executor.submit(abs, -4).result(timeout=60) == 4  # the pool goes on
+
+
+def test_shutdown_cancelling_futures_lets_the_first_calls_finish(method: str) -> None:
+    # As with the stdlib: the first calls were handed on at once (its call queue) and run,
+    # even though the workers were still starting; every later call is cancelled.
+    executor = make(method)
+    futures = [executor.submit(time.sleep, 0.1) for _ in range(50)]
+    executor.shutdown(cancel_futures=True)
+    ran = [f for f in futures if not f.cancelled()]
+    assert 0 < len(ran) < 30
+    assert ran == futures[: len(ran)]
+    assert all(f.done() and f.exception() is None for f in ran)
+
+
+def test_map_lets_go_of_each_result_it_yielded(method: str) -> None:
+    with make(method) as executor:
+        for obj in executor.map(return_instance, [Dropped] * 10):
+            ref = weakref.ref(obj)
+            del obj
+            gc.collect()
+            assert ref() is None
+
+
+def test_the_stdlib_private_processes_and_manager_thread(method: str) -> None:
+    # Code written against CPython's executor joins these after a shutdown.
+    executor = make(method)
+    assert executor._processes == {}
+    assert executor._executor_manager_thread is None
+    assert executor.submit(abs, -2).result(timeout=60) == 2
+    processes = executor._processes
+    assert len(processes) == 2
+    assert all(p.is_alive() for p in processes.values())
+    manager = executor._executor_manager_thread
+    assert manager is not None and manager.is_alive()
+    executor.shutdown(wait=False)
+    manager.join(timeout=60)
+    executor._call_queue.join_thread()
+    assert not manager.is_alive()
+    for p in processes.values():
+        p.join(timeout=60)
+        assert not p.is_alive()

@@ -357,14 +357,14 @@ def test_result_that_cannot_be_unpickled_fails_its_chunk(start_method):
         results = pool.map(list(range(n)), errors="return")
         assert len(results) == n
         err = results[POISON]
-        assert type(err) is RuntimeError
+        assert isinstance(err, RuntimeError)
         assert "could not unpickle this result" in str(err)
         assert isinstance(err.__cause__, ValueError)
         assert "refusing to unpickle" in str(err.__cause__)
         failed = [i for i, v in enumerate(results) if v != _value(i)]
         _runs_around(failed, POISON, 1000, most=_wire.SMALL_CHUNK_MAX)
         for i in failed:
-            assert type(results[i]) is RuntimeError
+            assert isinstance(results[i], RuntimeError)
         assert pool.map(range(POISON)) == [_value(i) for i in range(POISON)]
 
 
@@ -403,7 +403,7 @@ def test_large_result_that_cannot_be_unpickled_fails_its_chunk_under_every_polic
         returned = pool.map(range(n), errors="return")
         bad = [i for i, v in enumerate(returned) if v != expected[i]]
         _runs_around(bad, POISON, 1000)
-        assert all(type(returned[i]) is RuntimeError for i in bad)
+        assert all(isinstance(returned[i], RuntimeError) for i in bad)
         err = returned[POISON]
         assert "could not unpickle this result" in str(err)
         assert "refusing to unpickle" in str(err.__cause__)
@@ -431,7 +431,7 @@ def test_large_result_that_cannot_be_unpickled_fails_its_chunk_under_every_polic
     _runs_around(bad, POISON, 1000)
     assert all(r.value == expected[i] for i, r in enumerate(results) if r.error is None)
     assert results[POISON].value is None
-    assert type(results[POISON].error) is RuntimeError
+    assert isinstance(results[POISON].error, RuntimeError)
 
 
 _ARMED = {"index": -1, "raise": KeyboardInterrupt}  # the parent's side of _Rebuilds
@@ -652,7 +652,7 @@ def test_system_exit_while_a_large_result_unpickles_is_its_chunks_error(start_me
     _ARMED["raise"] = KeyboardInterrupt
     bad = [i for i, v in enumerate(out) if isinstance(v, BaseException)]
     _runs_around(bad, 20)
-    assert type(out[20]) is RuntimeError
+    assert isinstance(out[20], RuntimeError)
     assert isinstance(out[20].__cause__, SystemExit)
     assert [v for i, v in enumerate(out) if i not in bad] == [
         (_big(i), "p" * 300) for i in range(n) if i not in bad

@@ -56,7 +56,10 @@ def lazy_values(
 
 
 def decode(
-    batch: Batch, *, interruptible: bool = False
+    batch: Batch,
+    *,
+    interruptible: bool = False,
+    failures: list[BaseException] | None = None,
 ) -> tuple[list[Any], dict[int, BaseException] | None]:
     """Values and errors (by position in the batch) of an answered batch.
 
@@ -65,15 +68,19 @@ def decode(
     and decoding the batch again retries it; the caller releases the batch with
     :meth:`release` once it holds the values (a Ctrl-C can land anywhere before that).
     Otherwise the batch is released here.
+
+    With ``failures``, the errors that are not an item's own are also appended there: results
+    that could not be unpickled here, and items that the worker could not unpickle (the
+    executor breaks on those, as the standard library's does).
     """
     tasks = batch.tasks
     if len(tasks) == 1 and tasks[0].positions is None:
-        decoded = _decode_task(tasks[0], interruptible)
+        decoded = _decode_task(tasks[0], interruptible, failures)
     else:
         values: list[Any] = [None] * len(batch)
         errors: dict[int, BaseException] = {}
         for task in tasks:
-            task_values, task_errors = _decode_task(task, interruptible)
+            task_values, task_errors = _decode_task(task, interruptible, failures)
             positions = task.positions
             if positions is None:
                 positions = list(range(task.n))
@@ -157,7 +164,7 @@ class Interrupted:
 
 
 def _decode_task(
-    task: Task, interruptible: bool = False
+    task: Task, interruptible: bool = False, failures: list[BaseException] | None = None
 ) -> tuple[list[Any], dict[int, BaseException] | None]:
     """Values and errors (by position in the task) of an answered task, local failures merged."""
     n = task.n
@@ -171,11 +178,15 @@ def _decode_task(
     except BaseException as exc:  # becomes each item's error
         if interruptible and isinstance(exc, KeyboardInterrupt):
             raise  # not the batch's fault: the consumer decodes it again
-        err = RuntimeError(f"could not unpickle the results of this batch: {exc!r}")
+        err = _wire.UnpicklingResultError(f"could not unpickle the results of this batch: {exc!r}")
         err.__cause__ = exc
+        if failures is not None:
+            failures.append(err)
         return [None] * n, {pos: err for pos in range(n)}
     if errors and _wire.WHOLE_TASK in errors:
         every = errors[_wire.WHOLE_TASK]
+        if failures is not None:
+            failures.append(every)
         values = [None] * n
         errors = {pos: every for pos in range(n)}
     elif task.skip or len(values) != n:  # a view of later positions (see Delivery)
@@ -183,6 +194,8 @@ def _decode_task(
         values = values[skip : skip + n]
         if errors:
             errors = {pos - skip: err for pos, err in errors.items() if skip <= pos < skip + n}
+    if failures is not None and errors:
+        failures.extend(e for e in errors.values() if isinstance(e, _wire.UnpicklingResultError))
     if task.failed:
         errors = {**(errors or {}), **task.failed}
     return values, errors or None

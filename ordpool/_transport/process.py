@@ -511,6 +511,11 @@ class ProcessTransport:
         if worker is not None:
             worker.send((bid, failed, payload, call))
 
+    def processes(self) -> dict[int, Any]:
+        """The live worker processes, ``{pid: multiprocessing.Process}``."""
+        with self._lock:
+            return {w.process.pid: w.process for w in self._workers.values() if w.process.pid}
+
     def pids(self) -> dict[int, int]:
         with self._lock:
             return {s: w.process.pid for s, w in self._workers.items() if w.process.pid}

@@ -263,7 +263,7 @@ def encode_results(values: list[Any], errors: dict[int, Any] | None) -> bytes:
     becomes that item's error."""
     try:
         return b"P" + dumps((values, errors))
-    except Exception:
+    except BaseException:  # SystemExit too: a value's __reduce__ may raise anything
         pass
     errors = dict(errors or {})
     _drop_unpicklable(values, 0, errors)
@@ -278,13 +278,17 @@ def _drop_unpicklable(values: list[Any], base: int, errors: dict[int, Any]) -> N
             continue
         try:
             dumps(value)
-        except Exception as exc:
+        except BaseException as exc:
             errors[base + i] = result_pickling_error(value, exc)
             values[i] = None
 
 
 def result_pickling_error(value: Any, exc: BaseException) -> Any:
-    """The error of a result that cannot be pickled, ready to travel."""
+    """The error of a result that cannot be pickled, ready to travel: a ``PicklingError``
+    that names the result's type, or the exception itself when it is not an ``Exception``
+    (``SystemExit`` raised by a ``__reduce__``), as the standard library's worker reports it."""
+    if not isinstance(exc, Exception):
+        return wrap_exception(exc)
     kind = type(value).__qualname__
     err = pickle.PicklingError(f"cannot pickle the result of type {kind}: {exc}")
     return wrap_exception(err)
@@ -301,12 +305,12 @@ def dump_chunk(values: list[Any], base: int, errors: dict[int, Any]) -> bytes:
     pickled becomes that position's error in ``errors``, and ``None`` in the chunk."""
     try:
         return dumps(values)  # cloudpickle when a value needs it: once a chunk, not a value
-    except Exception:
+    except BaseException:
         pass
     _drop_unpicklable(values, base, errors)
     try:
         return dumps(values)  # cloudpickle when a value needs it (a lambda, a local class)
-    except Exception as exc:  # each pickles alone, not together: each value's error, then
+    except BaseException as exc:  # each pickles alone, not together: each value's error, then
         for i, value in enumerate(values):
             if value is not None:
                 errors[base + i] = result_pickling_error(value, exc)
@@ -389,7 +393,7 @@ class ChunkWriter:
         pos = self.size
         try:
             self._pickler.dump(values)
-        except Exception:
+        except BaseException:
             # Undo what the failed dump wrote (a large chunk is written in frames as it goes).
             self.size = pos
             if self._spill is not None:
@@ -655,9 +659,14 @@ class ChunkValues:
 _loads = pickle.loads
 
 
+class UnpicklingResultError(RuntimeError):
+    """A result the parent could not unpickle: an error of the pool, not of the item's call
+    (the executor breaks on it, as the standard library's does)."""
+
+
 def unpickling_error(exc: BaseException) -> RuntimeError:
     """The error of a result the parent could not unpickle (each value of the chunk gets it)."""
-    err = RuntimeError(f"could not unpickle this result, or one pickled with it: {exc!r}")
+    err = UnpicklingResultError(f"could not unpickle this result, or one pickled with it: {exc!r}")
     err.__cause__ = exc
     return err
 

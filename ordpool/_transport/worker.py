@@ -18,6 +18,7 @@ import gc
 import os
 import pickle
 import signal
+import threading
 import time
 from multiprocessing.connection import Connection
 from typing import Any, Callable
@@ -237,7 +238,7 @@ def run_batch(
             continue
         try:
             size = len(_wire.dumps(values[-1]))  # (cloudpickle if need be: a local class)
-        except Exception:
+        except BaseException:
             size = 0  # it fails again in its chunk, and becomes that item's error there
         out = out if out is not None else _wire.ChunkWriter()
         return _run_chunks(call, items, failed, progress, values, size, errors, out, parts)
@@ -357,6 +358,20 @@ def run_initializer(initializer: Callable[..., Any], *initargs: Any) -> None:
     """A pool's ``initializer(*initargs)``, once per worker; its return value is ignored (the
     standard library's contract, which the executor and the keyed pool follow)."""
     initializer(*initargs)
+
+
+def run_logged_initializer(initializer: Callable[..., Any], *initargs: Any) -> None:
+    """:func:`run_initializer` for the executor: an initializer that raises is logged at
+    CRITICAL on the ``concurrent.futures`` logger *in the worker*, as the standard library's
+    worker does, so that a log handler the initializer set up (a ``QueueHandler`` on a queue
+    from ``initargs``) sees it."""
+    try:
+        initializer(*initargs)
+    except BaseException:
+        import logging
+
+        logging.getLogger("concurrent.futures").critical("Exception in initializer:", exc_info=True)
+        raise
 
 
 def invoke_after_init(state: Any, call: tuple[Any, ...]) -> Any:
@@ -583,7 +598,7 @@ def worker_main(
             result_conn.send_bytes(_wire.initerr_frame(exc))
         except OSError:
             pass
-        os._exit(3)
+        _flush_and_exit(3)
     try:
         result_conn.send_bytes(_wire.ready_frame(os.getpid()))
         parts = None
@@ -601,6 +616,18 @@ def worker_main(
                 shm.close()
             except BufferError:
                 pass  # a task kept a view of its input alive; the exit unmaps it anyway
+
+
+def _flush_and_exit(code: int) -> None:
+    """Exit now, after multiprocessing's exit finalizers have run for up to a few seconds:
+    a ``multiprocessing.Queue`` from ``initargs`` sends what it buffered (an initializer's
+    log records) only from its feeder thread, which a bare ``os._exit`` would kill."""
+    from multiprocessing import util
+
+    flusher = threading.Thread(target=util._exit_function, daemon=True)  # type: ignore[attr-defined]
+    flusher.start()
+    flusher.join(5.0)
+    os._exit(code)
 
 
 def _send_result(
