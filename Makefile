@@ -3,13 +3,17 @@
 #   make test    creates .venv, installs ordpool[test,ray,bench], runs ruff, mypy and pytest
 # Both share one .venv and one install stamp: EXTRAS holds the bench extra (orjson, rich,
 # mpire, joblib) that `ordpool bench` needs and that the CLI tests run.
+#   make docs    installs the docs extra (mkdocs, mkdocs-material, mkdocstrings, matplotlib)
+#                into the same .venv, with its own stamp, and runs `mkdocs build --strict`
+#   make plots   redraws docs/img/*.png from the JSON in bench/results/
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS ?= test,ray,bench
 STAMP := $(VENV)/.installed-$(shell (cat setup.cfg pyproject.toml; echo $(EXTRAS)) | cksum | cut -d' ' -f1)
+DOCS_STAMP := $(VENV)/.docs-installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: test bench conformance lint format venv clean
+.PHONY: test bench conformance lint format venv clean docs plots
 
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +23,19 @@ $(STAMP):
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+$(DOCS_STAMP):
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[docs]'
+	rm -f $(VENV)/.docs-installed-*
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(BIN)/mkdocs build --strict
+
+plots: $(DOCS_STAMP)
+	$(BIN)/python bench/plots.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check ordpool tests bench examples
@@ -42,4 +59,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix ordpool tests bench examples
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info

@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Args:
         argv: the arguments after the program name; default ``sys.argv[1:]``.
 
-    Example:
+    Examples:
         >>> main(["--version"])  # doctest: +SKIP
         ordpool 0.1.0
     """

@@ -923,7 +923,7 @@ class OrderedProcessPoolExecutor(Executor):
             ``max_tasks_per_child`` with the 'fork' start method.
         TypeError: ``initializer`` is not callable or ``max_tasks_per_child`` is not an int.
 
-    Example:
+    Examples:
         >>> from ordpool._executor import OrderedProcessPoolExecutor
         >>> with OrderedProcessPoolExecutor(max_workers=2) as executor:
         ...     future = executor.submit(pow, 2, 10)

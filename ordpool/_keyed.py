@@ -68,7 +68,7 @@ class KeyedPool:
         initargs: arguments for ``initializer``.
         max_delay: seconds a job waits to be batched with others while every worker is busy.
 
-    Example:
+    Examples:
         >>> import ordpool
         >>> with ordpool.KeyedPool(2) as pool:
         ...     futures = [pool.submit("user-1", pow, 2, n) for n in range(4)]
@@ -334,7 +334,7 @@ def submit(
 ) -> Future[Any]:
     """``default_pool().submit(key, fn, *args, **kwargs)``: per-key serial jobs, no set-up.
 
-    Example:
+    Examples:
         >>> import ordpool
         >>> ordpool.submit("account-42", sum, [1, 2, 3]).result()
         6

@@ -221,7 +221,7 @@ class ProcessOrderedPool:
             ``max_delay`` or ``retries``.
         WorkerInitError: ``init`` raised in a worker (the worker's traceback is ``__cause__``).
 
-    Example:
+    Examples:
         >>> import ordpool
         >>> with ordpool.ProcessOrderedPool(abs, workers=2) as pool:
         ...     list(pool.imap([-3, 1, -2]))
@@ -386,7 +386,7 @@ class ProcessOrderedPool:
         come out in input order. A hot key loads one worker: throughput is bounded by the
         busiest key's worker.
 
-        Example:
+        Examples:
             >>> def count(state, event):
             ...     state[event] = state.get(event, 0) + 1
             ...     return state[event]

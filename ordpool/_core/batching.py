@@ -139,7 +139,7 @@ class Batch:
 class Batcher:
     """Collects ``(index, item)`` pairs of one stream into runs, rejecting non-increasing indices.
 
-    Example:
+    Examples:
         >>> b = Batcher()
         >>> b.add(10, "a"), b.add(12, "b")
         (1, 2)
@@ -196,17 +196,15 @@ class BatchSizer:
     The aim is batches that take about ``target`` seconds of worker time: long enough that the
     parent's per-batch costs (pipe writes, thread wake-ups and switches, the engine's
     bookkeeping) are small per item, short enough that results flow steadily and memory stays
-    low. The default target, 40 ms, was chosen by measurement on ``transform`` (8 us/msg, 2
-    workers): the parent's CPU per message was about 1.0 us with batches of 5 ms, 0.7 to 0.75
-    with batches of 20 ms, and 0.08 to 0.24 us less again with 40 ms (the medians of two sets
-    of ten interleaved pairs of runs, 18 of the 20 pairs lower). Pass ``batch_size`` where
-    latency matters more.
+    low. The default target, 40 ms, was chosen by measuring the parent's CPU per message
+    against the batch length (docs/design.md, "Constants and the measurements behind them").
+    Pass ``batch_size`` where latency matters more.
 
     A batch is also kept under ``max_bytes`` (when set) of items in, or of results out, from
     the sizes measured so far (:meth:`observe_bytes`): the transport's shared-memory regions
     hold a payload that size, and a larger one takes the slower way through a pipe.
 
-    Example:
+    Examples:
         >>> s = BatchSizer(target=0.005, initial=16, maximum=4096)
         >>> s.observe(100, 0.001)  # 10 us per item: 500 items take 5 ms
         >>> s.size

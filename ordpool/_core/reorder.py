@@ -26,7 +26,7 @@ class ReorderBuffer(Generic[T]):
     Waiting for the consumer afterwards is not hold: it tells a slow item (results held back
     behind it) from a slow consumer.
 
-    Example:
+    Examples:
         >>> r = ReorderBuffer()
         >>> r.push(1, "b", size=10, nbytes=100, now=5.0)
         0.0

@@ -38,8 +38,8 @@ def fnv1a(key: str | bytes | int) -> int:
 class KeyRouter:
     """The worker slot of a key, ``fnv1a(key) % workers``, remembered for recent small keys.
 
-    FNV-1a runs a Python step per byte of the key: 1.2 us for an int or a 13-character ``str``,
-    3 us for 36 bytes, more than the parent's whole cost per message elsewhere. Stream keys
+    FNV-1a runs a Python step per byte of the key, which costs more than the parent's whole
+    work per message elsewhere (docs/design.md has the figures). Stream keys
     repeat (users, devices, sessions), so a dict of the last :attr:`size` keys makes routing a
     lookup. Only exact ``str``, ``bytes`` and ``int`` keys of bounded size are remembered: a
     ``bool`` or a ``float`` equal to a cached ``int`` must still be refused by :func:`fnv1a`,

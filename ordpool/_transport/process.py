@@ -10,19 +10,19 @@ move bytes.
     engine <--on_result/on_part/on_ready/on_init_error/on_death-- [collector thread]
                                                      ^-- result pipes, process sentinels, wakeup
 
-Why shared memory: moving a 4.7 KB message through a pipe costs the parent about 4 us of CPU,
-a copy into shared memory a tenth of that (PERF.md). Each worker has ``TURNS`` (two) task regions
+Why shared memory: a copy into shared memory costs the parent a tenth of a pipe write of the
+same bytes (docs/design.md). Each worker has ``TURNS`` (two) task regions
 and as many result regions, used in turn. A region is reused ``TURNS`` batches later at the
 earliest, and a worker never holds more than ``TURNS`` batches (``max_depth``), so by then the
-worker has read the task and the collector has copied the result out. (Three turns, tried on
-``decode``, gave no measurable gain.) A payload larger than its region travels in the pipe, and
+worker has read the task and the collector has copied the result out. A payload larger than
+its region travels in the pipe, and
 so does one whose pages ``/dev/shm`` has no room for (:class:`~.worker.Reservation`:
 the pages are allocated before they are written, where writing them would raise ``SIGBUS``).
 
 Why a sender thread per worker: a write can block (a full pipe, a large inline payload) until
 that worker reads, and the worker reads only after sending its previous results. If the thread
-that writes were also the one that reads results, both sides could wait for each other (the
-deadlock described in PERF.md). Here the collector only ever reads, and a slow worker stalls only
+that writes were also the one that reads results, both sides could wait for each other (a
+deadlock). Here the collector only ever reads, and a slow worker stalls only
 its own sender. A task whose write cannot block (its payload fits a region, and the pipe holds
 nothing but headers) skips the sender: the engine's thread copies it and writes its header
 directly, which saves a thread wakeup per batch (``_Worker.send``).

@@ -21,8 +21,8 @@ its constructor) and runs its calls one at a time in submission order (``max_con
 keyed items keep their order and state, exactly as in a worker process. The engine already
 bounds what is in flight (``window``, ``DEPTH`` tasks per slot), so the transport adds no queue
 of its own. ``ActorPool.map`` (submits the whole input, no backpressure) and
-``ray.util.multiprocessing.Pool`` (keeps every result in memory) were measured and rejected
-(PERF.md).
+``ray.util.multiprocessing.Pool`` (keeps every result in memory) were considered and rejected
+for those reasons.
 
 Why a queue fed by ``ObjectRef.future()`` callbacks, not a loop over ``ray.wait``: ``ray.wait``
 only watches the references it was given, so a new batch for an idle slot would go unseen until
@@ -241,8 +241,8 @@ class RayTransport:
 
     # Seconds of work per batch this transport would like the engine to aim for. A Ray call
     # costs the driver about 1.7 ms of CPU whatever its size (submission, the argument and the
-    # answer through the object store), so batches of 1000 transform messages cost 2.5 us per
-    # message and batches of 4000 1.3 us (README, "Running on a cluster"). Read by the engine.
+    # answer through the object store), so longer batches cost less per message (the figures
+    # are in docs/ray.md and docs/design.md). Read by the engine.
     batch_target: float | None = 0.05
     max_payload: int | None = None  # payloads go through Ray's object store, whatever their size
     max_depth: int = 1 << 16  # Ray queues an actor's calls itself: no limit of its own

@@ -34,16 +34,15 @@ values alive at a time, where a whole batch of rebuilt dicts would make the cycl
 all of them and fall out of the CPU caches.
 Why chunks rather than single values: the values of a chunk share one pickle memo, so the keys
 their dicts have in common (one ``str`` object each in the worker, as ``orjson`` makes them)
-are written once and rebuilt once, and a call serves several values. Measured on ``orjson``
-dicts of 600 bytes, per value: pickling 1.7 us one by one, 1.0 to 1.2 in chunks of 8 to 64;
-unpickling 1.65 to 1.8 one by one, 1.15 to 1.2 in chunks. A whole batch as one list unpickles
-as fast, but costs 3.2 to 3.6 us per value in the pipeline (GC and caches, above).
+are written once and rebuilt once, and a call serves several values. A whole batch as one
+list unpickles as fast, but costs more per value in the pipeline (GC and caches, above).
+docs/design.md ("Results in chunks") has the figures.
 Why about 16 KB a chunk for small results, up to 1,024 values: alone, the ``transform``
 workload's 5-tuples (47 bytes pickled) unpickle as fast in chunks of 256 to 1,024 as in one
-list of 5,000 (0.13 to 0.14 us per value), but in the pool a chunk's values are made, handed
-out and freed while they are still in the caches. As one list per batch, they were freed
-after the whole batch, while the parent's other threads copied megabytes of items meanwhile:
-the parent's CPU per message was 0.09 to 0.11 us higher (``bench/ab.py``, 9 of 10 pairs).
+list of 5,000, but in the pool a chunk's values are made, handed out and freed while they are
+still in the caches. As one list per batch, they would be freed after the whole batch, while
+the parent's other threads copy megabytes of items meanwhile, and the parent's CPU per
+message is higher.
 Large results (:data:`LARGE_MIN` bytes or more: dicts, documents) go at most
 :data:`CHUNK_MAX` to a chunk, so that few rebuilt values are alive at a time.
 
@@ -185,7 +184,7 @@ def encode_items(items: list[Any]) -> tuple[Payload, dict[int, BaseException]]:
     ``failed`` maps the position of every item that cannot be pickled to the exception that says
     why; those positions travel as ``None`` and the worker skips them.
     """
-    if items and countOf(map(type, items), bytes) == len(items):  # (C, no set: 20 ns/item)
+    if items and countOf(map(type, items), bytes) == len(items):  # in C, no set
         # A list of lengths packed by struct: half the cost of array("q", map(len, items)),
         # which parses each length with PyArg_Parse.
         lengths = list(map(len, items))
@@ -218,8 +217,7 @@ def decode_items(data: memoryview, source: Any = None) -> list[Any]:
 
     ``source``, when given, holds the same bytes as ``data`` at the same offsets and slices to
     ``bytes`` (a region's ``mmap``): each ``bytes`` item is then copied straight out of it,
-    once, where otherwise the payload is copied whole first (measured on 4.7 KB tweets: 0.54
-    against 0.92 us per item).
+    once, where otherwise the payload would be copied whole first.
     """
     if data[0] == b"B"[0]:
         (n,) = _COUNT.unpack_from(data, 1)
@@ -323,10 +321,8 @@ class ChunkWriter:
     there, or when there is no region (Ray, tests).
 
     One pickler, made once, pickles every chunk it is given, and each chunk's pickle is
-    copied into the region once, as it is made. Before, ``pickle.dumps`` per chunk made a
-    pickler, its memo table and an output buffer grown by copies each time; the chunks were
-    then joined and the whole payload copied into the region. Measured on 600-byte dicts in
-    chunks of 16, per value: 1.02 us that way, 0.76 this way.
+    copied into the region once, as it is made: no pickler, memo table and output buffer
+    grown by copies per chunk, and no join and copy of the whole payload afterwards.
 
     The region is written only where ``fits`` has said it may be (its pages are allocated,
     ``_worker.Reservation``): a page of a full tmpfs touched otherwise, even read, kills the
@@ -540,8 +536,8 @@ class ChunkValues:
     An object rather than a generator so that a ``KeyboardInterrupt`` while a chunk unpickles
     leaves it where it was: asking again retries that chunk, and nothing of the batch is lost.
     A generator would be finished by it, and the consumer would go on with the next batch.
-    Consumers take whole chunks (``chain`` then hands their values out in C: 0.12 us per value
-    less than a Python ``__next__`` each, about a tenth of unpickling a 600-byte dict); a value
+    Consumers take whole chunks (``chain`` then hands their values out in C, cheaper than a
+    Python ``__next__`` each); a value
     at a time serves what a consumer left mid-batch. Values of a chunk being handed out one by
     one wait, reversed, in a list: a ``pop()`` each.
     """

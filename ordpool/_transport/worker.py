@@ -62,7 +62,7 @@ def worker_local() -> dict[str, Any]:
     ``initializer`` can fill it). In a process that is not an ordpool worker it raises
     ``RuntimeError``.
 
-    Example:
+    Examples:
         >>> def task(x):                      # doctest: +SKIP
         ...     cache = ordpool.worker_local().setdefault("cache", {})
         ...     return cache.setdefault(x, expensive(x))
@@ -78,7 +78,7 @@ def cancelled() -> bool:
     Long jobs should check it now and then and return early: ``Future.cancel()`` on a running
     job, or a keyed pool's ``stop()``, sets it. Outside a worker it is always ``False``.
 
-    Example:
+    Examples:
         >>> def crunch(chunks):                  # doctest: +SKIP
         ...     for chunk in chunks:
         ...         if ordpool.cancelled():
@@ -217,11 +217,9 @@ def run_batch(
     ``progress[1]`` is set to each position before its call, ``len(items)`` after the last.
     The first result decides the chunk length (:func:`.wire.chunk_length`); the results
     are then made and pickled a chunk at a time, so that each chunk dies at once instead of a
-    batch of them waiting, out of the CPU caches, to be pickled and freed (measured on
-    600-byte dicts, one by one against as one list: 3.5 against 6.4 us per item; chunks share a
-    pickle memo, and took the workers' CPU per item from 3.95 to 2.9 us in
-    ``ordpool bench --workload decode``). A batch in which no item gave a result is pickled as
-    one list.
+    batch of them waiting, out of the CPU caches, to be pickled and freed; the values of a
+    chunk also share a pickle memo (docs/design.md, "Results in chunks"). A batch in which no
+    item gave a result is pickled as one list.
 
     With ``parts``, results finished while a slow item runs may be sent ahead
     (:class:`EarlyResults`); the encoded results still hold every position.
@@ -466,7 +464,7 @@ def keep_freed_memory() -> None:
 
     A batch's messages and results are allocated, then all freed; by default glibc hands the
     freed top of the heap back to the kernel each time, and the next batch takes page faults
-    to get it again: about one per 4.7 KB tweet, 30% of the work. Raising the trim and mmap
+    to get it again (docs/design.md has the cost). Raising the trim and mmap
     thresholds keeps up to 64 MiB of it (a few batches' worth) in the process instead.
     ``ORDPOOL_KEEP_FREED_MEMORY=0`` in the environment leaves glibc's defaults.
     """
