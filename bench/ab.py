@@ -7,7 +7,10 @@ is started (``forkserver``, before the data exists), and the runs alternate, in 
 order flipped every round. The report gives the medians of each version's throughput and
 parent CPU per message, and the difference within each pair.
 
-Usage: ``python bench/ab.py --against REV [--workload transform|decode] [--rounds 10]
+``--engine executor`` compares ``OrderedProcessPoolExecutor.map`` instead of the pool's ``imap``.
+
+Usage: ``python bench/ab.py --against REV [--engine pool|executor]
+[--workload transform|decode] [--rounds 10]
 [--messages 200000] [--input FILE --fn module:function] [--new-option batch_size=2730]
 [--old-option ...]``
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib
+import multiprocessing
 import resource
 import shutil
 import statistics
@@ -29,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ordpool import ProcessOrderedPool
+from ordpool import OrderedProcessPoolExecutor, ProcessOrderedPool
 from ordpool.bench import WORKLOADS, load_callable, make_messages, read_input
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,9 +63,42 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _make(args: argparse.Namespace, fn: Any, old_module: Any) -> dict[str, Any]:
+    """One pool (or executor) of each version, ``forkserver``."""
+    if args.engine == "executor":
+        ctx = multiprocessing.get_context("forkserver")
+        return {
+            "old": old_module.OrderedProcessPoolExecutor(args.workers, mp_context=ctx),
+            "new": OrderedProcessPoolExecutor(args.workers, mp_context=ctx),
+        }
+    return {
+        "old": old_module.ProcessOrderedPool(
+            fn, workers=args.workers, start_method="forkserver", **_options(args.old_option)
+        ),
+        "new": ProcessOrderedPool(
+            fn, workers=args.workers, start_method="forkserver", **_options(args.new_option)
+        ),
+    }
+
+
+def _run(pool: Any, fn: Any, messages: list[Any]) -> Any:
+    if hasattr(pool, "imap"):
+        return pool.imap(messages)
+    return pool.map(fn, messages)
+
+
+def _stop(pool: Any) -> None:
+    if hasattr(pool, "imap"):
+        pool.close()
+        pool.join()
+    else:
+        pool.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--against", required=True, help="the earlier commit (any git rev)")
+    parser.add_argument("--engine", default="pool", choices=["pool", "executor"])
     parser.add_argument("--workload", default="transform", choices=sorted(WORKLOADS))
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--messages", type=int, default=200_000)
@@ -77,14 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         export_old(args.against, Path(tmp))
         sys.path.insert(0, tmp)
         old_module = importlib.import_module("ordpool_old")
-        pools = {
-            "old": old_module.ProcessOrderedPool(
-                fn, workers=args.workers, start_method="forkserver", **_options(args.old_option)
-            ),
-            "new": ProcessOrderedPool(
-                fn, workers=args.workers, start_method="forkserver", **_options(args.new_option)
-            ),
-        }
+        pools = _make(args, fn, old_module)
         try:
             if args.input:
                 messages = read_input(args.input, args.messages)
@@ -92,21 +122,20 @@ def main(argv: list[str] | None = None) -> int:
                 messages = make_messages(args.messages)
             expected = list(map(fn, messages[:2000]))
             for pool in pools.values():
-                assert list(pool.imap(messages[:2000])) == expected
+                assert list(_run(pool, fn, messages[:2000])) == expected
             runs: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
             for i in range(args.rounds):
                 order = ["old", "new"] if i % 2 == 0 else ["new", "old"]
                 for name in order:
                     cpu, start = _cpu(), time.perf_counter()
-                    collections.deque(pools[name].imap(messages), maxlen=0)
+                    collections.deque(_run(pools[name], fn, messages), maxlen=0)
                     wall, cpu = time.perf_counter() - start, _cpu() - cpu
                     runs[name].append((len(messages) / wall, cpu / len(messages) * 1e6))
         finally:
             for pool in pools.values():
-                pool.close()
-                pool.join()
+                _stop(pool)
     print(
-        f"{what}, {args.workers} workers, {args.messages:,} messages, {args.rounds} "
+        f"{what}, {args.engine}, {args.workers} workers, {args.messages:,} messages, {args.rounds} "
         f"pairs of runs; old = {args.against}"
     )
     for name, values in runs.items():

@@ -282,6 +282,7 @@ def report(runs: dict[str, Any], rows: list[dict[str, str]], source: str) -> str
         "",
         f"- command: `python bench/conformance.py --methods {','.join(runs)}`",
         f"- test module: {source}",
+        f"- commit: {_commit()}",
         f"- Python {platform.python_version()}, {platform.platform()}, {os.cpu_count()} cores",
         "",
         "| start method | stdlib | ordpool |",
@@ -301,6 +302,15 @@ def report(runs: dict[str, Any], rows: list[dict[str, str]], source: str) -> str
                 f"| {r['method']} | {r['test']} | {r['stdlib']} | {r['ordpool']} | {detail} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _commit() -> str:
+    done = subprocess.run(
+        ["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+    )
+    return done.stdout.strip() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
