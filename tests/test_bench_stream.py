@@ -193,6 +193,20 @@ def test_pacer_hands_out_every_item_once_never_early() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_pacer_with_a_tick_hands_out_what_came_due_meanwhile_in_one_batch() -> None:
+    # 200 items due over 20 ms, a tick of 1 s: the first wake-up finds item 0 due, the next
+    # one (a second later) all the rest, each still never early.
+    schedule = Schedule(rate=10_000.0, total=200, start=time.perf_counter())
+    pacer = Pacer(schedule, Items(1.0, None, 0.0), tick=1.0)
+    batches = []
+    for batch in pacer.batches():
+        assert schedule.due(batch[-1]) <= time.perf_counter()
+        batches.append(batch)
+    assert [i for batch in batches for i in batch] == list(range(200))
+    assert len(batches) == 2
+
+
+@pytest.mark.timeout(30)
 def test_pacer_blocking_items_and_stop() -> None:
     schedule = Schedule(rate=5_000.0, total=50, start=time.perf_counter())
     items = list(Pacer(schedule, Items(2.0, 10, 1.0)).blocking_items())

@@ -82,6 +82,8 @@ class StreamConfig:
         slow_ms: milliseconds a slow item sleeps.
         spin_us: microseconds before each due time that the producer spins instead of
             sleeping (0: it only sleeps).
+        tick_us: the producer wakes at most once per this many microseconds and hands out
+            every item due by then (a consumer polling a broker gets messages in bursts too).
         engines: keys of :data:`STREAM_ENGINE_KEYS`, run one after another in this order.
         start_method: for every pool (``"forkserver"``).
         batch_size: ordpool's batch size, ``None`` for auto.
@@ -96,6 +98,7 @@ class StreamConfig:
     slow_every: int | None = None
     slow_ms: float = 0.0
     spin_us: float = 0.0
+    tick_us: float = 100.0
     engines: list[str] = field(default_factory=lambda: list(STREAM_ENGINE_KEYS))
     start_method: str = "forkserver"
     batch_size: int | None = None

@@ -115,12 +115,18 @@ class Pacer:
         schedule: when each item is due.
         items: the item of each index.
         spin: seconds before each due time spent spinning instead of sleeping (``--spin-us``).
+        tick: the shortest time between two wake-ups (``--tick-us``): items that come due
+            meanwhile are handed out together at the next one (their latency still counts
+            from their due time).
     """
 
-    def __init__(self, schedule: Schedule, items: Items, spin: float = 0.0) -> None:
+    def __init__(
+        self, schedule: Schedule, items: Items, spin: float = 0.0, tick: float = 0.0
+    ) -> None:
         self.schedule = schedule
         self.items = items
         self.spin = spin
+        self.tick = tick
         self.stop = threading.Event()  # set to end the feed early (the run is failing)
         self.fed = 0  # items handed out so far: 120_000
         self.batches_fed = 0  # batches handed out so far: 9_000
@@ -130,10 +136,13 @@ class Pacer:
     def batches(self) -> Iterator[range]:
         """Ranges of indices, each handed out once every index in it is due."""
         schedule, stop, spin, clock = self.schedule, self.stop, self.spin, time.perf_counter
-        total = schedule.total
+        total, tick = schedule.total, self.tick
+        woke = -tick
         with fine_timer_slack():
             while self.fed < total and not stop.is_set():
-                now = clock()
+                if tick:
+                    wait_until(woke + tick, stop, spin)
+                now = woke = clock()
                 due = schedule.due_count(now)
                 if due > self.fed:
                     lag = now - schedule.due(self.fed)

@@ -157,6 +157,7 @@ def _config(config: StreamConfig) -> dict[str, Any]:
         "start_method": config.start_method,
         "batch_size": config.batch_size or "auto",
         "spin_us": config.spin_us,
+        "tick_us": config.tick_us,
     }
 
 
@@ -249,7 +250,7 @@ def open_loop(engine: StreamEngine, config: StreamConfig, duration: float) -> Op
     items = Items(config.work_us, config.slow_every, config.slow_ms)
     gc.collect()
     schedule = Schedule.for_duration(config.rate, duration, time.perf_counter() + LEAD)
-    pacer = Pacer(schedule, items, spin=config.spin_us / 1e6)
+    pacer = Pacer(schedule, items, spin=config.spin_us / 1e6, tick=config.tick_us / 1e6)
     recorder = Recorder(schedule.total, engine.label())
     cpu0 = parent_cpu_seconds()
     engine.run(pacer, recorder)
