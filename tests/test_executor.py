@@ -300,7 +300,8 @@ def big_or_unloadable(i: int) -> object:
 
 def test_map_of_large_results_raises_where_one_cannot_be_unpickled(method: str) -> None:
     """The parent unpickles large results a chunk at a time: the chunk holding index 40 fails
-    as a whole, so map yields everything before that chunk, in order, then raises."""
+    as a whole, so map yields everything before that chunk, in order, then raises; a result
+    that cannot be unpickled breaks the executor, as the stdlib's result handler does."""
     with make(method) as executor:
         values = executor.map(big_or_unloadable, range(50))
         seen = [next(values) for _ in range(40 - _wire.CHUNK_MAX + 1)]  # before its chunk
@@ -312,11 +313,13 @@ def test_map_of_large_results_raises_where_one_cannot_be_unpickled(method: str) 
                 error = exc
         assert seen == [{"i": i, "pad": "p" * 300} for i in range(len(seen))]
         assert len(seen) <= 40
-        assert "could not unpickle this result" in str(error)
-        assert isinstance(error.__cause__, ValueError)
+        assert isinstance(error, cf.process.BrokenProcessPool)
+        assert "could not unpickle this result" in str(error.__cause__)
+        assert isinstance(error.__cause__.__cause__, ValueError)
         assert list(values) == []  # map ends at its first error, as the stdlib's does
-        assert executor.submit(big_or_unloadable, 7).result(timeout=30)["i"] == 7
-        assert executor._broken is False
+        assert executor._broken
+        with pytest.raises(BrokenProcessPool):
+            executor.submit(big_or_unloadable, 7)
 
 
 _ARMED = {"index": -1}

@@ -592,11 +592,14 @@ def worker_main(
         else:
             call = fn
     except BaseException as exc:
+        frame = _wire.initerr_frame(exc)
+        # Flushed before the report: once the parent has it, it may stop this process.
+        _run_exit_finalizers()
         try:
-            result_conn.send_bytes(_wire.initerr_frame(exc))
+            result_conn.send_bytes(frame)
         except OSError:
             pass
-        _flush_and_exit(3)
+        os._exit(3)
     try:
         result_conn.send_bytes(_wire.ready_frame(os.getpid()))
         parts = None
@@ -616,8 +619,8 @@ def worker_main(
                 pass  # a task kept a view of its input alive; the exit unmaps it anyway
 
 
-def _flush_and_exit(code: int) -> None:
-    """Exit now, after multiprocessing's exit finalizers have run for up to a few seconds:
+def _run_exit_finalizers() -> None:
+    """Run multiprocessing's exit finalizers, for up to a few seconds, before an ``os._exit``:
     a ``multiprocessing.Queue`` from ``initargs`` sends what it buffered (an initializer's
     log records) only from its feeder thread, which a bare ``os._exit`` would kill."""
     from multiprocessing import util
@@ -625,7 +628,6 @@ def _flush_and_exit(code: int) -> None:
     flusher = threading.Thread(target=util._exit_function, daemon=True)  # type: ignore[attr-defined]
     flusher.start()
     flusher.join(5.0)
-    os._exit(code)
 
 
 def _send_result(
