@@ -67,9 +67,14 @@ class OrderedConsumer(KafkaSide):
         dead_letter_config: extra producer settings for the dead letter topic.
         max_retries: times a message whose worker crashed (segfault, OOM kill) is run again
             before it fails with :class:`~ordpool.WorkerCrashed`.
-        max_in_flight, max_in_flight_per_partition: messages read and not yet handed to the
-            caller, in total and per partition, before partitions are paused.
-        max_bytes_in_flight, max_bytes_per_partition: the same in bytes of message values.
+        max_in_flight, max_bytes_in_flight: messages (bytes of values) read and not yet
+            handed to the caller. At the bound the poller stops taking messages from
+            librdkafka's prefetch queue (bounded by ``queued.max.messages.kbytes``) but keeps
+            polling, so rebalance callbacks run and the membership never lapses however slow
+            the caller; at 1.25 times the bound (messages trickle in meanwhile) it pauses every
+            partition, and resumes them under half the bound.
+        max_in_flight_per_partition, max_bytes_per_partition: a partition that reaches its
+            bound is paused, and resumed under half of it (default: the total bounds).
         commit_interval: seconds between asynchronous commits.
         manual_ack: records are finished only when passed to :meth:`ack`.
         poll_timeout: seconds one ``consume`` call of the poller waits for messages.
@@ -246,6 +251,8 @@ class OrderedConsumer(KafkaSide):
         got = take_any(self._engine, self._streams, timeout)
         if got is None:
             return False
+        if self._full or self._paused:
+            self._room.set()  # the poller may take messages again
         stream, batch = got
         if batch is None:  # a dropped partition's stream
             with self._engine.lock:

@@ -53,6 +53,9 @@ class KafkaSide:
         self._sent_at: list[float] = []
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._manual = False
+        self._paused = 0  # partitions paused now
+        self._full = False  # the in-flight bounds are reached: take no more messages
+        self._room = threading.Event()  # set by the caller when it took results
         self._keyed = False
         self._commit_interval = 0.5
         self._poll_timeout = 0.05
@@ -119,15 +122,10 @@ class KafkaSide:
     # -- the poller's side ---------------------------------------------------------------------
 
     def _poll_loop(self) -> None:
-        consumer, timeout = self._consumer, self._poll_timeout
         next_commit = time.monotonic() + self._commit_interval
         try:
             while not self._closing:
-                messages = consumer.consume(1024, 0)
-                if not messages:
-                    messages = consumer.consume(1, timeout)  # serves callbacks too
-                    if messages:
-                        messages += consumer.consume(1023, 0)
+                messages = self._consume()
                 if messages:
                     self._feed(messages)
                 while not self._calls.empty():
@@ -142,6 +140,26 @@ class KafkaSide:
             self._error = exc
             with self._engine.lock:
                 self._engine.ready.notify_all()
+
+    def _consume(self) -> list[Message]:
+        """The messages ready now, else wait for one (``poll_timeout``). While the consumer
+        is full (``max_in_flight``), it leaves the messages in librdkafka's queue and takes one
+        per ``poll_timeout`` or per batch the caller takes (``_room``): the callbacks still run
+        and the group membership never lapses, and nothing is paused (a resumed partition
+        waits for a fetch round trip)."""
+        consumer = self._consumer
+        if self._full:
+            self._room.wait(self._poll_timeout)
+            self._room.clear()
+            return consumer.consume(1, 0)
+        messages = consumer.consume(1024, 0)
+        if messages:
+            return messages
+        # some partitions paused: come back soon to resume them
+        messages = consumer.consume(1, 0.005 if self._paused else self._poll_timeout)
+        if messages:
+            messages += consumer.consume(1023, 0)
+        return messages
 
     def _on_poller(self, call: Callable[[], T]) -> T:
         """Run ``call`` on the poller's thread and return its result (a Consumer serves one
@@ -196,26 +214,29 @@ class KafkaSide:
                     raise
 
     def _flow(self) -> None:
-        """Pause partitions over their bounds, resume those back under half of them."""
+        """Full at the total bounds; pause partitions over their own bounds, or all of them
+        at 1.25 times the total bounds; resume them back under half of those."""
         total, per_part, total_bytes, part_bytes = self._limits
         parts = list(self._parts.values())
         in_flight = sum(p.handle.in_flight for p in parts)
         flight_bytes = sum(p.in_flight_bytes() for p in parts)
-        over_total = in_flight >= total or flight_bytes >= total_bytes
-        under_total = in_flight <= total // 2 and flight_bytes <= total_bytes // 2
+        self._full = in_flight >= total or flight_bytes >= total_bytes
+        over = in_flight >= total + total // 4 or flight_bytes >= total_bytes + total_bytes // 4
+        under = in_flight <= total // 2 and flight_bytes <= total_bytes // 2
         pause, resume = [], []
         for p in parts:
             n, b = p.handle.in_flight, p.in_flight_bytes()
-            if not p.paused and (over_total or n >= per_part or b >= part_bytes):
+            if not p.paused and (over or n >= per_part or b >= part_bytes):
                 p.paused = True
                 pause.append(TopicPartition(p.topic, p.number))
-            elif p.paused and under_total and n <= per_part // 2 and b <= part_bytes // 2:
+            elif p.paused and under and n <= per_part // 2 and b <= part_bytes // 2:
                 p.paused = False
                 resume.append(TopicPartition(p.topic, p.number))
         if pause:
             self._consumer.pause(pause)
         if resume:
             self._consumer.resume(resume)
+        self._paused += len(pause) - len(resume)
 
     # -- rebalances (run in the thread that polls, or closes) ----------------------------------
 
@@ -253,6 +274,7 @@ class KafkaSide:
             gone = [p for p in parts if p is not None]
             for part in gone:
                 part.revoked = True
+                self._paused -= part.paused
                 part.handle.drop()
         if commit and self._dead is not None and any(p.dead for p in gone):
             self._dead.flush(10.0)
