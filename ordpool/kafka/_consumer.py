@@ -131,6 +131,8 @@ class OrderedConsumer(KafkaSide):
             start_method=start_method,
         )
         self._engine = self.pool._live()
+        if batch_size is None:  # at least 8 batches per worker in flight: no bubbles
+            self._engine.sizer.limit(max(64, max_in_flight // (8 * self._engine.workers)))
         try:
             self._start_kafka(config, dead_letter_topic, dead_letter_config)
         except BaseException:
@@ -397,6 +399,7 @@ class OrderedConsumer(KafkaSide):
             total / acked if acked else 0.0,
             worst,
             counts["rebalances"],
+            self._revoke_seconds,
             self.pool.stats(),
         )
 

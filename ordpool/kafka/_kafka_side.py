@@ -55,6 +55,7 @@ class KafkaSide:
         self._manual = False
         self._paused = 0  # partitions paused now
         self._full = False  # the in-flight bounds are reached: take no more messages
+        self._revoke_seconds = 0.0  # the longest revocation handled
         self._room = threading.Event()  # set by the caller when it took results
         self._keyed = False
         self._commit_interval = 0.5
@@ -108,7 +109,10 @@ class KafkaSide:
         with self._lock:
             for tp in partitions:
                 part = self._parts.get((tp.topic, tp.partition))
-                if part is None or tp.error is not None or err is not None:
+                if part is None:
+                    continue
+                if tp.error is not None or err is not None:
+                    part.sent = None  # send it again with the next commit
                     continue
                 if part.committed is None or tp.offset > part.committed:
                     part.committed = tp.offset
@@ -267,7 +271,9 @@ class KafkaSide:
             self._on_rebalance("lost", [(tp.topic, tp.partition) for tp in partitions])
 
     def _revoke(self, partitions: list[TopicPartition], commit: bool) -> None:
-        """Stop feeding, drop what was not handed out, commit the watermark, forget them."""
+        """Stop feeding, drop what was not handed out (the rest of the caller's batch too),
+        commit the watermark, forget them."""
+        started = time.monotonic()
         with self._lock:
             self._counts["rebalances"] += 1
             parts = [self._parts.get((tp.topic, tp.partition)) for tp in partitions]
@@ -276,13 +282,16 @@ class KafkaSide:
                 part.revoked = True
                 self._paused -= part.paused
                 part.handle.drop()
+                if part is self._cur:
+                    mark = self._in_batch(part, self._clean)
+                    if mark is not None and (part.finished is None or mark > part.finished):
+                        part.finished = mark
+                    self._records.clear()  # the caller's iterator stops: nothing more of it
+                    self._cur = None
         if commit and self._dead is not None and any(p.dead for p in gone):
             self._dead.flush(10.0)
         with self._lock:
             marks = self._marks(gone, in_hand=self._clean) if commit else []
-            if self._cur in gone:
-                self._records.clear()  # the caller's iterator stops: nothing more of it
-                self._cur = None
             for part in gone:
                 del self._parts[(part.topic, part.number)]
                 self._by_stream.pop(part.stream, None)
@@ -291,6 +300,9 @@ class KafkaSide:
                 self._commit_sync(marks)
             except KafkaException:
                 pass  # the group moved on (the partition is already someone else's)
+        if gone:
+            seconds = time.monotonic() - started
+            self._revoke_seconds = max(self._revoke_seconds, seconds)
 
 
 def topic_partition(message: Message) -> tuple[str | None, int | None]:

@@ -74,6 +74,8 @@ class ConsumerStats:
         commit_latency: mean seconds from sending a commit to its acknowledgement.
         max_commit_latency: the longest of them.
         rebalances: partition assignments and revocations handled.
+        max_revoke_seconds: the longest a revocation took (dropping the partitions' work in
+            flight, waiting for their dead letters, committing), from the callback's start.
         pool: the worker pool's :class:`~ordpool.PoolStats`.
     """
 
@@ -85,6 +87,7 @@ class ConsumerStats:
     commit_latency: float
     max_commit_latency: float
     rebalances: int
+    max_revoke_seconds: float
     pool: Any
 
 
