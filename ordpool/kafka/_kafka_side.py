@@ -73,6 +73,8 @@ class KafkaSide:
         done = len(records) - length_hint(self._it) - (0 if in_hand else 1)
         if done <= 0:
             return None
+        if done == len(records):  # all of it: dead letters after its last record too
+            return self._cur_end
         return records[done - 1].offset + 1
 
     def _marks(self, parts: Iterable[Partition], in_hand: bool) -> list[TopicPartition]:
