@@ -9,6 +9,7 @@ poison messages and the dead letter topic, poll(), async for, backpressure.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import subprocess
@@ -169,6 +170,30 @@ def test_commit_and_manual_acks(broker: str, method: str) -> None:
         assert committed(broker, group, topic, 1) == {0: 4}
         assert consumer.stats().partitions[(topic, 0)].committed == 4
     assert committed(broker, group, topic, 1) == {0: 4}  # manual acks: exit adds nothing
+
+
+def _pid(value: bytes) -> int:
+    return os.getpid()
+
+
+@pytest.mark.timeout(60)
+def test_keyed_messages_run_in_their_key_worker(broker: str) -> None:
+    topic, group, n = new_topic(broker, 2), _group(), 700
+    produce(broker, topic, n, 2)  # keys k0..k6
+    got = []
+    config = consumer_config(broker, group)
+    with OrderedConsumer(_pid, config, [topic], workers=2, keyed=True) as consumer:
+        for record in consumer:
+            got.append(record)
+            if len(got) == n:
+                break
+    for offsets in _by_partition(got).values():
+        assert offsets == list(range(n // 2))
+    pids: dict[bytes, set[int]] = {}
+    for r in got:
+        pids.setdefault(r.key, set()).add(r.result)
+    assert len(pids) == 7 and all(len(p) == 1 for p in pids.values())
+    assert len(set().union(*pids.values())) == 2
 
 
 # -- a consumer killed with SIGKILL, restarted ---------------------------------------------------
@@ -498,3 +523,24 @@ def test_the_example_runs_against_the_broker(broker: str) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     summary = out.stdout.splitlines()[-1]
     assert summary.startswith("OK: 4995 records from 4 partitions, each in offset order, 5 ")
+
+
+@pytest.mark.timeout(60)
+def test_bench_kafka_runs_against_the_broker(broker: str, tmp_path: Path) -> None:
+    out = tmp_path / "kafka.json"
+    args = ["--kafka", "--bootstrap", broker, "-n", "3000", "-r", "1", "--workers", "2"]
+    args += ["--start-method", "fork", "--partitions", "2", "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "ordpool", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows = {(r["engine"], r["partitions"]): r for r in report["rows"]}
+    assert set(rows) == {(e, p) for e in ("serial", "ordpool") for p in (2, 1)}
+    assert all(r["msgs_per_s"] > 0 and r["parent_us_per_msg"] > 0 for r in rows.values())
+    assert "x serial" in proc.stdout

@@ -13,7 +13,25 @@ See :class:`OrderedConsumer` for the commit contract, rebalances, backpressure a
 and :mod:`ordpool.kafka.broker` for a throwaway local broker.
 """
 
-from ._consumer import OrderedConsumer
-from ._partition import ConsumerStats, PartitionStats, Record
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._consumer import OrderedConsumer
+    from ._partition import ConsumerStats, PartitionStats, Record
 
 __all__ = ["ConsumerStats", "OrderedConsumer", "PartitionStats", "Record"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: ordpool.kafka.broker works without confluent-kafka.
+    if name == "OrderedConsumer":
+        from ._consumer import OrderedConsumer
+
+        return OrderedConsumer
+    if name in ("ConsumerStats", "PartitionStats", "Record"):
+        from . import _partition
+
+        return getattr(_partition, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

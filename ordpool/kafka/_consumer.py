@@ -74,7 +74,7 @@ class OrderedConsumer(KafkaSide):
             the caller; at 1.25 times the bound (messages trickle in meanwhile) it pauses every
             partition, and resumes them under half the bound.
         max_in_flight_per_partition, max_bytes_per_partition: a partition that reaches its
-            bound is paused, and resumed under half of it (default: the total bounds).
+            bound is paused, and resumed under half of it (default: none of its own).
         commit_interval: seconds between asynchronous commits.
         manual_ack: records are finished only when passed to :meth:`ack`.
         poll_timeout: seconds one ``consume`` call of the poller waits for messages.
@@ -113,8 +113,9 @@ class OrderedConsumer(KafkaSide):
     ) -> None:
         if max_in_flight <= 0 or commit_interval <= 0:
             raise ValueError("max_in_flight and commit_interval must be positive")
-        per_part = max_in_flight_per_partition or max_in_flight
-        part_bytes = max_bytes_per_partition or max_bytes_in_flight
+        # No bound of their own by default: pausing is the last resort (see _flow)
+        per_part = max_in_flight_per_partition or 2 * max_in_flight
+        part_bytes = max_bytes_per_partition or 2 * max_bytes_in_flight
         self._init_state(list(topics), (max_in_flight, per_part, max_bytes_in_flight, part_bytes))
         self._keyed, self._manual = keyed, manual_ack
         self._commit_interval, self._poll_timeout = commit_interval, poll_timeout
@@ -267,8 +268,8 @@ class OrderedConsumer(KafkaSide):
             part = self._by_stream.get(stream)
             if part is None or part.revoked:
                 return False
-            messages = part.take(len(indices))
-            if messages[0].offset() != indices[0]:  # pragma: no cover - a bug of ours
+            start, end = part.take(len(indices))
+            if part.offsets[start] != indices[0]:  # pragma: no cover - a bug of ours
                 raise AssertionError(f"partition {part.number}: messages out of step")
             new = tuple.__new__
             records = list(
@@ -279,14 +280,14 @@ class OrderedConsumer(KafkaSide):
                         repeat(part.topic),
                         repeat(part.number),
                         indices,
-                        map(Message.key, messages),
+                        part.keys[start:end],
                         values,
                         repeat(None),
                     ),
                 )
             )
             if errors:
-                records = self._failed(part, records, messages, errors)
+                records = self._failed(part, records, start, errors)
             if self._manual:
                 part.delivered.extend([r.offset for r in records])
             self._cur, self._records, self._it = part, records, iter(records)
@@ -298,7 +299,7 @@ class OrderedConsumer(KafkaSide):
         self,
         part: Partition,
         records: list[Record],
-        messages: list[Message],
+        start: int,
         errors: dict[int, BaseException],
     ) -> list[Record]:
         """Failed messages: records with ``.error``, or dead letters (left out)."""
@@ -307,7 +308,7 @@ class OrderedConsumer(KafkaSide):
             if dead is None:
                 records[pos] = records[pos]._replace(error=errors[pos])
             else:
-                dead.send(part, messages[pos], errors[pos])
+                dead.send(part, start + pos, errors[pos])
                 del records[pos]
         if dead is not None:
             part.dead = type(part.dead)(sorted(part.dead))

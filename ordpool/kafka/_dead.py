@@ -65,19 +65,21 @@ class DeadLetters:
         self.produced = 0  # acknowledged
         self.failures = 0  # produce attempts that failed (and were retried)
 
-    def send(self, part: Partition, message: Message, error: BaseException) -> None:
-        """Produce one failed message (the consumer's lock held)."""
+    def send(self, part: Partition, at: int, error: BaseException) -> None:
+        """Produce the failed message at column position ``at`` of ``part`` (the consumer's
+        lock held)."""
+        offset = part.offsets[at]
         text = "".join(traceback.format_exception(error))
-        headers = list(message.headers() or [])
+        headers = list(part.headers[at] or [])
         headers += [
             ("ordpool.error", text.encode("utf-8", "replace")),
             ("ordpool.error.type", type(error).__name__.encode()),
             ("ordpool.source.topic", part.topic.encode()),
             ("ordpool.source.partition", str(part.number).encode()),
-            ("ordpool.source.offset", str(message.offset()).encode()),
+            ("ordpool.source.offset", str(offset).encode()),
         ]
-        part.dead.append(message.offset() or 0)
-        self._produce(part, message.key(), message.value(), headers)
+        part.dead.append(offset)
+        self._produce(part, part.keys[at], part.values[at], headers)
 
     def _produce(self, part: Partition, key: Any, value: Any, headers: list[Any]) -> None:
         def delivered(err: KafkaError | None, msg: Message) -> None:

@@ -205,16 +205,15 @@ class KafkaSide:
                 if not batch:
                     continue
             values = list(map(Message.value, batch))
-            keys = None
-            if self._keyed:
-                keys = [k if k is not None else o for k, o in zip(map(Message.key, batch), offsets)]
+            keys = list(map(Message.key, batch))
+            headers = None if self._dead is None else list(map(Message.headers, batch))
             with self._lock:
-                part.messages += batch
-                part.polled = offsets[-1]
-                part.fed += len(batch)
+                part.feed(offsets, keys, values, headers)
                 part.fed_bytes += _size(values)
+            if self._keyed:
+                keys = [k if k is not None else o for k, o in zip(keys, offsets)]  # type: ignore[misc]
             try:
-                part.handle.enqueue_many(offsets, values, keys=keys)
+                part.handle.enqueue_many(offsets, values, keys=keys if self._keyed else None)
             except Exception:
                 if not part.revoked:
                     raise

@@ -108,8 +108,10 @@ class Partition:
         "fed_bytes",
         "finished",
         "handle",
-        "messages",
+        "headers",
+        "keys",
         "number",
+        "offsets",
         "paused",
         "polled",
         "pos",
@@ -117,6 +119,7 @@ class Partition:
         "sent",
         "stream",
         "topic",
+        "values",
     )
 
     def __init__(self, topic: str, number: int, handle: OrderedStream) -> None:
@@ -124,8 +127,13 @@ class Partition:
         self.number = number
         self.handle = handle
         self.stream: NamedStream = handle._stream
-        self.messages: list[Any] = []  # the Message objects in flight, in offset order
-        self.pos = 0  # messages[:pos] were handed out already
+        # The messages in flight, in offset order, as columns of atoms: holding thousands of
+        # Message objects (tracked by the cyclic GC) made the GC's full collections frequent.
+        self.keys: list[bytes | None] = []
+        self.offsets: list[int] = []
+        self.values: list[Any] = []  # kept only for the dead letter topic
+        self.headers: list[Any] = []  # likewise
+        self.pos = 0  # the columns' [:pos] were handed out already
         self.polled: int | None = None  # the last offset fed
         self.fed = 0  # messages fed, from the assignment
         self.fed_bytes = 0  # their values' bytes
@@ -138,16 +146,29 @@ class Partition:
         self.paused = False
         self.revoked = False
 
-    def take(self, n: int) -> list[Any]:
-        """The next ``n`` messages (those of a batch of results just taken)."""
-        pos = self.pos
-        messages = self.messages[pos : pos + n]
-        pos += n
-        if pos > 4096 and pos * 2 > len(self.messages):
-            del self.messages[:pos]
-            pos = 0
-        self.pos = pos
-        return messages
+    def feed(
+        self, offsets: list[int], keys: list[bytes | None], values: list[Any], headers: Any
+    ) -> None:
+        """Messages fed to the workers (``headers`` is ``None`` without a dead letter
+        topic: then the values are not kept either)."""
+        self.offsets += offsets
+        self.keys += keys
+        if headers is not None:
+            self.values += values
+            self.headers += headers
+        self.polled = offsets[-1]
+        self.fed += len(offsets)
+
+    def take(self, n: int) -> tuple[int, int]:
+        """The column positions ``(start, end)`` of the next ``n`` messages (those of a
+        batch of results just taken); read them before the next call."""
+        start = self.pos
+        if start > 4096 and start * 2 > len(self.offsets):
+            for column in (self.offsets, self.keys, self.values, self.headers):
+                del column[:start]
+            start = 0
+        self.pos = start + n
+        return start, start + n
 
     def watermark(self, in_batch: int | None) -> int | None:
         """The offset to commit: after the last contiguously finished record, where
