@@ -379,17 +379,8 @@ class OrderedConsumer(KafkaSide):
             parts = list(self._parts.items())
             counts = dict(self._counts)
             total, worst, acked = self._latency
-        per = {}
-        for key, part in parts:
-            try:
-                _, high = self._on_poller(
-                    lambda key=key: self._consumer.get_watermark_offsets(  # type: ignore[misc]
-                        TopicPartition(*key), timeout=0.5, cached=True
-                    )
-                )
-            except (KafkaException, RuntimeError):
-                high = None
-            per[key] = part.stats(high)
+        highs = self._on_poller(lambda: self._high_watermarks([key for key, _ in parts]))
+        per = {key: part.stats(highs.get(key)) for key, part in parts}
         dead = self._dead.produced if self._dead is not None else 0
         return ConsumerStats(
             per,
@@ -403,6 +394,19 @@ class OrderedConsumer(KafkaSide):
             self._revoke_seconds,
             self.pool.stats(),
         )
+
+    def _high_watermarks(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """The partitions' high watermarks as last fetched (the poller's thread)."""
+        highs = {}
+        for key in keys:
+            try:
+                _, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(*key), timeout=0.5, cached=True
+                )
+            except (KafkaException, RuntimeError):
+                continue
+            highs[key] = high
+        return highs
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
