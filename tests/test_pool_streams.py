@@ -162,3 +162,20 @@ def test_take_any_times_out_and_a_closed_pool_refuses_streams() -> None:
         quiet.close()
     with pytest.raises(PoolClosed):
         pool.stream()
+
+
+@pytest.mark.timeout(60)
+def test_enqueue_waits_for_room_in_the_shared_window(tmp_path) -> None:
+    release = str(tmp_path / "release")
+    with ProcessOrderedPool(_blocked, 1, window=2, batch_size=1) as pool:
+        a, b = pool.stream(), pool.stream()
+        a.enqueue(0, ("a", 0, release))
+        a.enqueue(1, ("a", 1, None))
+        with pytest.raises(TimeoutError, match="window stayed full"):
+            b.enqueue_many([0, 1], [("b", 0, None), ("b", 1, None)], timeout=0.2)
+        open(release, "w").close()
+        a.close()
+        assert [r.value for r in a.results()] == [("a", 0), ("a", 1)]
+        b.enqueue_many([0, 1], [("b", 0, None), ("b", 1, None)], timeout=30)
+        b.close()
+        assert [r.value for r in b.results()] == [("b", 0), ("b", 1)]
