@@ -94,7 +94,7 @@ class KafkaSide:
         result = self._on_poller(lambda: self._consumer.commit(offsets=marks, asynchronous=False))
         self._note_latency(time.monotonic() - started)
         self._counts["commits"] += 1
-        self._committed(None, result or marks)
+        self._committed(None, result or marks, sync=True)
 
     def _commit_async(self) -> None:
         with self._lock:
@@ -104,9 +104,11 @@ class KafkaSide:
             self._counts["commits"] += 1
             self._consumer.commit(offsets=marks, asynchronous=True)
 
-    def _committed(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+    def _committed(
+        self, err: KafkaError | None, partitions: list[TopicPartition], sync: bool = False
+    ) -> None:
         """A commit was acknowledged (``on_commit``, or a synchronous commit's result)."""
-        if self._sent_at:
+        if not sync and self._sent_at:
             self._note_latency(time.monotonic() - self._sent_at.pop(0))
         with self._lock:
             for tp in partitions:
