@@ -92,7 +92,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 def _fill(bootstrap: str, messages: Sequence[bytes], partitions: int) -> str:
     from confluent_kafka import Producer
-    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.cimpl import NewTopic  # what confluent_kafka.admin re-exports
 
     topic = f"ordpool-bench-{uuid.uuid4().hex[:8]}"
     admin = AdminClient({"bootstrap.servers": bootstrap})
