@@ -4,6 +4,7 @@ Public API (everything else is private)::
 
     ProcessOrderedPool   worker processes; results in index order (imap, enqueue/results)
     OrderedProcessPoolExecutor  a drop-in concurrent.futures.ProcessPoolExecutor on the same engine
+    OrderedStream        one of several ordered streams of a pool (ProcessOrderedPool.stream())
     Result               one item's outcome: index, value, error, get()
     KeyedPool, submit    per-key serial jobs returning futures (and a library-wide default pool)
     PoolStats, WorkerStats   frozen snapshots returned by every pool's stats()
@@ -25,7 +26,7 @@ from ._core.routing import fnv1a
 from ._core.stats import PoolStats, WorkerStats
 from ._executor import BrokenProcessPool, OrderedProcessPoolExecutor
 from ._keyed import KeyedPool, QueueFull, default_pool, submit
-from ._pool import ProcessOrderedPool, Result
+from ._pool import OrderedStream, ProcessOrderedPool, Result
 from ._transport.worker import cancelled, worker_local
 
 __version__ = "0.1.0"
@@ -35,6 +36,7 @@ __all__ = [
     "BrokenProcessPool",
     "KeyedPool",
     "OrderedProcessPoolExecutor",
+    "OrderedStream",
     "OrdpoolError",
     "PoolClosed",
     "PoolStats",

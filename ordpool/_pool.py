@@ -23,11 +23,12 @@ from ._engine.decoding import (
     release,
     retrying,
 )
+from ._multistream import OrderedStream, batch_results, take_any
 from ._transport.base import TransportEvents, TransportFactory
 from ._transport.process import ProcessTransport
 from ._transport.worker import process_spec, worker_spec
 
-__all__ = ["ProcessOrderedPool", "Result"]
+__all__ = ["OrderedStream", "ProcessOrderedPool", "Result"]
 
 _ERRORS = ("raise", "skip", "return")
 
@@ -352,6 +353,45 @@ class ProcessOrderedPool:
         engine.claim_consumer(stream)
         return _primed(_result_batches(self, engine, stream))
 
+    # -- several ordered streams ---------------------------------------------------------------
+
+    def stream(self, *, keyed: bool | None = None) -> OrderedStream:
+        """Open another ordered stream on this pool: an :class:`~ordpool.OrderedStream`.
+
+        A pool may have any number of them open at once, alongside an ``imap`` or the
+        ``enqueue``/``results`` stream. Each has its own indices (gaps allowed) and its own
+        reorder buffer: a slow item holds back only the later items of its own stream. All
+        share the workers and the window. Serve many from one thread with :meth:`take_any`.
+
+        Args:
+            keyed: whether its items carry keys (``None``: the first item decides).
+
+        Raises:
+            PoolClosed, BrokenPool: the pool takes no new work.
+        """
+        return OrderedStream(self, self._live(), keyed)
+
+    def take_any(
+        self, streams: Iterable[OrderedStream], timeout: float | None = None
+    ) -> tuple[OrderedStream, list[Result]] | None:
+        """Wait until one of ``streams`` has results ready, and take them.
+
+        Returns:
+            ``(stream, results)``: the next results in order of that stream (one batch of
+            them), or ``(stream, [])`` when that stream has ended (closed and drained, or
+            dropped: leave it out of the next call); ``None`` when ``timeout`` passed first.
+            The streams are served in turn, so a busy one does not starve the others.
+
+        Raises:
+            PoolClosed, BrokenPool: the pool ended before a stream's items were processed.
+        """
+        handles = {h._stream: h for h in streams}
+        got = take_any(self._live_or_closing(), list(handles), timeout)
+        if got is None:
+            return None
+        stream, batch = got
+        return handles[stream], [] if batch is None else batch_results(batch)
+
     # -- batch processing: imap ----------------------------------------------------------------
 
     def imap(self, iterable: Iterable[Any], *, errors: str = "raise") -> Iterator[Any]:
@@ -405,6 +445,8 @@ class ProcessOrderedPool:
         engine = self._live()
         with self._stream_lock:
             for other in engine.streams[:]:
+                if other.named:
+                    continue  # streams of stream() may be open alongside
                 if other is self._stream:
                     raise RuntimeError(
                         "an enqueue()/results() stream is open on this pool; imap() cannot run "
@@ -514,7 +556,7 @@ class ProcessOrderedPool:
             return stream
         with self._stream_lock:
             if self._stream is None:
-                if engine.streams:
+                if any(not s.named for s in engine.streams):
                     raise RuntimeError(
                         "an imap() is running on this pool; enqueue() and results() can be used "
                         "once it has finished"

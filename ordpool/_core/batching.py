@@ -12,7 +12,9 @@ The classes here are used under the engine's lock (``Batcher``) or from a single
 
 from __future__ import annotations
 
+import operator
 from collections import deque
+from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -178,6 +180,33 @@ class Batcher:
         self.items.append(item)
         if slot is not None:
             self.slots.append(slot)
+        return len(self.items)
+
+    def extend(self, indices: list[int], items: list[Any], slots: list[int] | None = None) -> int:
+        """Append many items at once (their indices strictly increasing, after the last one);
+        returns the pending count. Nothing is added when an index is out of order.
+
+        >>> b = Batcher()
+        >>> b.extend([3, 7, 9], "abc")
+        3
+        >>> b.extend([9, 10], "de")
+        Traceback (most recent call last):
+        ...
+        ValueError: index 9 is not greater than the previous index 9
+        """
+        if not indices:
+            return len(self.items)
+        self.check(indices[0])
+        if len(indices) > 1 and any(map(operator.ge, indices[:-1], indices[1:])):
+            bad = next(i for i, (a, b) in enumerate(pairwise(indices)) if a >= b)
+            raise ValueError(
+                f"index {indices[bad + 1]} is not greater than the previous index {indices[bad]}"
+            )
+        self.last_index = indices[-1]
+        self.indices += indices
+        self.items += items
+        if slots is not None:
+            self.slots += slots
         return len(self.items)
 
     def take(self) -> tuple[list[int], list[Any], list[int]]:

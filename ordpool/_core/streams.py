@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar
 from .batching import Batch, Batcher, Task, compact_indices
 from .reorder import ReorderBuffer
 
-__all__ = ["IndexedStream", "NumberedStream", "Stream", "Taken"]
+__all__ = ["IndexedStream", "NamedStream", "NumberedStream", "Stream", "Taken"]
 
 # What a take hands to encoding: (the batch's indices, its items, the worker slot of each item
 # for a keyed IndexedStream or [] otherwise).
@@ -64,10 +64,12 @@ class Stream:
             every worker (their feed waits as items instead, to be cut at a measured size).
         counted_on_take: items count as submitted when taken into a batch (read from an
             input), not when added.
+        named: a stream of ``ProcessOrderedPool.stream()``: it may be open alongside others.
     """
 
     bulk: ClassVar[bool] = False
     counted_on_take: ClassVar[bool] = False
+    named: ClassVar[bool] = False
 
     __slots__ = (
         "abandoned",
@@ -176,6 +178,27 @@ class IndexedStream(Stream):
 
     def has_item_for(self, free: set[int], route: Callable[[Any], int]) -> bool:
         return not free.isdisjoint(self.batcher.slots)
+
+
+class NamedStream(IndexedStream):
+    """An indexed stream opened by ``ProcessOrderedPool.stream()``: one of any number of
+    ordered streams of a pool, alongside its ``imap`` and ``enqueue``/``results`` streams.
+
+    Attributes:
+        enqueued: items added so far.
+        received: items handed to its consumer (or dropped) so far.
+        owner: the public handle (an ``OrderedStream``).
+    """
+
+    named = True
+
+    __slots__ = ("enqueued", "owner", "received")
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.enqueued = 0
+        self.received = 0
+        self.owner: Any = None
 
 
 class NumberedStream(Stream):

@@ -36,12 +36,23 @@ if TYPE_CHECKING:
 
 __all__ = ["Delivery"]
 
+_ENDED = object()  # _pop_locked's answer for a stream that has ended
+
 
 class Delivery:
     """Answer accounting and delivery for one engine. Everything here runs under the engine's
     lock except :meth:`drain_due` (which takes it briefly) and the callbacks it runs."""
 
-    __slots__ = ("completed", "due", "engine", "failed", "hold_seconds", "max_hold", "peak_heap")
+    __slots__ = (
+        "completed",
+        "due",
+        "engine",
+        "failed",
+        "hold_seconds",
+        "max_hold",
+        "peak_heap",
+        "rotor",
+    )
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -51,6 +62,7 @@ class Delivery:
         self.peak_heap = 0  # the most items ever waiting in one reorder buffer
         self.hold_seconds = 0.0  # item-seconds results waited for a predecessor (12.5)
         self.max_hold = 0.0  # the longest one batch waited for a predecessor, seconds (0.02)
+        self.rotor = 0  # where next_batch_any's last scan started
 
     def answer_locked(self, task: Task, worker_errors: int = 0) -> None:
         """One task is answered; deliver its batch when it was the last. ``worker_errors``:
@@ -131,31 +143,76 @@ class Delivery:
         deadline = Deadline(timeout)
         with engine.lock:
             while True:
-                if stream.partial:
-                    view = self._next_view_locked(stream)
-                    if view is not None:
-                        return view
-                batch = stream.reorder.pop()
-                if batch is not None:
-                    engine.intake.release_locked(len(batch))
-                    if batch.parts is None:
-                        return batch
-                    stream.partial.pop(batch.seq, None)
-                    rest = _view(batch, 0, batch.taken, len(batch), batch.tasks[0].frame)
-                    batch.tasks[0].frame = None  # the view holds it now
-                    if rest is not None:
-                        return rest
-                    continue  # every result came early
-                if stream.finished() or stream.abandoned:
-                    if not stream.complete and not stream.abandoned:
-                        self._raise_truncated()
-                    return None
-                if engine.state is PoolState.TERMINATED:
-                    self._raise_truncated()
+                got = self._pop_locked(stream)
+                if got is not None:
+                    return got if isinstance(got, Batch) else None
                 remaining = deadline.remaining()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"no result within {timeout} seconds")
                 engine.ready.wait(remaining)
+
+    def next_batch_any(
+        self, streams: list[Stream], timeout: float | None = None
+    ) -> tuple[Stream, Batch | None] | None:
+        """The next batch in order of whichever of ``streams`` has one first: ``(stream,
+        batch)``, ``(stream, None)`` for a stream that has ended (or was dropped), ``None``
+        when ``timeout`` passed first. One wait for many ordered streams, with no thread per
+        stream; the streams are scanned from a rotating start, so none is starved. The list
+        is read again after every wake-up: a caller may change it meanwhile (under the lock)
+        and wake the waiter with ``engine.ready.notify_all()``.
+
+        Raises:
+            PoolClosed, BrokenPool: as :meth:`next_batch`, for the first stream scanned that
+                the pool's end cut short.
+        """
+        engine = self.engine
+        deadline = Deadline(timeout)
+        with engine.lock:
+            while True:
+                n = len(streams)
+                if n:
+                    self.rotor = start = (self.rotor + 1) % n
+                    for i in range(n):
+                        stream = streams[(start + i) % n]
+                        got = self._pop_locked(stream)
+                        if got is not None:
+                            return stream, got if isinstance(got, Batch) else None
+                remaining = deadline.remaining()
+                if remaining is not None and remaining <= 0:
+                    return None
+                engine.ready.wait(remaining)
+
+    def _pop_locked(self, stream: Stream) -> Batch | object | None:
+        """The stream's next batch in order, :data:`_ENDED` when it has ended, ``None`` when
+        its next batch has not arrived yet.
+
+        Raises:
+            PoolClosed, BrokenPool: the pool's end cut the stream short.
+        """
+        engine = self.engine
+        while True:
+            if stream.partial:
+                view = self._next_view_locked(stream)
+                if view is not None:
+                    return view
+            batch = stream.reorder.pop()
+            if batch is not None:
+                engine.intake.release_locked(len(batch))
+                if batch.parts is None:
+                    return batch
+                stream.partial.pop(batch.seq, None)
+                rest = _view(batch, 0, batch.taken, len(batch), batch.tasks[0].frame)
+                batch.tasks[0].frame = None  # the view holds it now
+                if rest is not None:
+                    return rest
+                continue  # every result came early
+            if stream.finished() or stream.abandoned:
+                if not stream.complete and not stream.abandoned:
+                    self._raise_truncated()
+                return _ENDED
+            if engine.state is PoolState.TERMINATED:
+                self._raise_truncated()
+            return None
 
     def _next_view_locked(self, stream: Stream) -> Batch | None:
         """The next results that came early, if they are next in order."""

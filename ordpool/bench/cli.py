@@ -115,6 +115,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_engine_arguments(parser)
     _add_stream_arguments(parser)
     _add_output_arguments(parser)
+    _add_kafka_arguments(parser)
+
+
+def _add_kafka_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--kafka`` (see :mod:`ordpool.bench.kafka`; its module imports confluent-kafka only
+    when it runs)."""
+    from . import kafka
+
+    kafka.add_arguments(parser)
 
 
 def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
@@ -422,6 +431,10 @@ def run_command(
         lost, duplicated or reordered a result; 2 for bad options or input; 130 when
         interrupted (Ctrl-C).
     """
+    if getattr(args, "kafka", False):
+        from . import kafka
+
+        return kafka.run_command(args)
     command_line = getattr(args, "command_line", "") or shlex.join(["ordpool", *sys.argv[1:]])
     try:
         report = _run(args, command_line, extra_engines)

@@ -1,0 +1,546 @@
+"""ordpool.kafka against a real Kafka-protocol broker (tansu, started on a free loopback port
+for this module; see tests/kafka_broker.py): order per partition, commits that never pass an
+unfinished record, a consumer SIGKILLed and restarted, a second consumer joining and leaving,
+poison messages and the dead letter topic, poll(), async for, backpressure.
+
+``ORDPOOL_KAFKA_KILLS`` sets the kill-and-restart rounds (default 5; the issue's stress run is 20).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from kafka_broker import (
+    committed,
+    consumer_config,
+    new_topic,
+    produce,
+    read_all,
+)
+
+from ordpool import WorkerCrashed
+from ordpool.kafka import OrderedConsumer
+from ordpool.kafka.broker import LocalBroker
+
+REPO = Path(__file__).resolve().parents[1]
+KILLS = int(os.environ.get("ORDPOOL_KAFKA_KILLS", "5"))
+
+
+@pytest.fixture(scope="module")
+def broker():
+    # Fails (never skips) when the broker cannot be fetched or started.
+    with LocalBroker() as running:
+        yield running.address
+
+
+def _group() -> str:
+    return f"g-{uuid.uuid4().hex[:10]}"
+
+
+# -- functions run by the workers ----------------------------------------------------------------
+
+
+def _double(value: bytes) -> int:
+    i = int(value)
+    if i % 97 == 0:
+        time.sleep(0.002)  # a few slow ones: results arrive out of order
+    return 2 * i
+
+
+def _poison(value: bytes) -> int:
+    i = int(value)
+    if i % 50 == 7:
+        raise ValueError(f"poison {i}")
+    return i
+
+
+def _crash_once(state: dict, value: bytes) -> int:
+    """Kill the worker the first time value 11 runs (a marker file remembers it), and every
+    time value 23 runs."""
+    i = int(value)
+    if i == 11 and not os.path.exists(state["marker"]):
+        Path(state["marker"]).touch()
+        os._exit(1)
+    if i == 23:
+        os._exit(1)
+    return i
+
+
+def _state(marker: str) -> dict:
+    return {"marker": marker}
+
+
+def _by_partition(records) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for r in records:
+        out.setdefault(r.partition, []).append(r.offset)
+    return out
+
+
+# -- order, commits ------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_each_partition_in_order_nothing_lost(broker: str, method: str) -> None:
+    topic, group, n = new_topic(broker, 3), _group(), 3000
+    produce(broker, topic, n, 3)
+    got = []
+    config = consumer_config(broker, group)
+    with OrderedConsumer(_double, config, [topic], workers=2, start_method=method) as consumer:
+        for record in consumer:
+            assert record.error is None and record.topic == topic
+            assert record.key == f"k{int(record.result) // 2 % 7}".encode()
+            got.append(record)
+            if len(got) == n:
+                break
+        stats = consumer.stats()
+    assert sorted(r.result // 2 for r in got) == list(range(n))
+    for offsets in _by_partition(got).values():
+        assert offsets == list(range(n // 3))
+    assert set(stats.partitions) == {(topic, p) for p in range(3)}
+    assert stats.delivered == n and stats.pool.completed >= n
+    # a clean exit counts every yielded record: everything is committed
+    assert committed(broker, group, topic, 3) == {p: n // 3 for p in range(3)}
+
+
+@pytest.mark.timeout(60)
+def test_commits_never_pass_an_unfinished_record(broker: str) -> None:
+    topic, group, n = new_topic(broker, 2), _group(), 2000
+    produce(broker, topic, n, 2)
+    config = consumer_config(broker, group)
+    seen: list = []
+
+    def fail_at_700() -> None:
+        with OrderedConsumer(_double, config, [topic], workers=2, commit_interval=0.01) as c:
+            for record in c:
+                seen.append(record)
+                if len(seen) == 700:
+                    time.sleep(0.1)  # async commits run meanwhile
+                    raise RuntimeError("sink failed")  # the record in hand is not finished
+
+    with pytest.raises(RuntimeError, match="sink failed"):
+        fail_at_700()
+    in_hand = seen[-1]
+    marks = committed(broker, group, topic, 2)
+    for p, offsets in _by_partition(seen).items():
+        finished = [o for o in offsets if (p, o) != (in_hand.partition, in_hand.offset)]
+        expected = finished[-1] + 1 if finished else -1001
+        assert marks[p] == expected, (p, marks, in_hand)
+    # a restart resumes exactly there; then a clean break commits through the record in hand
+    again: list = []
+    with OrderedConsumer(_double, config, [topic], workers=2) as consumer:
+        for record in consumer:
+            again.append(record)
+            if len(again) == 300:
+                break
+    for p, offsets in _by_partition(again).items():
+        assert offsets[0] == max(marks[p], 0)
+        assert offsets == list(range(offsets[0], offsets[0] + len(offsets)))
+    last = {p: offsets[-1] + 1 for p, offsets in _by_partition(again).items()}
+    assert {p: o for p, o in committed(broker, group, topic, 2).items() if p in last} == last
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_commit_and_manual_acks(broker: str, method: str) -> None:
+    topic, group = new_topic(broker, 1), _group()
+    produce(broker, topic, 100, 1)
+    config = consumer_config(broker, group)
+    with OrderedConsumer(
+        _double, config, [topic], workers=2, manual_ack=True, start_method=method
+    ) as consumer:
+        records = [consumer.poll(30) for _ in range(10)]
+        assert [r.offset for r in records] == list(range(10))
+        consumer.ack(records[0], records[1], records[3])  # 2 is not acked: 0 and 1 are finished
+        consumer.commit()
+        assert committed(broker, group, topic, 1) == {0: 2}
+        consumer.ack(records[2])
+        consumer.commit()
+        assert committed(broker, group, topic, 1) == {0: 4}
+        assert consumer.stats().partitions[(topic, 0)].committed == 4
+    assert committed(broker, group, topic, 1) == {0: 4}  # manual acks: exit adds nothing
+
+
+def _pid(value: bytes) -> int:
+    return os.getpid()
+
+
+@pytest.mark.timeout(60)
+def test_keyed_messages_run_in_their_key_worker(broker: str) -> None:
+    topic, group, n = new_topic(broker, 2), _group(), 700
+    produce(broker, topic, n, 2)  # keys k0..k6
+    got = []
+    config = consumer_config(broker, group)
+    with OrderedConsumer(_pid, config, [topic], workers=2, keyed=True) as consumer:
+        for record in consumer:
+            got.append(record)
+            if len(got) == n:
+                break
+    for offsets in _by_partition(got).values():
+        assert offsets == list(range(n // 2))
+    pids: dict[bytes, set[int]] = {}
+    for r in got:
+        pids.setdefault(r.key, set()).add(r.result)
+    assert len(pids) == 7 and all(len(p) == 1 for p in pids.values())
+    assert len(set().union(*pids.values())) == 2
+
+
+# -- a consumer killed with SIGKILL, restarted ---------------------------------------------------
+
+
+def _log_lines(path: Path) -> list[tuple[int, int]]:
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    return [tuple(map(int, line.split())) for line in lines if line and line != "started"]
+
+
+@pytest.mark.timeout(60 + 10 * KILLS)
+def test_sigkill_and_restart_loses_nothing(broker: str, tmp_path: Path) -> None:
+    parts, n = 3, 600 * (KILLS + 1)
+    topic, group = new_topic(broker, parts), _group()
+    produce(broker, topic, n, parts)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    rng = random.Random(21)
+    script = str(REPO / "tests" / "kafka_broker.py")
+    processed: set[tuple[int, int]] = set()
+    for run in range(KILLS + 1):
+        before = committed(broker, group, topic, parts)
+        log = tmp_path / f"run{run}.log"
+        method = ("fork", "spawn")[run % 2]  # the runs alternate the start methods
+        proc = subprocess.Popen(
+            [sys.executable, script, broker, topic, group, str(log), method], env=env
+        )
+        try:
+            final = run == KILLS or len(processed) == n
+            _wait_for_records(proc, log, final, rng, len(processed), n)
+        finally:
+            proc.kill()
+            proc.wait()
+        lines = _log_lines(log)
+        marks = committed(broker, group, topic, parts)
+        for p in range(parts):
+            mine = [o for q, o in lines if q == p]
+            if mine:  # re-delivered only after the last commit: it starts exactly there
+                assert mine[0] == max(before[p], 0), (run, p, before, mine[:3])
+                assert mine == list(range(mine[0], mine[0] + len(mine)))
+            done = processed | set(lines)
+            # never committed past a record that was not finished (logged)
+            assert all((p, o) in done for o in range(max(marks[p], 0))), (run, p, marks)
+        processed |= set(lines)
+    assert processed == {(p, o) for p in range(parts) for o in range(n // parts)}
+
+
+def _wait_for_records(proc, log: Path, final: bool, rng, done: int, n: int) -> None:
+    """Let the consumer run: to a random point (then it is killed), or (final) to the end."""
+    target = n if final else rng.randint(50, 500)
+    deadline = time.monotonic() + 45
+    while time.monotonic() < deadline:
+        lines = _log_lines(log)
+        if final and len(set(lines)) + done >= n and _settled(lines):
+            time.sleep(0.3)  # its async commits (every 50 ms) land
+            return
+        if not final and len(lines) >= target:
+            return
+        assert proc.poll() is None, f"the consumer exited with {proc.returncode}"
+        time.sleep(0.005)
+    raise AssertionError("the consumer made no progress")
+
+
+def _settled(lines) -> bool:
+    return bool(lines)
+
+
+# -- rebalances ----------------------------------------------------------------------------------
+
+
+class _Watch:
+    """Tracks a consumer's assignment from its on_rebalance hook, and checks each record
+    against it: a record of a partition revoked before the call that returned it (and not
+    assigned again since) is a violation."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.assigned: set[tuple[str, int]] = set()
+        self.events: list[tuple[str, list]] = []
+        self.violations: list = []
+
+    def hook(self, event: str, partitions: list) -> None:
+        with self.lock:
+            self.events.append((event, partitions))
+            if event == "assign":
+                self.assigned |= set(partitions)
+            else:
+                self.assigned -= set(partitions)
+
+    def check(self, consumer: OrderedConsumer, out: list, stop: threading.Event, n: int) -> None:
+        it = iter(consumer)
+        while not stop.is_set():
+            with self.lock:
+                before = set(self.assigned)
+            record = next(it, None)
+            if record is None:  # closed
+                return
+            tp = (record.topic, record.partition)
+            with self.lock:
+                if tp not in before and tp not in self.assigned:
+                    self.violations.append(record)
+            out.append(record)
+            time.sleep(0.001)  # slow enough that the second consumer finds work left
+            if len(out) >= n:
+                return
+
+
+def _segments(records) -> dict[int, list[list[int]]]:
+    """Per partition, the runs of offsets between rewinds (a new assignment restarts at
+    the last commit)."""
+    out: dict[int, list[list[int]]] = {}
+    for r in records:
+        runs = out.setdefault(r.partition, [])
+        if runs and r.offset == runs[-1][-1] + 1:
+            runs[-1].append(r.offset)
+        else:
+            runs.append([r.offset])
+    return out
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("strategy", ["range", "cooperative-sticky"])
+def test_a_second_consumer_joins_then_leaves(broker: str, strategy: str) -> None:
+    parts, n = 4, 4000
+    topic, group = new_topic(broker, parts), _group()
+    produce(broker, topic, n, parts)
+    config = consumer_config(broker, group, **{"partition.assignment.strategy": strategy})
+    first, second = _Watch(), _Watch()
+    got_a: list = []
+    got_b: list = []
+    stop_b = threading.Event()
+    with OrderedConsumer(_double, config, [topic], workers=1, on_rebalance=first.hook) as a:
+        a_thread = threading.Thread(target=first.check, args=(a, got_a, threading.Event(), n))
+        a_thread.start()
+        while len(got_a) < 300:
+            time.sleep(0.01)
+        with OrderedConsumer(_double, config, [topic], workers=1, on_rebalance=second.hook) as b:
+            b_thread = threading.Thread(target=second.check, args=(b, got_b, stop_b, n))
+            b_thread.start()
+            deadline = time.monotonic() + 20
+            while len(got_b) < 200 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            stop_b.set()
+            b_thread.join(10)
+        # b left; a takes its partitions back and reads to the end
+        deadline = time.monotonic() + 40
+        while _distinct(got_a + got_b) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        a.close()
+        a_thread.join(10)
+    assert _distinct(got_a + got_b) == n  # nothing lost
+    assert got_b, "the second consumer got no partition"
+    assert not first.violations and not second.violations
+    for got in (got_a, got_b):
+        for runs in _segments(got).values():  # in order within each assignment
+            assert all(run == sorted(run) for run in runs)
+    assert any(e == "revoke" or e == "lost" for e, _ in first.events)
+
+
+def _distinct(records) -> int:
+    return len({(r.partition, r.offset) for r in records})
+
+
+# -- poison messages -----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_poison_messages_arrive_in_order_with_their_error(broker: str, method: str) -> None:
+    topic, group, n = new_topic(broker, 2), _group(), 400
+    produce(broker, topic, n, 2)
+    config = consumer_config(broker, group)
+    got = []
+    with OrderedConsumer(_poison, config, [topic], workers=2, start_method=method) as consumer:
+        for record in consumer:
+            got.append(record)
+            if len(got) == n:
+                break
+    for offsets in _by_partition(got).values():
+        assert offsets == list(range(n // 2))
+    bad = [r for r in got if r.error is not None]
+    assert len(bad) == 8 and all(isinstance(r.error, ValueError) for r in bad)
+    assert all(r.result is None for r in bad)
+    assert committed(broker, group, topic, 2) == {0: n // 2, 1: n // 2}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_dead_letter_topic_and_crash_retries(broker: str, method: str, tmp_path: Path) -> None:
+    topic, dlq, group, n = new_topic(broker, 2), new_topic(broker, 1), _group(), 200
+    produce(broker, topic, n, 2)
+    config = consumer_config(broker, group)
+    got = []
+    with OrderedConsumer(
+        _crash_once,
+        config,
+        [topic],
+        workers=2,
+        init=_state,
+        initargs=(str(tmp_path / "crashed"),),
+        dead_letter_topic=dlq,
+        max_retries=1,
+        start_method=method,
+    ) as consumer:
+        for record in consumer:
+            got.append(record)
+            if len(got) == n - 1:
+                break
+        assert consumer.stats().dead_lettered <= 1
+    # 11 crashed once and was retried; 23 crashes every time: dead-lettered, not yielded
+    values = sorted(r.result for r in got)
+    assert values == [i for i in range(n) if i != 23]
+    for offsets in _by_partition(got).values():
+        assert offsets == sorted(offsets)
+    dead = read_all(broker, dlq, 1)
+    assert len(dead) == 1
+    headers = dict(dead[0].headers())
+    assert dead[0].value() == b"23" and dead[0].key() == b"k2"
+    assert headers["ordpool.source.topic"] == topic.encode()
+    assert headers["ordpool.source.partition"] == b"1"
+    assert headers["ordpool.source.offset"] == b"11"
+    assert headers["ordpool.error.type"] == WorkerCrashed.__name__.encode()
+    assert committed(broker, group, topic, 2) == {0: n // 2, 1: n // 2}
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_letter_after_the_last_record_is_committed(broker: str) -> None:
+    topic, dlq, group = new_topic(broker, 1), new_topic(broker, 1), _group()
+    produce(broker, topic, 58, 1)  # values 7 and 57 are poison; 57 is the last one
+    config = consumer_config(broker, group)
+    got = []
+    with OrderedConsumer(
+        _poison, config, [topic], workers=1, batch_size=100, dead_letter_topic=dlq
+    ) as consumer:
+        for record in consumer:
+            got.append(record.offset)
+            if len(got) == 56:
+                break  # in the batch still: the dead letter after it is finished once acked
+    assert got == [o for o in range(58) if o != 7 and o != 57]
+    assert committed(broker, group, topic, 1) == {0: 58}
+    assert [m.offset() for m in read_all(broker, dlq, 2)] == [0, 1]
+
+
+# -- poll, async for, backpressure ---------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_poll_returns_none_when_drained(broker: str) -> None:
+    topic, group = new_topic(broker, 2), _group()
+    produce(broker, topic, 50, 2)
+    with OrderedConsumer(_double, consumer_config(broker, group), [topic], workers=2) as c:
+        got = [c.poll(30) for _ in range(50)]
+        assert all(r is not None for r in got)
+        assert c.poll(0.3) is None
+        assert sorted(r.result for r in got) == [2 * i for i in range(50)]
+
+
+@pytest.mark.timeout(60)
+def test_async_for(broker: str) -> None:
+    topic, group, n = new_topic(broker, 2), _group(), 300
+    produce(broker, topic, n, 2)
+
+    async def main() -> tuple[list, int]:
+        ticks = 0
+        got: list = []
+
+        async def ticker() -> None:  # the loop keeps running while records are awaited
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        task = asyncio.create_task(ticker())
+        config = consumer_config(broker, group)
+        async with OrderedConsumer(_double, config, [topic], workers=2) as consumer:
+            async for record in consumer:
+                got.append(record)
+                if len(got) == n:
+                    break
+        task.cancel()
+        return got, ticks
+
+    got, ticks = asyncio.run(main())
+    assert ticks > 10
+    for offsets in _by_partition(got).values():
+        assert offsets == list(range(n // 2))
+    assert committed(broker, group, topic, 2) == {0: n // 2, 1: n // 2}
+
+
+@pytest.mark.timeout(60)
+def test_a_slow_caller_pauses_partitions_and_stays_in_the_group(broker: str) -> None:
+    topic, group = new_topic(broker, 2), _group()
+    produce(broker, topic, 3000, 2)
+    config = consumer_config(broker, group, **{"max.poll.interval.ms": 2500})
+    with OrderedConsumer(
+        _double, config, [topic], workers=2, max_in_flight=400, max_in_flight_per_partition=100
+    ) as consumer:
+        first = consumer.poll(30)
+        assert first is not None
+        time.sleep(4)  # longer than max.poll.interval.ms: the poller keeps the membership
+        stats = consumer.stats()
+        assert all(p.in_flight <= 100 + 1024 for p in stats.partitions.values())
+        # full at 400: one message per poll trickles in while the caller is away
+        assert sum(p.in_flight for p in stats.partitions.values()) <= 400 + 1024 + 100
+        assert any(p.paused for p in stats.partitions.values())
+        assert stats.rebalances == 1  # the first assignment only
+        rest = [consumer.poll(30) for _ in range(2999)]
+        assert all(r is not None for r in rest)
+        assert consumer.stats().rebalances == 1
+
+
+# -- the example ---------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_the_example_runs_against_the_broker(broker: str) -> None:
+    example = str(REPO / "examples" / "kafka_consumer.py")
+    out = subprocess.run(
+        [sys.executable, example, broker, "--messages", "5000"],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = out.stdout.splitlines()[-1]
+    assert summary.startswith("OK: 4995 records from 4 partitions, each in offset order, 5 ")
+
+
+@pytest.mark.timeout(60)
+def test_bench_kafka_runs_against_the_broker(broker: str, tmp_path: Path) -> None:
+    out = tmp_path / "kafka.json"
+    args = ["--kafka", "--bootstrap", broker, "-n", "3000", "-r", "1", "--workers", "2"]
+    args += ["--start-method", "fork", "--partitions", "2", "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "ordpool", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows = {(r["engine"], r["partitions"]): r for r in report["rows"]}
+    assert set(rows) == {(e, p) for e in ("serial", "ordpool") for p in (2, 1)}
+    assert all(r["msgs_per_s"] > 0 and r["parent_us_per_msg"] > 0 for r in rows.values())
+    assert "x serial" in proc.stdout
