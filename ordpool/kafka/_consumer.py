@@ -56,8 +56,12 @@ class OrderedConsumer(KafkaSide):
         config: the confluent-kafka consumer configuration (``bootstrap.servers``,
             ``group.id``...). ``enable.auto.commit`` is forced off: the consumer commits.
         topics: topics (or ``^regex`` patterns) to subscribe to.
-        workers, init, initargs, start_method, batch_size, max_delay: as for
-            :class:`~ordpool.ProcessOrderedPool`.
+        workers: worker processes, as for :class:`~ordpool.ProcessOrderedPool`.
+        init: builds each worker's state, as for :class:`~ordpool.ProcessOrderedPool`.
+        initargs: arguments for ``init``.
+        start_method: ``"fork"``, ``"spawn"`` or ``"forkserver"``.
+        batch_size: items per batch (default: adaptive, as for the pool).
+        max_delay: seconds a partial batch waits for more messages before it is sent.
         keyed: run the messages of one key one at a time, in order, in the same worker
             (keyless messages go by offset).
         dead_letter_topic: produce messages whose ``fn`` raised there instead of yielding
@@ -67,14 +71,16 @@ class OrderedConsumer(KafkaSide):
         dead_letter_config: extra producer settings for the dead letter topic.
         max_retries: times a message whose worker crashed (segfault, OOM kill) is run again
             before it fails with :class:`~ordpool.WorkerCrashed`.
-        max_in_flight, max_bytes_in_flight: messages (bytes of values) read and not yet
-            handed to the caller. At the bound the poller stops taking messages from
-            librdkafka's prefetch queue (bounded by ``queued.max.messages.kbytes``) but keeps
-            polling, so rebalance callbacks run and the membership never lapses however slow
-            the caller; at 1.25 times the bound (messages trickle in meanwhile) it pauses every
-            partition, and resumes them under half the bound.
-        max_in_flight_per_partition, max_bytes_per_partition: a partition that reaches its
-            bound is paused, and resumed under half of it (default: none of its own).
+        max_in_flight: messages read and not yet handed to the caller. At the bound the
+            poller stops taking messages from librdkafka's prefetch queue (bounded by
+            ``queued.max.messages.kbytes``) but keeps polling, so rebalance callbacks run and
+            the membership never lapses however slow the caller; at 1.25 times the bound
+            (messages trickle in meanwhile) it pauses every partition, and resumes them under
+            half the bound.
+        max_bytes_in_flight: the same bound in bytes of message values.
+        max_in_flight_per_partition: a partition that reaches this many messages in flight
+            is paused, and resumed under half of it (default: no bound of its own).
+        max_bytes_per_partition: the same in bytes of message values.
         commit_interval: seconds between asynchronous commits.
         manual_ack: records are finished only when passed to :meth:`ack`.
         poll_timeout: seconds one ``consume`` call of the poller waits for messages.
