@@ -592,14 +592,7 @@ def worker_main(
         else:
             call = fn
     except BaseException as exc:
-        frame = _wire.initerr_frame(exc)
-        # Flushed before the report: once the parent has it, it may stop this process.
-        _run_exit_finalizers()
-        try:
-            result_conn.send_bytes(frame)
-        except OSError:
-            pass
-        os._exit(3)
+        _report_init_failure(result_conn, exc)  # and exit
     try:
         result_conn.send_bytes(_wire.ready_frame(os.getpid()))
         parts = None
@@ -617,6 +610,18 @@ def worker_main(
                 shm.close()
             except BufferError:
                 pass  # a task kept a view of its input alive; the exit unmaps it anyway
+
+
+def _report_init_failure(result_conn: Connection, exc: BaseException) -> None:
+    """Tell the parent that ``init`` raised ``exc``, and exit."""
+    frame = _wire.initerr_frame(exc)
+    # Flushed before the report: once the parent has it, it may stop this process.
+    _run_exit_finalizers()
+    try:
+        result_conn.send_bytes(frame)
+    except OSError:
+        pass
+    os._exit(3)
 
 
 def _run_exit_finalizers() -> None:
