@@ -3,11 +3,12 @@
 Writes three PNGs (into ``docs/img/`` by default):
 
 * ``throughput-workers.png``: messages per second against the worker count, ordpool and the
-  best standard-library pool (at its best chunksize), on the 2-core VM (``scaling.json``) and
-  on a 16-core machine (``device16/scaling2_*.json``), with serial for reference;
+  best standard-library pool (at its best chunksize), on the 2-core VM
+  (``2026-11-23-scaling.json``) and on a 16-core machine
+  (``2026-11-22-device16/scaling2_*.json``), with serial for reference;
 * ``parent-cpu.png``: the parent's CPU per message of ordpool and the standard library's pools
-  on the three ``ordpool bench`` workloads (``transform.json``, ``decode.json``,
-  ``tweets.json``);
+  on the three ``ordpool bench`` workloads (``2026-11-23-transform.json``,
+  ``2026-11-23-decode.json``, ``2026-11-23-tweets.json``);
 * ``latency.png``: p50, p99 and p99.9 latency per engine for the three ``--stream`` runs
   (``2026-12-07-latency*.json``).
 
@@ -47,10 +48,10 @@ def _scaling_rows(paths: list[Path]) -> list[dict[str, Any]]:
 
 def plot_throughput(plt: Any, out: Path) -> Path:
     panels = [
-        ("2-core VM, CPython 3.11", _scaling_rows([RESULTS / "scaling.json"])),
+        ("2-core VM, CPython 3.11", _scaling_rows([RESULTS / "2026-11-23-scaling.json"])),
         (
             "16-core machine, CPython 3.12 (gVisor)",
-            _scaling_rows(sorted((RESULTS / "device16").glob("scaling2_*.json"))),
+            _scaling_rows(sorted((RESULTS / "2026-11-22-device16").glob("scaling2_*.json"))),
         ),
     ]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
@@ -91,9 +92,9 @@ def plot_throughput(plt: Any, out: Path) -> Path:
 
 def plot_parent_cpu(plt: Any, out: Path) -> Path:
     workloads = [
-        ("transform\n(594 B -> 5-tuple)", "transform.json"),
-        ("decode\n(594 B -> full dict)", "decode.json"),
-        ("tweets\n(4.6 KB -> 7-tuple)", "tweets.json"),
+        ("transform\n(594 B -> 5-tuple)", "2026-11-23-transform.json"),
+        ("decode\n(594 B -> full dict)", "2026-11-23-decode.json"),
+        ("tweets\n(4.6 KB -> 7-tuple)", "2026-11-23-tweets.json"),
     ]
     engines = [
         ("ordpool", "ordpool", ORDPOOL),
