@@ -42,15 +42,16 @@ PREFIX = {"fork": "ProcessPoolFork", "forkserver": "ProcessPoolForkserver",
 
 
 def find_test_file(given: str | None, cache: Path) -> Path:
-    """The path of ``test_concurrent_futures.py`` for the running Python."""
+    """The path of ``test_concurrent_futures.py`` for the running Python, or of the
+    ``test_concurrent_futures`` package that replaced it in Python 3.12."""
     if given:
         return Path(given)
     try:
         import test  # the running Python's own test package
 
-        own = Path(test.__file__).parent / f"{MODULE}.py"
-        if own.exists():
-            return own
+        for own in (Path(test.__file__).parent / name for name in (MODULE, f"{MODULE}.py")):
+            if own.exists():
+                return own
     except ImportError:
         pass
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"
@@ -155,28 +156,22 @@ class _Recorder(unittest.TextTestResult):
 
 def child(impl: str, method: str, test_file: str, out_path: str, timeout: float) -> None:
     """Run one start method's process-pool tests with ``impl``; outcomes go to ``out_path``."""
-    source = Path(test_file).read_text()
     if impl == "ordpool":
         import concurrent.futures as cf
 
         from ordpool import OrderedProcessPoolExecutor
 
         cf.ProcessPoolExecutor = OrderedProcessPoolExecutor  # type: ignore[misc]
-        # Tests that run a script in a subprocess import the executor by its class name.
-        source = source.replace(
-            "from concurrent.futures import {executor_type}", "from ordpool import {executor_type}"
-        )
     workdir = Path(tempfile.mkdtemp(prefix="conformance-"))
-    (workdir / f"{MODULE}.py").write_text(source)
     sys.path.insert(0, str(workdir))
-    module = __import__(MODULE)
     loader = unittest.TestLoader()
     suite = unittest.TestSuite()
-    for name in sorted(dir(module)):
-        if name.startswith(PREFIX[method]) and (
-            method == "forkserver" or not name.startswith(PREFIX["forkserver"])
-        ):
-            suite.addTests(loader.loadTestsFromTestCase(getattr(module, name)))
+    for module in _test_modules(Path(test_file), workdir, impl):
+        for name in sorted(dir(module)):
+            if name.startswith(PREFIX[method]) and (
+                method == "forkserver" or not name.startswith(PREFIX["forkserver"])
+            ):
+                suite.addTests(loader.loadTestsFromTestCase(getattr(module, name)))
     # Module fixtures (setUpModule) run because the tests come from the module.
     with open(out_path, "w") as out:
         runner = unittest.TextTestRunner(
@@ -188,6 +183,31 @@ def child(impl: str, method: str, test_file: str, out_path: str, timeout: float)
         out.write(json.dumps({"finished": True}) + "\n")
         out.flush()
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _test_modules(test_file: Path, workdir: Path, impl: str) -> list[Any]:
+    """Copy the test module (or package) into ``workdir`` as a top-level one, with the
+    executor swapped in where a test's script imports it by name; import its test modules."""
+    import importlib
+
+    def copy(source: Path, dest: Path) -> None:
+        text = source.read_text()
+        if impl == "ordpool":  # a test's subprocess script imports the executor by class name
+            text = text.replace(
+                "from concurrent.futures import {executor_type}",
+                "from ordpool import {executor_type}",
+            )
+        dest.write_text(text)
+
+    if test_file.is_dir():  # Python 3.12+: a package of test modules
+        (workdir / MODULE).mkdir()
+        for source in test_file.glob("*.py"):
+            copy(source, workdir / MODULE / source.name)
+        names = sorted(f"{MODULE}.{p.stem}" for p in test_file.glob("test_*.py"))
+    else:
+        copy(test_file, workdir / f"{MODULE}.py")
+        names = [MODULE]
+    return [importlib.import_module(name) for name in names]
 
 
 # -- the parent: every (impl, method) pair, then the comparison -------------------------------

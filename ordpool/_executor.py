@@ -60,7 +60,7 @@ from concurrent.futures import wait as _wait_futures
 from typing import Any, Callable, Iterable, Iterator
 
 from ._core.batching import Batch, Task
-from ._core.defaults import MAX_DELAY, default_window
+from ._core.defaults import MAX_DELAY, Deadline, default_window
 from ._core.errors import (
     BrokenPool,
     PoolClosed,
@@ -391,7 +391,7 @@ class _Core:
                 if not self._queue and len(self._futures) < self.cap:
                     future.set_running_or_notify_cancel()
                     self._futures[index] = future
-                    if not self._running:
+                    if not self._running or self._starting:  # (in index order, after those)
                         self._starting.append((index, item))  # _pump hands it over
                         return future
                     try:
@@ -643,7 +643,7 @@ class _Core:
         running then fails with ``BrokenProcessPool``, as with the stdlib (3.14)."""
         engine = self.engine
         if engine is not None:
-            self._started.wait()  # workers still starting are signalled too
+            self._wait_spawned(engine)  # workers still starting are signalled too
         pids = engine.worker_pids() if engine is not None else []
         self.shutdown(wait=False, cancel_futures=True)
         for pid in pids:
@@ -651,6 +651,15 @@ class _Core:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass  # it had exited already
+
+    def _wait_spawned(self, engine: Engine, timeout: float = 10.0) -> None:
+        """Wait until every worker process exists (not until its initializer has run: that
+        may hang), or the start ended, or ``timeout`` passed."""
+        deadline = time.monotonic() + timeout
+        while not self._started.is_set() and time.monotonic() < deadline:
+            if len(engine.worker_pids()) >= self.workers:
+                return
+            self._started.wait(0.01)
 
     def shutdown(self, wait: bool, cancel_futures: bool, *, stop_maps: bool = False) -> None:
         """The stdlib's shutdown; ``stop_maps`` (interpreter exit) stops lazily read inputs."""
@@ -856,10 +865,11 @@ class _Finish:
 
     def join(self, timeout: float | None = None) -> None:
         core = self._core
+        deadline = Deadline(timeout)
         if core._starter is not None:
-            core._starter.join(timeout)
+            core._starter.join(deadline.remaining())
         if core.engine is not None:
-            core.engine.join(timeout)
+            core.engine.join(deadline.remaining())
 
     def join_thread(self) -> None:
         self.join()
@@ -1128,7 +1138,7 @@ class OrderedProcessPoolExecutor(Executor):
         core = self._core
         if core.engine is None:
             return {}
-        core._started.wait()
+        core._wait_spawned(core.engine)
         transport = core.engine.transport
         if not isinstance(transport, ProcessTransport):
             return {}

@@ -1083,3 +1083,18 @@ def test_the_stdlib_private_processes_and_manager_thread(method: str) -> None:
     for p in processes.values():
         p.join(timeout=60)
         assert not p.is_alive()
+
+
+def init_hang() -> None:
+    time.sleep(120)
+
+
+@pytest.mark.timeout(90)
+def test_kill_workers_ends_workers_whose_initializer_hangs(method: str) -> None:
+    # The workers never become ready: kill_workers() still finds and ends them.
+    executor = make(method, initializer=init_hang)
+    future = executor.submit(abs, -1)
+    assert len(executor._processes) == 2  # the processes exist while their initializer runs
+    executor.kill_workers()
+    assert future.cancelled() or isinstance(future.exception(timeout=60), BrokenProcessPool)
+    executor.shutdown(wait=True)

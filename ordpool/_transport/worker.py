@@ -630,9 +630,12 @@ def _run_exit_finalizers() -> None:
     log records) only from its feeder thread, which a bare ``os._exit`` would kill."""
     from multiprocessing import util
 
-    flusher = threading.Thread(target=util._exit_function, daemon=True)  # type: ignore[attr-defined]
-    flusher.start()
-    flusher.join(5.0)
+    try:
+        flusher = threading.Thread(target=util._exit_function, daemon=True)  # type: ignore[attr-defined]
+        flusher.start()
+        flusher.join(5.0)
+    except Exception:
+        pass  # the init error is reported all the same
 
 
 def _send_result(
