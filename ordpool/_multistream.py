@@ -131,8 +131,9 @@ class OrderedStream:
         engine.maybe_stop()
 
     def drop(self) -> None:
-        """Drop the stream: its items not yet sent are discarded, its results not yet taken
-        are dropped now and those still running as they land; it takes no more items and
+        """Drop the stream: its items not yet cut into a batch are discarded, its results not
+        yet taken are dropped now, and those of batches already cut (queued for a worker, or
+        running) as they land: those batches still run. It takes no more items and
         :meth:`take` returns ``None`` from now on. For a consumer that lost interest (a Kafka
         partition revoked). Idempotent."""
         engine = self._engine

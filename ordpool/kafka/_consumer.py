@@ -185,6 +185,9 @@ class OrderedConsumer(KafkaSide):
         return chain.from_iterable(self._batches())
 
     def _batches(self) -> Iterator[Iterator[Record]]:
+        # First what a loop that broke out left of the caller's batch: those records are not
+        # finished until they have been handed out.
+        yield self._it
         while True:
             self._pass_batch()
             if self._next_batch(_WAIT):
@@ -220,9 +223,17 @@ class OrderedConsumer(KafkaSide):
     async def _records_async(self) -> AsyncIterator[Record]:
         loop = asyncio.get_running_loop()
         while True:
-            record = self.poll(0)
-            if record is None:
-                record = await loop.run_in_executor(None, self.poll, _WAIT)
+            waiting = self._waiting
+            if waiting is None:
+                record = self.poll(0)
+                if record is not None:
+                    yield record
+                    continue
+                waiting = self._waiting = loop.run_in_executor(None, self.poll, _WAIT)
+            # Shielded: when the caller is cancelled, the poll goes on, and the record it
+            # takes is handed out first the next time, instead of lost.
+            record = await asyncio.shield(waiting)
+            self._waiting = None
             if record is not None:
                 yield record
             elif self._closed or self._closing:
@@ -237,9 +248,12 @@ class OrderedConsumer(KafkaSide):
                     part.ack(record.offset)
 
     def _check(self) -> None:
+        """Raise the poller's error, every time it is asked (the poller is gone: waiting for
+        records would wait forever)."""
         error = self._error
+        if error is None and not self._poller.is_alive() and not (self._closed or self._closing):
+            error = self._error = RuntimeError("the consumer's poller thread has ended")
         if error is not None:
-            self._error = None
             raise error
 
     def _pass_batch(self) -> None:
@@ -328,7 +342,7 @@ class OrderedConsumer(KafkaSide):
             KafkaException: the commit failed.
         """
         with self._lock:
-            marks = self._marks(list(self._parts.values()), in_hand=False)
+            marks = self._marks(list(self._parts.values()), in_hand=False, sync=True)
         self._commit_sync(marks)
 
     # -- lifecycle and introspection ------------------------------------------------------------
@@ -345,14 +359,19 @@ class OrderedConsumer(KafkaSide):
             self._clean = finished
             self._closing = True
         if self._poller is not threading.current_thread():
-            self._poller.join()
+            self._poller.join(10.0)
+            if self._poller.is_alive():  # blocked on the pool's window: free it
+                self.pool.terminate()
+                self._poller.join(10.0)
         try:
-            if self._dead is not None:
-                self._dead.flush(30.0)
-            with self._lock:
-                marks = self._marks(list(self._parts.values()), in_hand=finished)
-            self._commit_sync(marks)
-            self._consumer.close()  # revokes (commits again only what moved since)
+            try:
+                if self._dead is not None:
+                    self._dead.flush(30.0)
+                with self._lock:
+                    marks = self._marks(list(self._parts.values()), in_hand=finished, sync=True)
+                self._commit_sync(marks)
+            finally:
+                self._consumer.close()  # revokes (commits again only what moved since)
         finally:
             self._closed = True
             self.pool.terminate()

@@ -7,6 +7,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from itertools import groupby
 from operator import length_hint
 from typing import Any, Callable, Iterable, Iterator, TypeVar
@@ -58,6 +59,7 @@ class KafkaSide:
         self._revoke_seconds = 0.0  # the longest revocation handled
         self._room = threading.Event()  # set by the caller when it took results
         self._keyed = False
+        self._waiting: Any = None  # an async caller's poll still running (an asyncio future)
         self._commit_interval = 0.5
         self._poll_timeout = 0.05
         self._on_rebalance: Callable[[str, list[tuple[str, int]]], None] | None = None
@@ -77,12 +79,16 @@ class KafkaSide:
             return self._cur_end
         return records[done - 1].offset + 1
 
-    def _marks(self, parts: Iterable[Partition], in_hand: bool) -> list[TopicPartition]:
-        """The partitions whose watermark is past the last commit sent (lock held)."""
+    def _marks(
+        self, parts: Iterable[Partition], in_hand: bool, sync: bool = False
+    ) -> list[TopicPartition]:
+        """The partitions whose watermark is past the last commit sent (lock held); with
+        ``sync``, past the last commit acknowledged (one sent but not yet acknowledged is sent
+        again, synchronously)."""
         out = []
         for part in parts:
             mark = part.watermark(self._in_batch(part, in_hand))
-            if mark is not None and mark != part.sent:
+            if mark is not None and mark != (part.committed if sync else part.sent):
                 part.sent = mark
                 out.append(TopicPartition(part.topic, part.number, mark))
         return out
@@ -184,9 +190,13 @@ class KafkaSide:
                 future.set_exception(exc)
 
         self._calls.put(run)
-        if not poller.is_alive() and not self._calls.empty():  # it ended meanwhile
-            self._calls.get()()
-        return future.result()
+        while True:
+            try:
+                return future.result(0.1)
+            except FutureTimeout:
+                if not poller.is_alive():  # it ended without serving the call: serve it here
+                    while not self._calls.empty():
+                        self._calls.get()()
 
     def _feed(self, messages: list[Message]) -> None:
         """Each partition's run of messages into its ordered stream."""
@@ -281,6 +291,12 @@ class KafkaSide:
             self._counts["rebalances"] += 1
             parts = [self._parts.get((tp.topic, tp.partition)) for tp in partitions]
             gone = [p for p in parts if p is not None]
+            paused = [TopicPartition(p.topic, p.number) for p in gone if p.paused]
+            if paused:  # librdkafka keeps a partition paused across a reassignment
+                try:
+                    self._consumer.resume(paused)
+                except KafkaException:
+                    pass
             for part in gone:
                 part.revoked = True
                 self._paused -= part.paused
@@ -294,7 +310,7 @@ class KafkaSide:
         if commit and self._dead is not None and any(p.dead for p in gone):
             self._dead.flush(10.0)
         with self._lock:
-            marks = self._marks(gone, in_hand=self._clean) if commit else []
+            marks = self._marks(gone, in_hand=self._clean, sync=True) if commit else []
             for part in gone:
                 del self._parts[(part.topic, part.number)]
                 self._by_stream.pop(part.stream, None)
