@@ -194,7 +194,7 @@ def enqueue_many(
                 intake._check_accepts(stream)  # raises
             batcher = stream.batcher
             if intake.inflight + len(batcher) >= intake.window:
-                _wait_for_room(engine, stream, deadline, timeout)
+                engine.intake.wait_for_room_locked(stream, deadline, timeout)
             size = max(1, intake.sizer.size)
             end = min(total, pos + max(1, size - len(batcher)))
             n = batcher.extend(
@@ -212,30 +212,6 @@ def enqueue_many(
             work = intake.take_locked(stream)
         assert work is not None
         intake.encode_dispatch(*work)
-
-
-def _wait_for_room(
-    engine: Engine, stream: NamedStream, deadline: Deadline, timeout: float | None
-) -> None:
-    """Under the lock: send the stream's pending items, then wait for room in the window."""
-    intake = engine.intake
-    batcher = stream.batcher
-    while intake.inflight + len(batcher) >= intake.window:
-        if len(batcher):
-            work = intake.take_locked(stream)
-            assert work is not None
-            engine.lock.release()
-            try:
-                intake.encode_dispatch(*work)
-            finally:
-                engine.lock.acquire()
-        else:
-            remaining = deadline.remaining()
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"the window stayed full for {timeout} seconds")
-            engine.space.wait(remaining)
-        if engine.state is not PoolState.RUNNING or stream.closed:
-            intake._check_accepts(stream)
 
 
 def take_any(

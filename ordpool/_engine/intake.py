@@ -120,10 +120,21 @@ class Intake:
 
     def _wait_for_room(self, stream: IndexedStream, index: int, timeout: float | None) -> None:
         """Under the lock: send the stream's pending items, then wait until the window has room
-        for one more item."""
+        for one more item (``index``, checked again after each wait)."""
+        self.wait_for_room_locked(stream, Deadline(timeout), timeout, index)
+
+    def wait_for_room_locked(
+        self,
+        stream: IndexedStream,
+        deadline: Deadline,
+        timeout: float | None,
+        index: int | None = None,
+    ) -> None:
+        """Under the lock: send the stream's pending items, then wait until the window has room
+        for one more item, until ``deadline`` (``timeout`` seconds from the first call: for
+        the message). Raises as ``enqueue`` does when the pool or stream closes meanwhile."""
         engine = self.engine
         batcher = stream.batcher
-        deadline: Deadline | None = None
         while self.inflight + len(batcher) >= self.window:
             if len(batcher):
                 work = self.take_locked(stream)
@@ -133,17 +144,15 @@ class Intake:
                     self.encode_dispatch(*work)
                 finally:
                     engine.lock.acquire()
-            elif timeout is None:
-                engine.space.wait()
             else:
-                deadline = deadline or Deadline(timeout)
                 remaining = deadline.remaining()
-                assert remaining is not None
-                if remaining <= 0:
+                if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"the window stayed full for {timeout} seconds")
                 engine.space.wait(remaining)
-            self._check_accepts(stream)
-            batcher.check(index)
+            if engine.state is not PoolState.RUNNING or stream.closed:
+                self._check_accepts(stream)
+            if index is not None:
+                batcher.check(index)
 
     def fail_pending_locked(self, stream: Stream, error: BaseException) -> None:
         """The pool broke: answer the stream's accepted, pending items with ``BrokenPool``.
