@@ -9,6 +9,7 @@ poison messages and the dead letter topic, poll(), async for, backpressure.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -79,6 +80,11 @@ def _crash_once(state: dict, value: bytes) -> int:
 
 def _state(marker: str) -> dict:
     return {"marker": marker}
+
+
+def _take(consumer: OrderedConsumer, n: int) -> list:
+    """The consumer's next ``n`` records (the loop leaves after the last: it is in hand)."""
+    return list(itertools.islice(consumer, n))
 
 
 def _by_partition(records) -> dict[int, list[int]]:
@@ -225,10 +231,7 @@ def test_keyed_messages_run_in_their_key_worker(broker: str) -> None:
     got = []
     config = consumer_config(broker, group)
     with OrderedConsumer(_pid, config, [topic], workers=2, keyed=True) as consumer:
-        for record in consumer:
-            got.append(record)
-            if len(got) == n:
-                break
+        got += _take(consumer, n)
     for offsets in _by_partition(got).values():
         assert offsets == list(range(n // 2))
     pids: dict[bytes, set[int]] = {}
@@ -408,10 +411,7 @@ def test_poison_messages_arrive_in_order_with_their_error(broker: str, method: s
     config = consumer_config(broker, group)
     got = []
     with OrderedConsumer(_poison, config, [topic], workers=2, start_method=method) as consumer:
-        for record in consumer:
-            got.append(record)
-            if len(got) == n:
-                break
+        got += _take(consumer, n)
     for offsets in _by_partition(got).values():
         assert offsets == list(range(n // 2))
     bad = [r for r in got if r.error is not None]
@@ -438,10 +438,7 @@ def test_dead_letter_topic_and_crash_retries(broker: str, method: str, tmp_path:
         max_retries=1,
         start_method=method,
     ) as consumer:
-        for record in consumer:
-            got.append(record)
-            if len(got) == n - 1:
-                break
+        got += _take(consumer, n - 1)
         # 23's produce is acknowledged (meanwhile the records after it may be handed out)
         assert wait_until(lambda: consumer.stats().dead_lettered == 1, timeout=30)
     # 11 crashed once and was retried; 23 crashes every time: dead-lettered, not yielded
