@@ -323,6 +323,12 @@ class ProcessOrderedPool:
             BrokenPool: the pool is broken.
             RuntimeError: an ``imap`` is running on this pool.
         """
+        stream = self._stream
+        if key is None and stream is not None and stream.keyed is False:
+            # The common case, first: an unkeyed stream already open. Intake.enqueue checks
+            # the pool's state under its lock (raising as _live would).
+            self._engine.intake.enqueue(stream, index, item, None, timeout)  # type: ignore[union-attr]
+            return
         engine = self._live()
         stream = self._enqueue_stream(engine, keyed=key is not None)
         if stream.keyed is None:  # results() opened it: the first item decides

@@ -8,6 +8,7 @@ scheduling, blame and retries, and delivery are checked step by step and determi
 from __future__ import annotations
 
 import threading
+import time
 from array import array
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -114,6 +115,7 @@ def make_engine() -> Iterator[Callable[..., tuple[Engine, FakeTransport]]]:
             "window": 1024,
             "batch_size": 2,
             "max_delay": 60.0,  # the flusher never fires: batches are cut by the test alone
+            "pace": 0.0,  # no cut pacing: an idle worker takes the pending items at once
             "retries": 0,
         }
         settings.update(options)
@@ -142,6 +144,58 @@ def _batches(engine: Engine, stream: Any) -> list[tuple[list[int], list[Any], di
 
 
 # -- intake and scheduling -------------------------------------------------------------------------
+
+
+def test_cut_pacing_holds_items_for_an_idle_worker_until_the_pace_allows(make_engine):
+    engine, transport = make_engine(pace=60.0, batch_size=100)
+    stream = engine.open_stream(IndexedStream())
+
+    def sent() -> list[tuple[int, list[Any]]]:
+        return [(s.slot, wire.decode_items(memoryview(s.payload.join()))) for s in transport.sent]
+
+    engine.intake.enqueue(stream, 0, 0, None, None)
+    # The first item of a quiet stream goes at once; the next ones wait though worker 1 is
+    # idle: a batch was cut less than `pace` ago.
+    engine.intake.enqueue(stream, 1, 1, None, None)
+    engine.intake.enqueue(stream, 2, 2, None, None)
+    assert sent() == [(0, [0])]
+    assert engine.scheduler.idle == 1
+    engine.scheduler.paced_until = 0.0  # the pace has passed
+    engine.intake.enqueue(stream, 3, 3, None, None)
+    assert sent() == [(0, [0]), (1, [1, 2, 3])]  # the items that waited, as one batch
+    # A result from a worker also cuts the waiting items once the pace allows, not before.
+    engine.intake.enqueue(stream, 4, 4, None, None)
+    engine.scheduler.paced_until = float("inf")  # a batch was just cut
+    transport.answer(transport.sent[0])
+    assert sent() == [(0, [0]), (1, [1, 2, 3])]
+    engine.scheduler.paced_until = 0.0
+    transport.answer(transport.sent[1])
+    assert sent() == [(0, [0]), (1, [1, 2, 3]), (0, [4])]
+    assert [indices for indices, _, _ in _batches(engine, stream)] == [[0], [1, 2, 3]]
+
+
+def test_the_flusher_sends_paced_items_to_an_idle_worker_at_the_end_of_the_pace(make_engine):
+    engine, transport = make_engine(pace=0.05, batch_size=100)  # max_delay: 60 s
+    stream = engine.open_stream(IndexedStream())
+    engine.intake.enqueue(stream, 0, 0, None, None)
+    engine.intake.enqueue(stream, 1, 1, None, None)  # paced; no item or result comes after it
+    deadline = time.monotonic() + 10
+    while len(transport.sent) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [(s.slot, wire.decode_items(memoryview(s.payload.join()))) for s in transport.sent] == [
+        (0, [0]),
+        (1, [1]),
+    ]
+
+
+def test_an_executor_job_is_never_paced(make_engine):
+    engine, transport = make_engine(pace=60.0)
+    futures: list[Any] = []
+    stream = engine.open_stream(IndexedStream(on_batch=futures.append))
+    engine.intake.enqueue(stream, 0, 0, None, None)
+    engine.intake.enqueue(stream, 1, 1, None, None)
+    # Jobs (a callback stream's items) go at once to each idle worker, whatever the pace.
+    assert [s.slot for s in transport.sent] == [0, 1]
 
 
 def test_idle_workers_take_items_at_once_then_batches_fill_to_the_size(make_engine):

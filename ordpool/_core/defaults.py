@@ -14,6 +14,7 @@ import psutil
 __all__ = [
     "DEPTH",
     "MAX_DELAY",
+    "PACE",
     "Deadline",
     "default_window",
     "usable_cores",
@@ -25,6 +26,12 @@ DEPTH = 2
 
 # Seconds a partial batch waits for more items before it is sent anyway.
 MAX_DELAY = 0.005
+
+# Cut pacing, as a fraction of max_delay: an ordered stream's partial batch is cut for an idle
+# worker at most once per max_delay * PACE (1 ms by default), so that a steady stream makes
+# batches of 1 ms of arrivals, not of the few items that came since the last result
+# (Scheduler.paced; the figures are in docs/performance.md, "Latency").
+PACE = 0.2
 
 
 def default_window(workers: int, *, ray: bool = False) -> int:

@@ -13,7 +13,7 @@ import weakref
 from typing import Sized, TypeVar
 
 from .._core.batching import BatchSizer, Task
-from .._core.defaults import DEPTH, Deadline
+from .._core.defaults import DEPTH, PACE, Deadline
 from .._core.errors import BrokenPool, PoolClosed, WorkerInitError
 from .._core.reorder import ReorderBuffer
 from .._core.routing import KeyRouter
@@ -44,6 +44,8 @@ class Engine:
         window: most items in flight (see :class:`~ordpool._engine.intake.Intake`).
         batch_size: items per batch, or ``None`` to size batches from the measured cost.
         max_delay: seconds a partial batch waits before it is sent anyway.
+        pace: the shortest time between two partial batches of ordered streams cut for idle
+            workers (:meth:`.Scheduler.paced`); default ``max_delay * PACE``; 0: no pacing.
         retries: times an item whose worker died is re-run before it fails.
         depth: tasks a worker may hold at once.
         stream_depth: the same for the batches of bulk streams (default: ``depth``).
@@ -70,6 +72,7 @@ class Engine:
         supervision: Supervision | None = None,
         first_batch: int | None = None,
         max_batch: int | None = None,
+        pace: float | None = None,
     ) -> None:
         # An RLock, though nothing takes it twice: a Condition re-takes an RLock after a wait
         # without letting a signal in (C code), but a Lock through Lock.acquire(), which a
@@ -90,7 +93,9 @@ class Engine:
         if first_batch is not None and batch_size is None:
             self.sizer.size = first_batch
         stream_depth = depth if stream_depth is None else stream_depth
-        self.scheduler = Scheduler(self, workers, depth, stream_depth)
+        self.scheduler = Scheduler(
+            self, workers, depth, stream_depth, max_delay * PACE if pace is None else pace
+        )
         self.delivery = Delivery(self)
         self.intake = Intake(self, window)
         self.flusher = Flusher(self, max_delay)

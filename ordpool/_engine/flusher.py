@@ -8,6 +8,10 @@ The flusher is not told about every new batch: producers wake it only when it sl
 ``max_delay``, and takes what is still pending then. While items flow, batches are cut first
 (full, or for an idle worker) and the flusher finds nothing due; so an item waits in the parent
 at most ``max_delay`` before it is sent, and a busy stream pays nothing per item.
+
+It also ends the wait of an ordered stream's items held back by the cut pacing
+(:meth:`.Scheduler.paced`) while a worker is idle: at the end of the pace, if no new item or
+result cut them first.
 """
 
 from __future__ import annotations
@@ -72,7 +76,8 @@ class Flusher:
                 if wait > 0:
                     self.cond.wait(wait)
                     continue  # look again: items may have been taken meanwhile
-                works = self._take_aged_locked(waiting)
+                works = engine.intake.take_for_idle_locked()
+                works += self._take_aged_locked(waiting)
                 if not works:
                     # Due but not to be cut now (the window is full, or a bulk stream's tasks
                     # already wait for every worker): look again after max_delay, not at once.
@@ -81,14 +86,19 @@ class Flusher:
                 engine.intake.encode_dispatch(*work)
 
     def _until_due(self, waiting: list[tuple[Stream, int]]) -> float:
-        """Seconds until the oldest pending item of ``waiting`` has waited ``max_delay``; a
-        stream whose clock is not started yet starts it now."""
+        """Seconds until the oldest pending item of ``waiting`` has waited ``max_delay``, or
+        until the cut pacing lets an ordered stream's items go to an idle worker; a stream
+        whose clock is not started yet starts it now."""
         now = time.monotonic()
         due = now + self.max_delay
+        scheduler = self.engine.scheduler
+        idle = scheduler.idle and not scheduler.pending
         for stream, _ in waiting:
             if not stream.pending_since:
                 stream.pending_since = now
             due = min(due, stream.pending_since + self.max_delay)
+            if idle and stream.on_batch is None:
+                due = min(due, scheduler.paced_until + scheduler.pace)
         return due - now
 
     def _take_aged_locked(self, waiting: list[tuple[Stream, int]]) -> list[Work]:

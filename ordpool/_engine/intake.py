@@ -99,10 +99,20 @@ class Intake:
             if engine.state is not PoolState.RUNNING or stream.closed:
                 self._check_accepts(stream)  # raises
             batcher = stream.batcher
-            batcher.check(index)
-            if self.inflight + len(batcher) >= self.window:
+            last = batcher.last_index
+            if type(index) is not int or (last is not None and index <= last):
+                batcher.check(index)  # raises, unless an int subclass (numpy's) in order
+            n = len(batcher.items)
+            if self.inflight + n >= self.window:
                 self._wait_for_room(stream, index, timeout)
-            n = batcher.add(index, item, slot)
+                n = len(batcher.items)
+            # Batcher.add, inlined: this runs once per item.
+            batcher.last_index = index
+            batcher.indices.append(index)
+            batcher.items.append(item)
+            if slot is not None:
+                batcher.slots.append(slot)
+            n += 1
             self.submitted += 1
             if n < self.sizer.size and not self.scheduler.starts_now(stream, slot):
                 if n == 1:
@@ -176,6 +186,9 @@ class Intake:
         if taken is None:
             return None
         stream.pending_since = 0.0
+        scheduler = self.scheduler
+        if scheduler.pace:
+            scheduler.paced_until = time.monotonic() + scheduler.pace
         indices, items, slots = taken
         if stream.counted_on_take:
             self.submitted += len(items)
@@ -233,7 +246,8 @@ class Intake:
 
         The other half of "send at once when a worker is idle" (Nagle's algorithm): items that
         arrived while every worker was busy wait in a partial batch; when a worker frees up
-        with nothing queued for it, they go at once instead of waiting for ``max_delay``.
+        with nothing queued for it, they go at once instead of waiting for ``max_delay``; an
+        ordered stream's, once the cut pacing allows (:meth:`.Scheduler.paced`).
         """
         works: list[Work] = []
         engine = self.engine
@@ -241,9 +255,12 @@ class Intake:
             return works
         if engine.state is not PoolState.RUNNING:
             return works
+        paced = self.scheduler.paced()
         for stream in engine.streams:
             if stream.abandoned or stream.closed or not stream.pending():
                 continue
+            if paced and stream.on_batch is None:
+                continue  # cut once the pace allows (the flusher's next look at the latest)
             if (
                 stream.keyed
                 and stream.on_batch is None

@@ -9,6 +9,7 @@ Everything here runs under the engine's lock.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -50,9 +51,20 @@ class Slot:
 class Scheduler:
     """Slots and queued tasks of one engine."""
 
-    __slots__ = ("depth", "engine", "idle", "pending", "slots", "stream_depth")
+    __slots__ = (
+        "depth",
+        "engine",
+        "idle",
+        "pace",
+        "paced_until",
+        "pending",
+        "slots",
+        "stream_depth",
+    )
 
-    def __init__(self, engine: Engine, workers: int, depth: int, stream_depth: int) -> None:
+    def __init__(
+        self, engine: Engine, workers: int, depth: int, stream_depth: int, pace: float = 0.0
+    ) -> None:
         self.engine = engine
         self.depth = depth  # tasks a worker may hold at once (2; an executor's submit jobs: 1)
         # ...when they are batches of a bulk stream: a worker then has the next batch at
@@ -62,6 +74,10 @@ class Scheduler:
         self.slots = [Slot() for _ in range(workers)]
         self.pending: deque[Task] = deque()  # tasks for any slot, waiting for room
         self.idle = 0  # ready slots holding no task: a new item is sent at once (Nagle-style)
+        # Cut pacing: an ordered stream's partial batch is cut for an idle worker at most once
+        # per `pace` seconds (see `paced`); `paced_until` is the last cut's time plus `pace`.
+        self.pace = pace
+        self.paced_until = 0.0
 
     # -- queueing ------------------------------------------------------------------------------
 
@@ -164,14 +180,32 @@ class Scheduler:
         one-item tasks. Its items wait while that worker is busy, and go as one batch once it
         is free; an item for a free worker still goes at once. A callback stream (a keyed
         pool's jobs) is cut at once: a batch completes as a whole, so a job for a free worker
-        must not wait in a batch with one for a busy worker. A feeder calls this without the
-        lock: a hint, where a stale answer costs a batch cut early or late, nothing else.
+        must not wait in a batch with one for a busy worker. An ordered stream's batch also
+        waits while the cut is paced (:meth:`paced`). A feeder calls this without the lock: a
+        hint, where a stale answer costs a batch cut early or late, nothing else.
         """
         if not self.idle or self.pending:
             return False
-        if not stream.keyed or stream.on_batch is not None:
+        if stream.on_batch is not None:
             return True
-        return slot is None or self.slots[slot].free()
+        if self.paced():
+            return False
+        return not stream.keyed or slot is None or self.slots[slot].free()
+
+    def paced(self) -> bool:
+        """Whether an ordered stream's partial batch must still wait before it is cut for an
+        idle worker: the last batch was cut less than ``pace`` seconds ago.
+
+        Each batch costs the parent about the same CPU whatever its length (a pipe write, a
+        result frame, thread wake-ups). Under a steady stream that a pool keeps up with, a
+        worker is idle most of the time, and cutting at every idle worker makes batches of a
+        few items, whose per-batch cost then takes the parent more CPU than the items take the
+        workers. Pacing bounds the parent's batch rate, so that an item waits at most ``pace``
+        for its batch to be cut instead of contending for the parent's CPU with every other
+        batch. Callback streams (an executor's jobs) are never paced: a job for an idle
+        worker goes at once.
+        """
+        return self.pace > 0 and time.monotonic() < self.paced_until
 
     def has_items_for_free_slot(self, stream: Stream) -> bool:
         """Whether a keyed ordered stream's pending items include one for a free worker. Called
