@@ -859,6 +859,32 @@ def test_with_default_settings_a_slow_item_holds_back_only_what_comes_after_it(s
     assert early < 1.0 and late >= 3.0, arrivals
 
 
+def _nine_is_slow(x: int) -> int:
+    if x == 9:
+        time.sleep(6)
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_sends_the_results_before_a_slow_item_by_itself(start_method):
+    """The worker's own timer finds the slow item (9) long before the parent's watch would
+    (``max_delay``: 4 s): 1 to 8, in 9's batch, reach the consumer while 9 still sleeps."""
+    with ProcessOrderedPool(
+        _nine_is_slow, workers=1, batch_size=10, max_delay=4.0, start_method=start_method
+    ) as pool:
+        results = pool.results()
+        pool.enqueue(0, 0)  # alone, to the idle worker
+        assert next(results).value == 0
+        start = time.monotonic()
+        for i in range(1, 11):  # one batch of 10: 1 to 10
+            pool.enqueue(i, i)
+        pool.close()
+        arrivals = _first_arrivals((r.value for r in results), start)
+    assert [value for value, _ in arrivals] == list(range(1, 11))
+    early = max(seconds for value, seconds in arrivals if value < 9)
+    assert early < 3.0 and arrivals[8][1] >= 6.0, arrivals
+
+
 def _crash_once_after_19(job: tuple[int, str]) -> int:
     """Item 20 waits until the consumer has received item 19 (so results before it have been
     delivered, from the batch still running), then kills its worker, once (``crash-once``)

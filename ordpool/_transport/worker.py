@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from .._core.errors import wrap_exception
 from . import wire as _wire
+from .ticker import Ticker, new_ticker
 
 # The cancel-request bid that asks every running item to stop (terminate with a grace period).
 CANCEL_ALL = -2
@@ -98,6 +99,14 @@ def cancelled() -> bool:
 EARLY_SIGNAL = getattr(signal, "SIGRTMIN", signal.SIGUSR2) + (
     3 if hasattr(signal, "SIGRTMIN") else 0
 )
+# The signal of the worker's own timer, which ticks while a task runs (EarlyResults._tick);
+# None where there are no real-time signals (the parent's watch alone then finds slow items).
+TICK_SIGNAL = getattr(signal, "SIGRTMIN", None) and signal.SIGRTMIN + 4
+# The worker ticks every early_after / TICKS_PER_DELAY seconds (0.25 ms for max_delay 5 ms); an
+# item unchanged for SLOW_TICKS ticks in a row, and for 4 times the mean time of the items
+# before it in its batch, is slow: the results before it are sent at once.
+TICKS_PER_DELAY = 20
+SLOW_TICKS = 2
 
 
 class EarlyResults:
@@ -109,17 +118,22 @@ class EarlyResults:
     after it, whatever the batch size. The RESULT that ends the task still holds every
     position; the parent skips those it has already delivered.
 
-    The parent watches each worker's position in shared memory (``progress``) and signals a
-    worker whose position has not moved for ``max_delay`` (:data:`EARLY_SIGNAL`); nothing runs
-    in the worker until then, so a worker pays nothing while its items are quick. The handler
-    runs in the thread that makes the results, between two bytecodes of the user's function or
-    during its ``sleep`` or blocking I/O, so it reads them without a lock; it keeps away while
-    that thread writes a chunk (``busy``) or the RESULT (``active`` off). A function that holds
-    the GIL in C code longer is seen only when that call returns.
+    Two things find a slow item. The worker's own timer (:mod:`.ticker`) ticks every
+    ``max_delay / 20`` while a task runs (:data:`TICK_SIGNAL`): an item whose position has not
+    moved for two ticks, and for 4 times the mean time of the items before it in the batch,
+    is slow (:meth:`_tick`), so the results before it leave about ``max_delay / 10`` after it
+    started, and a batch of items that are all long sends no PART for each. And the parent
+    watches each worker's position in shared memory (``progress``) and signals a worker whose
+    position has not moved for ``max_delay`` (:data:`EARLY_SIGNAL`), where the worker has no
+    timer. The handlers run in the thread that makes the results, between two bytecodes of the
+    user's function or during its ``sleep`` or blocking I/O, so they read them without a lock;
+    they keep away while that thread writes a chunk (``busy``) or the RESULT (``active`` off).
+    A function that holds the GIL in C code longer is seen only when that call returns.
     """
 
     __slots__ = (
         "active",
+        "armed",
         "bid",
         "busy",
         "chunk",
@@ -128,13 +142,24 @@ class EarlyResults:
         "errors",
         "prefix",
         "progress",
+        "seen",
         "sent",
+        "stuck",
+        "tick_every",
+        "ticker",
+        "ticks",
         "writer",
     )
 
-    def __init__(self, conn: Connection, progress: Any) -> None:
+    def __init__(self, conn: Connection, progress: Any, early_after: float = 0.0) -> None:
         self.conn = conn
         self.progress = progress
+        self.tick_every = early_after / TICKS_PER_DELAY  # seconds between two ticks (0.00025)
+        self.ticker: Ticker | None = None
+        self.armed = False  # the ticker runs for the current task
+        self.ticks = 0  # ticks since the task started
+        self.seen = -1  # the position at the last tick
+        self.stuck = 0  # ticks in a row that found the same position
         self.active = False  # a task is running: PART frames may be sent
         self.busy = False  # the main thread writes a chunk, or the handler is running
         self.bid = -1  # the running task
@@ -149,20 +174,49 @@ class EarlyResults:
         self.chunk_base = 0
 
     def install(self) -> None:
-        """Set the signal handler (main thread, once)."""
+        """Set the signal handlers and make the timer (main thread, once)."""
         signal.signal(EARLY_SIGNAL, self._send)
+        if TICK_SIGNAL and self.tick_every > 0:
+            signal.signal(TICK_SIGNAL, self._tick)
+            self.ticker = new_ticker(TICK_SIGNAL, self.tick_every)
 
     def begin(self, bid: int) -> None:
         """A task starts (main thread)."""
         self.bid, self.sent = bid, 0
         self.prefix, self.errors, self.writer, self.chunk = [], {}, None, None
         self.busy = False
+        self.ticks, self.seen, self.stuck = 0, -1, 0
         self.active = True
+
+    def watch(self, items: int) -> None:
+        """The task's items are known (main thread): start the timer if there are several (a
+        single item has no result before it to send)."""
+        if self.ticker is not None and items > 1:
+            self.ticker.arm()
+            self.armed = True
 
     def end(self) -> None:
         """The task ran (main thread): no PART frame for it from now on."""
         self.active = False
+        if self.armed:
+            self.ticker.disarm()  # type: ignore[union-attr]
+            self.armed = False
         self.prefix, self.errors, self.writer, self.chunk = [], {}, None, None
+
+    def _tick(self, signum: int, frame: Any) -> None:
+        """The timer's handler (main thread): send the results finished so far when the item
+        running now is slow, for this batch (see the class docstring)."""
+        if not self.active or self.busy:
+            return
+        self.ticks += 1
+        pos = self.progress[1]
+        if pos != self.seen:
+            self.seen, self.stuck = pos, 0
+            return
+        self.stuck += 1
+        # stuck * tick >= 4 * (ticks * tick / pos): 4 times the mean time per item so far.
+        if self.stuck >= SLOW_TICKS and pos > self.sent and self.stuck * pos >= 4 * self.ticks:
+            self._send(signum, frame)
 
     def _send(self, signum: int, frame: Any) -> None:
         """The signal handler (main thread): send the results finished so far."""
@@ -226,10 +280,11 @@ def run_batch(
     """
     values: list[Any] = []
     errors: dict[int, Any] = {}
+    n = len(items)
     if parts is not None:
         parts.prefix, parts.errors = values, errors
+        parts.watch(n)
     append = values.append
-    n = len(items)
     for pos in range(n):  # up to the first result
         _run_range(call, items, failed, progress, pos, pos + 1, append, errors)
         if pos in errors or (failed and pos in failed):
@@ -597,7 +652,7 @@ def worker_main(
         result_conn.send_bytes(_wire.ready_frame(os.getpid()))
         parts = None
         if early_after > 0:
-            parts = EarlyResults(result_conn, progress)
+            parts = EarlyResults(result_conn, progress, early_after)
             parts.install()
         _loop(call, task_conn, result_conn, progress, parent_pid, regions, max_tasks, parts)
     except (EOFError, OSError):
