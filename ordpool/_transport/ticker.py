@@ -1,9 +1,11 @@
 """A periodic signal for the worker while it runs a task: a POSIX timer (``timer_create``)
 on the monotonic clock, through ``ctypes``.
 
-A worker uses it to notice, by itself, an item that runs long (:class:`.worker.EarlyResults`):
-the timer is armed when a task starts and disarmed when it ends, two system calls per task,
-and while it runs the kernel sends the signal every ``interval`` seconds. The signal's Python
+A worker uses it to notice, by itself, a task that runs much longer than its items usually
+take (:class:`.worker.EarlyResults`): the timer is armed when a task starts and disarmed when
+it ends, two system calls per task; only a task that overruns gets the signal. (A signal
+costs a worker 20 to 30 us of CPU on the project's VM: a timer ticking through every task
+would cost more than the slow items it finds.) The signal's Python
 handler then runs in the worker's main thread between two bytecodes of the user's function, or
 during its ``sleep``. Unlike ``signal.setitimer``, the timer sends a signal of our choice, not
 ``SIGALRM``, which user code may use for its own timeouts (``signal.alarm``).
@@ -51,13 +53,14 @@ def _every(seconds: float) -> _Itimerspec:
 
 
 class Ticker:
-    """A timer of this process that sends ``signum`` every ``interval`` seconds while armed.
+    """A timer of this process that sends ``signum`` after ``seconds``, then every ``seconds``,
+    while armed.
 
     >>> import signal, time
     >>> ticks = []
     >>> old = signal.signal(signal.SIGRTMIN + 4, lambda *a: ticks.append(1))
-    >>> t = new_ticker(signal.SIGRTMIN + 4, 0.001)
-    >>> t.arm(); time.sleep(0.05); t.disarm()
+    >>> t = new_ticker(signal.SIGRTMIN + 4)
+    >>> t.arm(0.001); time.sleep(0.05); t.disarm()
     >>> len(ticks) > 5
     True
     >>> n = len(ticks); time.sleep(0.01); len(ticks) == n  # disarmed: no more ticks
@@ -65,18 +68,17 @@ class Ticker:
     >>> t.close(); _ = signal.signal(signal.SIGRTMIN + 4, old)
     """
 
-    __slots__ = ("_delete", "_off", "_on", "_settime", "_timer")
+    __slots__ = ("_delete", "_off", "_settime", "_timer")
 
-    def __init__(self, libc: Any, timer: ctypes.c_void_p, interval: float) -> None:
+    def __init__(self, libc: Any, timer: ctypes.c_void_p) -> None:
         self._timer = timer
         self._settime = libc.timer_settime
         self._delete = libc.timer_delete
-        self._on = ctypes.byref(_every(interval))
         self._off = ctypes.byref(_Itimerspec())
 
-    def arm(self) -> None:
-        """Start ticking (the first tick one interval from now)."""
-        self._settime(self._timer, 0, self._on, None)
+    def arm(self, seconds: float) -> None:
+        """Tick ``seconds`` from now, then every ``seconds``."""
+        self._settime(self._timer, 0, ctypes.byref(_every(seconds)), None)
 
     def disarm(self) -> None:
         self._settime(self._timer, 0, self._off, None)
@@ -98,14 +100,14 @@ def _libc() -> Any:
     return None
 
 
-def new_ticker(signum: int, interval: float) -> Ticker | None:
+def new_ticker(signum: int) -> Ticker | None:
     """A disarmed :class:`Ticker`, or ``None`` where POSIX timers are not available here.
 
     The signal is set to restart interrupted system calls (``SA_RESTART``): a C library
     reading a socket in the user's function sees no ``EINTR`` for a tick; ``time.sleep`` is
     interrupted all the same, so a sleeping item is still noticed.
     """
-    if not sys.platform.startswith("linux") or interval <= 0:
+    if not sys.platform.startswith("linux"):
         return None
     libc = _libc()
     if libc is None:
@@ -123,4 +125,4 @@ def new_ticker(signum: int, interval: float) -> Ticker | None:
         signal.siginterrupt(signum, False)
     except (OSError, ValueError):
         pass
-    return Ticker(libc, timer, interval)
+    return Ticker(libc, timer)

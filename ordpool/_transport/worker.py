@@ -99,14 +99,13 @@ def cancelled() -> bool:
 EARLY_SIGNAL = getattr(signal, "SIGRTMIN", signal.SIGUSR2) + (
     3 if hasattr(signal, "SIGRTMIN") else 0
 )
-# The signal of the worker's own timer, which ticks while a task runs (EarlyResults._tick);
-# None where there are no real-time signals (the parent's watch alone then finds slow items).
+# The signal of the worker's own timer, which fires when a task runs much longer than its
+# items usually take (EarlyResults.watch); None where there are no real-time signals (the
+# parent's watch alone then finds slow items).
 TICK_SIGNAL = getattr(signal, "SIGRTMIN", None) and signal.SIGRTMIN + 4
-# The worker ticks every early_after / TICKS_PER_DELAY seconds (0.25 ms for max_delay 5 ms); an
-# item unchanged for SLOW_TICKS ticks in a row, and for 4 times the mean time of the items
-# before it in its batch, is slow: the results before it are sent at once.
-TICKS_PER_DELAY = 20
-SLOW_TICKS = 2
+# The timer fires once a task has run OVERRUN times its expected time (its items times their
+# mean time in the tasks before), and at least early_after / 10 (0.5 ms for max_delay 5 ms).
+OVERRUN = 2.0
 
 
 class EarlyResults:
@@ -118,16 +117,18 @@ class EarlyResults:
     after it, whatever the batch size. The RESULT that ends the task still holds every
     position; the parent skips those it has already delivered.
 
-    Two things find a slow item. The worker's own timer (:mod:`.ticker`) ticks every
-    ``max_delay / 20`` while a task runs (:data:`TICK_SIGNAL`): an item whose position has not
-    moved for two ticks, and for 4 times the mean time of the items before it in the batch,
-    is slow (:meth:`_tick`), so the results before it leave about ``max_delay / 10`` after it
-    started, and a batch of items that are all long sends no PART for each. And the parent
+    Two things find a slow item. The worker's own timer (:mod:`.ticker`) fires when a task
+    has run twice as long as its items usually take, and at least ``max_delay / 10``
+    (:data:`TICK_SIGNAL`), then again at that interval until the task ends; each time, the
+    results finished so far are sent. A task of items as quick as usual never fires it, so a
+    worker pays two system calls per task; in a batch of quick items, the results before a
+    slow one leave about twice the batch's usual time after the batch started. And the parent
     watches each worker's position in shared memory (``progress``) and signals a worker whose
-    position has not moved for ``max_delay`` (:data:`EARLY_SIGNAL`), where the worker has no
-    timer. The handlers run in the thread that makes the results, between two bytecodes of the
-    user's function or during its ``sleep`` or blocking I/O, so they read them without a lock;
-    they keep away while that thread writes a chunk (``busy``) or the RESULT (``active`` off).
+    position has not moved for ``max_delay`` (:data:`EARLY_SIGNAL`): a slow item in a long
+    batch, or where the worker has no timer. The handlers run in the thread that makes the
+    results, between two bytecodes of the user's function or during its ``sleep`` or blocking
+    I/O, so they read them without a lock; they keep away while that thread writes a chunk
+    (``busy``) or the RESULT (``active`` off).
     A function that holds the GIL in C code longer is seen only when that call returns.
     """
 
@@ -140,26 +141,22 @@ class EarlyResults:
         "chunk_base",
         "conn",
         "errors",
+        "floor",
+        "per_item",
         "prefix",
         "progress",
-        "seen",
         "sent",
-        "stuck",
-        "tick_every",
         "ticker",
-        "ticks",
         "writer",
     )
 
     def __init__(self, conn: Connection, progress: Any, early_after: float = 0.0) -> None:
         self.conn = conn
         self.progress = progress
-        self.tick_every = early_after / TICKS_PER_DELAY  # seconds between two ticks (0.00025)
+        self.floor = early_after / 10  # the timer never fires sooner: seconds (0.0005)
         self.ticker: Ticker | None = None
-        self.armed = False  # the ticker runs for the current task
-        self.ticks = 0  # ticks since the task started
-        self.seen = -1  # the position at the last tick
-        self.stuck = 0  # ticks in a row that found the same position
+        self.armed = False  # the timer runs for the current task
+        self.per_item = 0.0  # seconds per item in the tasks so far, smoothed; 0: none yet
         self.active = False  # a task is running: PART frames may be sent
         self.busy = False  # the main thread writes a chunk, or the handler is running
         self.bid = -1  # the running task
@@ -176,24 +173,33 @@ class EarlyResults:
     def install(self) -> None:
         """Set the signal handlers and make the timer (main thread, once)."""
         signal.signal(EARLY_SIGNAL, self._send)
-        if TICK_SIGNAL and self.tick_every > 0:
-            signal.signal(TICK_SIGNAL, self._tick)
-            self.ticker = new_ticker(TICK_SIGNAL, self.tick_every)
+        if TICK_SIGNAL and self.floor > 0:
+            signal.signal(TICK_SIGNAL, self._send)  # the task overran: send what it finished
+            self.ticker = new_ticker(TICK_SIGNAL)
 
     def begin(self, bid: int) -> None:
         """A task starts (main thread)."""
         self.bid, self.sent = bid, 0
         self.prefix, self.errors, self.writer, self.chunk = [], {}, None, None
         self.busy = False
-        self.ticks, self.seen, self.stuck = 0, -1, 0
         self.active = True
 
     def watch(self, items: int) -> None:
-        """The task's items are known (main thread): start the timer if there are several (a
-        single item has no result before it to send)."""
-        if self.ticker is not None and items > 1:
-            self.ticker.arm()
+        """The task's items are known (main thread): set the timer to fire if the task
+        overruns. Not for a single item (no result before it to send), nor before a first task
+        has told how long items take."""
+        if self.ticker is not None and items > 1 and self.per_item:
+            self.ticker.arm(max(self.floor, OVERRUN * items * self.per_item))
             self.armed = True
+
+    def learn(self, items: int, seconds: float) -> None:
+        """A task of ``items`` took ``seconds`` (main thread): fold it into the time per item.
+        One slow item weighs at most 4 times the estimate, as in the parent's batch sizer."""
+        if items <= 0:
+            return
+        cost = seconds / items
+        known = self.per_item
+        self.per_item = cost if not known else known + 0.5 * (min(cost, 4 * known) - known)
 
     def end(self) -> None:
         """The task ran (main thread): no PART frame for it from now on."""
@@ -203,23 +209,8 @@ class EarlyResults:
             self.armed = False
         self.prefix, self.errors, self.writer, self.chunk = [], {}, None, None
 
-    def _tick(self, signum: int, frame: Any) -> None:
-        """The timer's handler (main thread): send the results finished so far when the item
-        running now is slow, for this batch (see the class docstring)."""
-        if not self.active or self.busy:
-            return
-        self.ticks += 1
-        pos = self.progress[1]
-        if pos != self.seen:
-            self.seen, self.stuck = pos, 0
-            return
-        self.stuck += 1
-        # stuck * tick >= 4 * (ticks * tick / pos): 4 times the mean time per item so far.
-        if self.stuck >= SLOW_TICKS and pos > self.sent and self.stuck * pos >= 4 * self.ticks:
-            self._send(signum, frame)
-
     def _send(self, signum: int, frame: Any) -> None:
-        """The signal handler (main thread): send the results finished so far."""
+        """The signals' handler (main thread): send the results finished so far."""
         if not self.active or self.busy:
             return
         self.busy = True
@@ -802,6 +793,8 @@ def _loop(
         payload, nerrors, ran = _run_gc_paused(fn, bid, data, source, failed, progress, out, parts)
         done += ran
         seconds = perf_counter() - start
+        if parts is not None:
+            parts.learn(ran, seconds)
         retire = max_tasks is not None and done >= max_tasks
         if retire:
             # Said before the result, so the parent sends nothing more to this process.
