@@ -479,7 +479,7 @@ def test_stream_slow_items_add_the_before_slow_column(tmp_path: Path) -> None:
     proc = run(
         *STREAM,
         *("--slow-every", "200", "--slow-ms", "20", "--engines", "ordpool,pool-imap-100"),
-        *("--json", str(out)),
+        *("--max-delay", "0.002", "--json", str(out)),
         timeout=160,
     )
     assert proc.returncode == 0, proc.stderr
@@ -487,6 +487,10 @@ def test_stream_slow_items_add_the_before_slow_column(tmp_path: Path) -> None:
     header, rows = stream_table(proc.stdout)
     assert "before-slow p50 ms" in header and "other p50 ms" in header
     assert len(rows) == 2
+    assert rows[0].startswith("ordpool enqueue (batch auto, max_delay 2 ms)")
+    report = json.loads(out.read_text())
+    assert report["config"]["max_delay"] == 0.002
+    assert report["rows"][0]["params"]["max_delay"] == 0.002
     for cells in stream_cells(proc.stdout):  # the two slow-item columns are numbers too
         _number(cells["before-slow p50 ms"])
         _number(cells["other p50 ms"])
@@ -501,6 +505,7 @@ def test_stream_slow_items_add_the_before_slow_column(tmp_path: Path) -> None:
     [
         (("--duration", "1"), "--duration needs --stream"),
         (("--work-us", "3"), "--work-us needs --stream"),
+        (("--max-delay", "0.001"), "--max-delay needs --stream"),
         (("--stream", "100", "--fn", "json:loads"), "--fn does not apply to --stream"),
         (("--stream", "100", "--check"), "--check does not apply to --stream"),
         (("--stream", "100", "--slow-every", "10"), "--slow-every and --slow-ms go together"),

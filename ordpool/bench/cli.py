@@ -231,6 +231,12 @@ def _add_stream_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers, --engines, --batch-size, --start-method and --json apply",
     )
     parser.add_argument(
+        "--max-delay",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="with --stream: ordpool's max_delay, its latency bound (default: the pool's, 0.005)",
+    )
+    parser.add_argument(
         "--duration",
         type=_positive_float,
         metavar="SECONDS",
@@ -345,6 +351,7 @@ def config_from_args(args: argparse.Namespace, command_line: str = "") -> BenchC
             ("--slow-ms", args.slow_ms),
             ("--spin-us", args.spin_us),
             ("--tick-us", args.tick_us),
+            ("--max-delay", args.max_delay),
         )
         if value is not None
     ]
@@ -407,6 +414,7 @@ def stream_config_from_args(args: argparse.Namespace, command_line: str = "") ->
         engines=list(dict.fromkeys(engines)),
         start_method=args.start_method,
         batch_size=args.batch_size,
+        max_delay=args.max_delay,
         progress=not args.no_progress,
         command_line=command_line,
     )

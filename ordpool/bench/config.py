@@ -87,6 +87,7 @@ class StreamConfig:
         engines: keys of :data:`STREAM_ENGINE_KEYS`, run one after another in this order.
         start_method: for every pool (``"forkserver"``).
         batch_size: ordpool's batch size, ``None`` for auto.
+        max_delay: ordpool's ``max_delay`` in seconds, ``None`` for its default.
         progress: draw a progress bar on stderr (only when it is a terminal).
         command_line: for the JSON report.
     """
@@ -102,5 +103,6 @@ class StreamConfig:
     engines: list[str] = field(default_factory=lambda: list(STREAM_ENGINE_KEYS))
     start_method: str = "forkserver"
     batch_size: int | None = None
+    max_delay: float | None = None
     progress: bool = True
     command_line: str = ""

@@ -156,6 +156,7 @@ def _config(config: StreamConfig) -> dict[str, Any]:
         "engines": config.engines,
         "start_method": config.start_method,
         "batch_size": config.batch_size or "auto",
+        "max_delay": config.max_delay,
         "spin_us": config.spin_us,
         "tick_us": config.tick_us,
     }

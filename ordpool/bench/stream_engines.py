@@ -28,6 +28,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, wait
 from typing import Any, Iterator
 
 from .. import PoolStats, ProcessOrderedPool, Result
+from .._core.defaults import MAX_DELAY
 from .config import StreamCheckError, StreamConfig
 from .engines import ordpool_label, ordpool_params
 from .openloop import Pacer, Producer, Recorder
@@ -91,15 +92,22 @@ class _OrdpoolEngine(StreamEngine):
     _pool: ProcessOrderedPool | None = None
 
     def label(self) -> str:
-        return ordpool_label(self.name, self.config.batch_size)
+        label = ordpool_label(self.name, self.config.batch_size)
+        if self.config.max_delay is not None:
+            label = f"{label[:-1]}, max_delay {self.config.max_delay * 1e3:g} ms)"
+        return label
 
     def params(self) -> dict[str, Any]:
-        return ordpool_params(self._pool, self.config.batch_size)
+        return {
+            **ordpool_params(self._pool, self.config.batch_size),
+            "max_delay": self.config.max_delay or MAX_DELAY,
+        }
 
     def open(self) -> None:
         self._pool = ProcessOrderedPool(
             stream_work,
             self.workers,
+            max_delay=self.config.max_delay or MAX_DELAY,
             batch_size=self.config.batch_size,
             start_method=self.config.start_method,
             init_timeout=120,
