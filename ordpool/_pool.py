@@ -201,10 +201,14 @@ class ProcessOrderedPool:
             (batches of about 40 ms of worker time, and of at most 6 MiB of items or of
             results; a lone item goes at once to an idle worker).
         max_delay: the latency bound, in seconds. A partial batch waits at most this long for
-            more items before it is sent; and when an item has run this long in a worker, the
-            results finished before it in its batch are sent at once, instead of with the
-            batch's end: a slow item holds back only the results after it. Ray actors cannot
-            send early: there a result waits for its batch.
+            more items before it is sent; while items keep coming, partial batches for idle
+            workers are cut at most once per ``max_delay / 5`` (batches of about 1 ms of
+            arrivals by default, instead of a few items each). A worker sends the results
+            finished before a slow item at once, instead of with the batch's end, when its
+            batch has run twice its usual time (at least ``max_delay / 10``) or the item has
+            run ``max_delay``: a slow item holds back only the results after it. Smaller:
+            lower latency, more parent CPU per message. Ray actors cannot send early: there a
+            result waits for its batch.
         retries: times an item whose worker died is re-run before it fails with
             :class:`~ordpool.WorkerCrashed`. Items of the batch that were not running when the
             worker died are always re-run, and never count as attempts.

@@ -7,7 +7,7 @@ Data flow, each stage with the module that owns it::
         |                                                   |  (feeding.Feeder.run)
         v                                                   v
     intake: items collect in a stream (_core.streams); a batch is cut when full, when a worker
-        |   sits idle, or by the flusher after max_delay (flusher.Flusher)
+        |   sits idle (paced: Scheduler.paced), or by the flusher after max_delay (flusher.Flusher)
         |   encode: pickle before commit, an unpicklable item fails at its position (wire)
         v
     scheduler: tasks (a batch, or its items per worker when keys route them) to a slot:
@@ -15,7 +15,8 @@ Data flow, each stage with the module that owns it::
         |   transport.send(slot, bid, failed, payload, call): never waits for a worker
         v
     transport (_transport.process / _transport.ray) -> worker: fn over the items -> results
-        |   (an item running longer than max_delay: the results before it go ahead, PART)
+        |   (a task that overruns, or an item running longer than max_delay: the results before
+        |   it go ahead, PART)
         v
     transport's thread -> Engine.on_result, on_part / supervisor.Supervisor.on_ready, ...
         |   supervisor: a dead worker's running item is blamed, the rest re-queued, or the
