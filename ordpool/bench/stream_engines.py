@@ -28,7 +28,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, wait
 from typing import Any, Iterator
 
 from .. import PoolStats, ProcessOrderedPool, Result
-from .._core.defaults import MAX_DELAY
+from ._runtime import MAX_DELAY
 from .config import StreamCheckError, StreamConfig
 from .engines import ordpool_label, ordpool_params
 from .openloop import Pacer, Producer, Recorder
