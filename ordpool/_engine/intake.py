@@ -114,7 +114,14 @@ class Intake:
                 batcher.slots.append(slot)
             n += 1
             self.submitted += 1
-            if n < self.sizer.size and not self.scheduler.starts_now(stream, slot):
+            scheduler = self.scheduler
+            if n < self.sizer.size and not (
+                # starts_now's cheap refusals first: no idle worker, or an ordered stream's
+                # cut still paced (the common answers under a steady stream)
+                scheduler.idle
+                and (stream.on_batch is not None or scheduler.paced_until <= time.monotonic())
+                and scheduler.starts_now(stream, slot)
+            ):
                 if n == 1:
                     stream.pending_since = time.monotonic()
                     engine.flusher.wake_locked()
