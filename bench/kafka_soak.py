@@ -170,7 +170,8 @@ def _read_dead_letters(bootstrap: str, topic: str, count: int) -> list[dict[str,
         message = consumer.poll(0.5)
         if message is None or message.error():
             continue
-        headers: list[tuple[str, Any]] = list(message.headers() or [])
+        raw = message.headers() or []
+        headers: list[tuple[str, Any]] = list(raw.items() if isinstance(raw, dict) else raw)
         out.append({h[0]: h[1].decode() if isinstance(h[1], bytes) else str(h[1]) for h in headers})
     consumer.close()
     return out
