@@ -60,8 +60,8 @@ class Ticker:
     >>> ticks = []
     >>> old = signal.signal(signal.SIGRTMIN + 4, lambda *a: ticks.append(1))
     >>> t = new_ticker(signal.SIGRTMIN + 4)
-    >>> t.arm(0.001); time.sleep(0.05); t.disarm()
-    >>> len(ticks) > 5
+    >>> t.arm(0.001); time.sleep(0.2); t.disarm()
+    >>> len(ticks) >= 3  # about 200 (a loaded machine coalesces some)
     True
     >>> n = len(ticks); time.sleep(0.01); len(ticks) == n  # disarmed: no more ticks
     True
