@@ -105,7 +105,7 @@ EARLY_SIGNAL = getattr(signal, "SIGRTMIN", signal.SIGUSR2) + (
 TICK_SIGNAL = getattr(signal, "SIGRTMIN", None) and signal.SIGRTMIN + 4
 # The timer fires once a task has run OVERRUN times its expected time (its items times their
 # mean time in the tasks before), and at least early_after / 10 (0.5 ms for max_delay 5 ms).
-OVERRUN = 2.0
+OVERRUN = 1.5
 
 
 class EarlyResults:
@@ -118,11 +118,11 @@ class EarlyResults:
     position; the parent skips those it has already delivered.
 
     Two things find a slow item. The worker's own timer (:mod:`.ticker`) fires when a task
-    has run twice as long as its items usually take, and at least ``max_delay / 10``
+    has run 1.5 times as long as its items usually take, and at least ``max_delay / 10``
     (:data:`TICK_SIGNAL`), then again at that interval until the task ends; each time, the
     results finished so far are sent. A task of items as quick as usual never fires it, so a
     worker pays two system calls per task; in a batch of quick items, the results before a
-    slow one leave about twice the batch's usual time after the batch started. And the parent
+    slow one leave about 1.5 times the batch's usual time after the batch started. And the parent
     watches each worker's position in shared memory (``progress``) and signals a worker whose
     position has not moved for ``max_delay`` (:data:`EARLY_SIGNAL`): a slow item in a long
     batch, or where the worker has no timer. The handlers run in the thread that makes the
