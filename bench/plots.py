@@ -10,7 +10,7 @@ Writes three PNGs (into ``docs/img/`` by default):
   on the three ``ordpool bench`` workloads (``2026-11-23-transform.json``,
   ``2026-11-23-decode.json``, ``2026-11-23-tweets.json``);
 * ``latency.png``: p50, p99 and p99.9 latency per engine for the three ``--stream`` runs
-  (``2026-12-07-latency-paced-*.json``).
+  (``2026-12-07-latency-paced-60k.json``, ``2026-12-07-latency-overrun-20k*.json``).
 
 Usage, from the repository root (needs matplotlib: ``pip install -e '.[docs]'``)::
 
@@ -136,10 +136,10 @@ _SHORT = {
 def plot_latency(plt: Any, out: Path) -> Path:
     runs = [
         ("60k msg/s of 8 us", "2026-12-07-latency-paced-60k.json"),
-        ("20k msg/s of 20 us", "2026-12-07-latency-paced-20k.json"),
+        ("20k msg/s of 20 us", "2026-12-07-latency-overrun-20k.json"),
         (
             "20k msg/s of 20 us,\n1 in 2,000 sleeps 20 ms",
-            "2026-12-07-latency-paced-20k-slow.json",
+            "2026-12-07-latency-overrun-20k-slow.json",
         ),
     ]
     marks = [("p50_ms", "p50", 1.0), ("p99_ms", "p99", 0.6), ("p999_ms", "p99.9", 0.3)]
