@@ -725,6 +725,10 @@ class ProcessTransport:
                 break
             if not self._read_one(worker, events):
                 break
+        if self._closing:
+            # A frame just read ended the pool (its last result let a shutdown finish) and the
+            # stop ran here, in this thread: it has joined and closed every process.
+            return
         worker.process.join(1.0)
         with self._lock:
             if self._workers.get(worker.slot) is not worker or self._closing:
