@@ -118,18 +118,18 @@ class EarlyResults:
     position; the parent skips those it has already delivered.
 
     Two things find a slow item. The worker's own timer (:mod:`.ticker`) fires when a task
-    has run 1.5 times as long as its items usually take, and at least ``max_delay / 10``
-    (:data:`TICK_SIGNAL`), then again at that interval until the task ends; each time, the
-    results finished so far are sent. A task of items as quick as usual never fires it, so a
-    worker pays two system calls per task; in a batch of quick items, the results before a
-    slow one leave about 1.5 times the batch's usual time after the batch started. And the parent
-    watches each worker's position in shared memory (``progress``) and signals a worker whose
-    position has not moved for ``max_delay`` (:data:`EARLY_SIGNAL`): a slow item in a long
-    batch, or where the worker has no timer. The handlers run in the thread that makes the
-    results, between two bytecodes of the user's function or during its ``sleep`` or blocking
-    I/O, so they read them without a lock; they keep away while that thread writes a chunk
-    (``busy``) or the RESULT (``active`` off).
-    A function that holds the GIL in C code longer is seen only when that call returns.
+    has run ``OVERRUN`` (1.5) times as long as its items usually take, and at least
+    ``max_delay / 10`` (:data:`TICK_SIGNAL`), then again at that interval until the task ends;
+    each time, the results finished so far are sent. A task of items as quick as usual never
+    fires it, so a worker pays two system calls per task; in a batch of quick items, the
+    results before a slow one leave about 1.5 times the batch's usual time after it started.
+    And the parent watches each worker's position in shared memory (``progress``) and signals
+    a worker whose position has not moved for ``max_delay`` (:data:`EARLY_SIGNAL`): a slow
+    item in a long batch, or where the worker has no timer. The handlers run in the thread
+    that makes the results, between two bytecodes of the user's function or during its
+    ``sleep`` or blocking I/O, so they read them without a lock; they keep away while that
+    thread writes a chunk (``busy``) or the RESULT (``active`` off). A function that holds the
+    GIL in C code longer is seen only when that call returns.
     """
 
     __slots__ = (
