@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -378,8 +379,11 @@ def test_an_engine_that_falls_behind_gets_a_note() -> None:
 # -- the command line ----------------------------------------------------------------------------
 
 STREAM = ("bench", "--stream", "2000", "--duration", "1", "--workers", "2", "--work-us", "5")
+STREAM += ("--repeat", "1")
 LATENCY_COLUMNS = ("k msg/s", "done", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "parent us/msg")
 ROW_KEYS = {
+    "repeat",
+    "runs",
     "engine",
     "label",
     "workers",
@@ -471,6 +475,33 @@ def test_stream_run_measures_every_item_of_every_engine(tmp_path: Path) -> None:
         assert row["workers"] == 2 and row["slow_items"] == 0
         assert row["p50_ms"] <= row["p99_ms"] <= row["p999_ms"] <= row["max_ms"]
     assert report["rows"][2]["params"] == {"chunksize": 100}
+
+
+@pytest.mark.timeout(200)
+def test_stream_repeat_runs_each_engine_and_shows_the_medians(tmp_path: Path) -> None:
+    out = tmp_path / "repeat.json"
+    base = STREAM[:-2]  # without "--repeat 1"
+    proc = run(
+        *base,
+        "--repeat",
+        "3",
+        "--engines",
+        "ordpool,pool-imap-100",
+        "--json",
+        str(out),
+        timeout=160,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "median of 3 runs each (round-robin)" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["config"]["repeat"] == 3
+    cells = stream_cells(proc.stdout)
+    for row, shown in zip(report["rows"], cells):
+        assert row["repeat"] == 3 and len(row["runs"]) == 3
+        for field in ("p50_ms", "p99_ms", "p999_ms", "max_ms", "msgs_per_s"):
+            assert row[field] == statistics.median(run[field] for run in row["runs"])
+        assert _number(shown["p99 ms"]) == pytest.approx(row["p99_ms"], abs=0.01)
+        assert row["items_done"] == 2000
 
 
 @pytest.mark.timeout(200)

@@ -194,7 +194,8 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=3,
         metavar="K",
-        help="timed runs per engine; the report shows the median (default: 3)",
+        help="timed runs per engine; the report shows the median (default: 3; with --stream "
+        "the runs go round-robin over the engines)",
     )
     parser.add_argument(
         "--batch-size",
@@ -411,6 +412,7 @@ def stream_config_from_args(args: argparse.Namespace, command_line: str = "") ->
         slow_ms=args.slow_ms or 0.0,
         spin_us=args.spin_us or 0.0,
         tick_us=100.0 if args.tick_us is None else args.tick_us,
+        repeat=args.repeat,
         engines=list(dict.fromkeys(engines)),
         start_method=args.start_method,
         batch_size=args.batch_size,

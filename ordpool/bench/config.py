@@ -84,6 +84,8 @@ class StreamConfig:
             sleeping (0: it only sleeps).
         tick_us: the producer wakes at most once per this many microseconds and hands out
             every item due by then (a consumer polling a broker gets messages in bursts too).
+        repeat: timed runs per engine, round-robin over the engines; a row shows their
+            medians and keeps each run.
         engines: keys of :data:`STREAM_ENGINE_KEYS`, run one after another in this order.
         start_method: for every pool (``"forkserver"``).
         batch_size: ordpool's batch size, ``None`` for auto.
@@ -100,6 +102,7 @@ class StreamConfig:
     slow_ms: float = 0.0
     spin_us: float = 0.0
     tick_us: float = 100.0
+    repeat: int = 1
     engines: list[str] = field(default_factory=lambda: list(STREAM_ENGINE_KEYS))
     start_method: str = "forkserver"
     batch_size: int | None = None

@@ -406,7 +406,7 @@ def _stream_header(report: dict[str, Any]) -> list[RenderableType]:
     return [
         Text(
             f"ordpool bench --stream: {cfg['rate']:,.0f} msg/s for {cfg['duration_s']:g} s "
-            f"({cfg['items_per_run']:,} items per engine), open loop",
+            f"({cfg['items_per_run']:,} items per engine), open loop{_runs(cfg)}",
             style="bold",
         ),
         Text(
@@ -418,6 +418,12 @@ def _stream_header(report: dict[str, Any]) -> list[RenderableType]:
             "consumer, in order"
         ),
     ]
+
+
+def _runs(cfg: dict[str, Any]) -> str:
+    """``", median of 5 runs"`` (round-robin over the engines), or nothing for one run."""
+    repeat = cfg.get("repeat", 1)
+    return f", median of {repeat} runs each (round-robin)" if repeat > 1 else ""
 
 
 def _stream_table(rows: list[dict[str, Any]], columns: tuple[Any, ...]) -> Table:

@@ -23,6 +23,7 @@ every result is checked to come back in order, once, and none to be missing
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -96,6 +97,52 @@ class StreamResult:
     held_bytes: int | None = None
 
 
+# The fields of a row that are the median of its runs; the others are the same in every run
+# (or, for params and held_bytes, as read after the last one).
+_MEDIAN_FIELDS = (
+    "items_done",
+    "wall_s",
+    "msgs_per_s",
+    "parent_cpu_s",
+    "parent_cpu_us_per_msg",
+    "p50_ms",
+    "p99_ms",
+    "p999_ms",
+    "max_ms",
+    "mean_ms",
+    "slow_p50_ms",
+    "before_slow_p50_ms",
+    "other_p50_ms",
+    "feed_lag_mean_ms",
+    "feed_lag_max_ms",
+    "hold_seconds",
+    "max_hold_seconds",
+)
+# Each run's own figures, kept in the row's "runs" list.
+_RUN_FIELDS = ("msgs_per_s", "parent_cpu_us_per_msg", "p50_ms", "p99_ms", "p999_ms", "max_ms")
+
+
+def median_row(runs: list[StreamResult]) -> dict[str, Any]:
+    """One engine's row from its runs: the median of each measured field, each run's own
+    figures in ``runs``, and ``repeat``, the number of runs.
+
+    >>> r = StreamResult("e", "e", 2, {}, 10.0, 5, 5, 0.5, 10.0, 0.1, 20.0, 1.0, 2.0, 3.0,
+    ...                  4.0, 1.5, 0, None, None, None, 0.1, 0.2)
+    >>> from dataclasses import replace
+    >>> row = median_row([r, replace(r, p99_ms=9.0), replace(r, p99_ms=5.0)])
+    >>> row["p99_ms"], row["repeat"], [run["p99_ms"] for run in row["runs"]]
+    (5.0, 3, [2.0, 9.0, 5.0])
+    """
+    rows = [asdict(run) for run in runs]
+    row = dict(rows[-1])
+    for field in _MEDIAN_FIELDS:
+        values = [r[field] for r in rows if r[field] is not None]
+        row[field] = statistics.median(values) if values else None
+    row["repeat"] = len(rows)
+    row["runs"] = [{field: r[field] for field in _RUN_FIELDS} for r in rows]
+    return row
+
+
 def warm_items(rate: float, duration: float) -> int:
     """Items in an engine's untimed warm-up: half a second's worth (a fifth of the duration
     if that is less), from 100 to 10,000.
@@ -147,6 +194,7 @@ def _config(config: StreamConfig) -> dict[str, Any]:
     return {
         "rate": config.rate,
         "duration_s": config.duration,
+        "repeat": config.repeat,
         "items_per_run": schedule.total,
         "warmup_items": warm_items(config.rate, config.duration),
         "work_us": config.work_us,
@@ -168,22 +216,28 @@ class _StreamBench:
     def __init__(self, config: StreamConfig) -> None:
         self.config = config
         self.open: list[StreamEngine] = []  # every pool open now, to close on the way out
-        steps = 3 * len(config.engines) * len(config.workers)  # open, warm, run
+        # open, then warm and run per repeat
+        steps = (1 + 2 * config.repeat) * len(config.engines) * len(config.workers)
         self.progress = Progress(steps, enabled=config.progress)
 
     def run_group(self, workers: int) -> list[dict[str, Any]]:
-        """One worker count: open every pool, then warm and time each in turn; close them."""
+        """One worker count: open every pool, then warm and time each in turn, ``repeat``
+        rounds of every engine (round-robin: a noisy spell of the machine falls on every
+        engine alike, not on one); close them. A row holds each run and their medians."""
         engines = [STREAM_ENGINES[key](workers, self.config) for key in self.config.engines]
         for engine in engines:
             self.progress.step(f"{engine.label()}, {workers} workers: starting")
             self.open.append(engine)
             engine.open()
             self.progress.advance()
-        rows = [asdict(self._measure(engine)) for engine in engines]
+        runs: list[list[StreamResult]] = [[] for _ in engines]
+        for _ in range(self.config.repeat):
+            for engine, done in zip(engines, runs):
+                done.append(self._measure(engine))
         for engine in engines:
             self.open.remove(engine)
             engine.close()
-        return rows
+        return [median_row(done) for done in runs]
 
     def _measure(self, engine: StreamEngine) -> StreamResult:
         config = self.config
