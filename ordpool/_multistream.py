@@ -13,10 +13,10 @@ import time
 from itertools import repeat
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from ._core.batching import Batch
+from ._core.batching import Batch, check_run
 from ._core.defaults import Deadline
 from ._core.state import PoolState
-from ._core.streams import NamedStream
+from ._core.streams import IndexedStream, NamedStream
 from ._engine.decoding import decode
 
 if TYPE_CHECKING:
@@ -169,13 +169,14 @@ class OrderedStream:
 
 def enqueue_many(
     engine: Engine,
-    stream: NamedStream,
+    stream: IndexedStream,
     indices: list[int],
     items: list[Any],
     keys: Sequence[Any] | None,
     timeout: float | None,
 ) -> None:
-    """Add items to a named stream a batch at a time (see :meth:`OrderedStream.enqueue_many`)."""
+    """Add items to an indexed stream a batch at a time (see
+    :meth:`OrderedStream.enqueue_many` and :meth:`ProcessOrderedPool.enqueue_many`)."""
     if stream.keyed is None and items:
         with engine.lock:
             if stream.keyed is None:
@@ -185,6 +186,7 @@ def enqueue_many(
             "give a key for every item of the stream or for none "
             f"(this stream is {'keyed' if stream.keyed else 'unkeyed'})"
         )
+    check_run(indices)  # whole, before anything is accepted (it is taken in chunks)
     slots = None if keys is None else list(map(engine.route, keys))
     intake, total, pos = engine.intake, len(items), 0
     deadline = Deadline(timeout)
@@ -201,7 +203,8 @@ def enqueue_many(
                 indices[pos:end], items[pos:end], None if slots is None else slots[pos:end]
             )
             intake.submitted += end - pos
-            stream.enqueued += end - pos
+            if isinstance(stream, NamedStream):
+                stream.enqueued += end - pos
             pos = end
             scheduler = engine.scheduler
             if n < size and not (pos == total and scheduler.starts_now(stream, None)):

@@ -6,7 +6,7 @@ import multiprocessing
 import threading
 import warnings
 from itertools import chain, repeat
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from ._core.batching import Batch
 from ._core.defaults import MAX_DELAY, default_window, usable_cores
@@ -23,7 +23,7 @@ from ._engine.decoding import (
     release,
     retrying,
 )
-from ._multistream import OrderedStream, batch_results, take_any
+from ._multistream import OrderedStream, batch_results, enqueue_many, take_any
 from ._transport.base import TransportEvents, TransportFactory
 from ._transport.process import ProcessTransport
 from ._transport.worker import process_spec, worker_spec
@@ -346,6 +346,43 @@ class ProcessOrderedPool:
             )
         slot = engine.route(key) if key is not None else None
         engine.intake.enqueue(stream, index, item, slot, timeout)
+
+    def enqueue_many(
+        self,
+        indices: Sequence[int],
+        items: Sequence[Any],
+        *,
+        keys: Sequence[Any] | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Submit many items at once: ``items[i]`` at ``indices[i]``, with ``keys[i]`` for a
+        keyed stream. The same as :meth:`enqueue` per item, with one lock round per batch
+        instead of per item: the cheap way in for a producer that receives items in bunches
+        (a Kafka ``consume(500)``, a socket read). Thread-safe.
+
+        It waits while the window is full, then may overfill it by up to one batch.
+
+        Args:
+            indices: ints, strictly increasing and above the previous index (gaps are fine).
+            items: the arguments for ``fn``, one per index.
+            keys: one key per item (see :meth:`enqueue`), or ``None`` for an unkeyed stream.
+            timeout: seconds to wait for room in the window; ``None`` waits as long as needed.
+
+        Raises:
+            ValueError: ``indices``, ``items`` and ``keys`` differ in length, or an index is
+                not greater than the one before it (nothing of the call was accepted then),
+                or ``keys`` is given for some calls of the stream and not others.
+            TypeError: an index is not an int, or a key is not str, bytes or int.
+            TimeoutError: the window stayed full for ``timeout`` seconds.
+            PoolClosed: the pool was closed or terminated.
+            BrokenPool: the pool is broken.
+            RuntimeError: an ``imap`` is running on this pool.
+        """
+        if len(indices) != len(items) or (keys is not None and len(keys) != len(items)):
+            raise ValueError("indices, items and keys must have the same length")
+        engine = self._live()
+        stream = self._enqueue_stream(engine, keyed=keys is not None)
+        enqueue_many(engine, stream, list(indices), list(items), keys, timeout)
 
     def results(self) -> Iterator[Result]:
         """Yield a :class:`Result` per enqueued item, in ascending index order.

@@ -998,3 +998,85 @@ def test_a_function_with_its_own_sigalrm_timeout_is_left_alone(start_method):
     fired early by them."""
     with ProcessOrderedPool(_own_alarm, workers=2, start_method=start_method) as pool:
         assert list(pool.imap(range(200))) == list(range(200))
+
+
+# -- enqueue_many -----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_enqueue_many_with_gaps_mixed_with_enqueue_from_a_producer_thread(start_method):
+    indices = [*range(0, 600, 3), *range(2**40, 2**40 + 700, 7), 2**64 + 1]
+    pool = ProcessOrderedPool(_square, workers=2, window=64, start_method=start_method)
+    got: list = []
+    errors: list = []
+
+    def producer():
+        try:
+            pos, size = 0, 1
+            while pos < len(indices):
+                chunk = indices[pos : pos + size]
+                if size == 1:
+                    pool.enqueue(chunk[0], chunk[0] % 1000)
+                else:  # bunches of 2 to 150, some larger than the window
+                    pool.enqueue_many(chunk, [i % 1000 for i in chunk])
+                pos += size
+                size = size * 7 % 151 or 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    consumer = threading.Thread(target=lambda: got.extend(pool.results()))
+    thread = threading.Thread(target=producer)
+    try:
+        consumer.start()
+        thread.start()
+        thread.join(60)
+        pool.close()
+        consumer.join(60)
+        assert pool.join(30)
+    finally:
+        pool.terminate()
+    assert errors == []
+    assert [r.index for r in got] == indices
+    assert [r.value for r in got] == [(i % 1000) ** 2 for i in indices]
+
+
+@pytest.mark.timeout(60)
+def test_enqueue_many_accepts_nothing_of_a_call_it_rejects():
+    with ProcessOrderedPool(_square, workers=2, batch_size=4) as pool:
+        pool.enqueue_many([1, 2], [1, 2])
+        with pytest.raises(ValueError, match="same length"):
+            pool.enqueue_many([3, 4], [3])
+        # out of order far past the first batch's worth: still nothing of it accepted
+        with pytest.raises(ValueError, match="index 9 is not greater than the previous index 10"):
+            pool.enqueue_many([3, 4, 5, 6, 7, 8, 10, 9], [0] * 8)
+        with pytest.raises(ValueError, match="not greater than the previous index 2"):
+            pool.enqueue_many([2, 30], [0, 0])
+        with pytest.raises(TypeError, match="index must be an int, not float"):
+            pool.enqueue_many([3, 4, 5, 6, 7, 8.0], [0] * 6)
+        with pytest.raises(TypeError, match="not bool"):
+            pool.enqueue_many([3, True], [0, 0])
+        with pytest.raises(ValueError, match="key for every item"):
+            pool.enqueue_many([3, 4], [3, 4], keys=["a", "b"])
+        pool.enqueue_many([], [])
+        pool.enqueue_many(range(3, 7), [3, 4, 5, 6])
+        pool.close()
+        with pytest.raises(PoolClosed):
+            pool.enqueue_many([7], [7])
+        assert [(r.index, r.value) for r in pool.results()] == [(i, i * i) for i in range(1, 7)]
+
+
+@pytest.mark.timeout(60)
+def test_enqueue_many_with_keys_runs_each_key_on_one_worker(start_method):
+    with ProcessOrderedPool(_pid_and_square, workers=2, start_method=start_method) as pool:
+        keys = [f"user-{i % 5}" for i in range(200)]
+        pool.enqueue_many(range(0, 400, 2), range(200), keys=keys)
+        with pytest.raises(ValueError, match="key for every item"):
+            pool.enqueue(1000, 1)
+        pool.close()
+        got = list(pool.results())
+    assert [r.index for r in got] == list(range(0, 400, 2))
+    assert [r.value[1] for r in got] == [i * i for i in range(200)]
+    pids: dict[str, set[int]] = {}
+    for key, result in zip(keys, got):
+        pids.setdefault(key, set()).add(result.value[0])
+    assert all(len(p) == 1 for p in pids.values())

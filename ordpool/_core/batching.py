@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .streams import Stream
 
-__all__ = ["Batch", "BatchSizer", "Batcher", "Task", "compact_indices"]
+__all__ = ["Batch", "BatchSizer", "Batcher", "Task", "check_run", "compact_indices"]
 
 
 def compact_indices(indices: list[int]) -> range | list[int]:
@@ -138,6 +138,31 @@ class Batch:
         return f"<Batch seq={self.seq} n={len(self)} tasks={len(self.tasks)}>"
 
 
+def check_run(indices: list[int]) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``indices`` are ints, strictly increasing (at
+    C speed where they are all plain ints).
+
+    >>> check_run([1, 5, 9])
+    >>> check_run([1, 5, 5])
+    Traceback (most recent call last):
+    ...
+    ValueError: index 5 is not greater than the previous index 5
+    >>> check_run([1, 2.0])
+    Traceback (most recent call last):
+    ...
+    TypeError: index must be an int, not float
+    """
+    if set(map(type, indices)) - {int}:
+        for index in indices:
+            if isinstance(index, bool) or not isinstance(index, int):
+                raise TypeError(f"index must be an int, not {type(index).__name__}")
+    if len(indices) > 1 and any(map(operator.ge, indices[:-1], indices[1:])):
+        bad = next(i for i, (a, b) in enumerate(pairwise(indices)) if a >= b)
+        raise ValueError(
+            f"index {indices[bad + 1]} is not greater than the previous index {indices[bad]}"
+        )
+
+
 class Batcher:
     """Collects ``(index, item)`` pairs of one stream into runs, rejecting non-increasing indices.
 
@@ -196,12 +221,8 @@ class Batcher:
         """
         if not indices:
             return len(self.items)
+        check_run(indices)
         self.check(indices[0])
-        if len(indices) > 1 and any(map(operator.ge, indices[:-1], indices[1:])):
-            bad = next(i for i, (a, b) in enumerate(pairwise(indices)) if a >= b)
-            raise ValueError(
-                f"index {indices[bad + 1]} is not greater than the previous index {indices[bad]}"
-            )
         self.last_index = indices[-1]
         self.indices += indices
         self.items += items
