@@ -443,7 +443,7 @@ def _number(cell: str) -> float:
 @pytest.mark.timeout(240)
 def test_stream_run_measures_every_item_of_every_engine(tmp_path: Path) -> None:
     out = tmp_path / "stream.json"
-    engines = "ordpool,ordpool-imap,pool-imap-100,executor-submit"
+    engines = "ordpool,ordpool-many,ordpool-imap,pool-imap-100,executor-submit"
     proc = run(*STREAM, "--engines", engines, "--json", str(out), timeout=200)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
@@ -452,7 +452,13 @@ def test_stream_run_measures_every_item_of_every_engine(tmp_path: Path) -> None:
     for column in LATENCY_COLUMNS:
         assert column in header
     assert "before-slow" not in header
-    labels = ["ordpool enqueue", "ordpool imap", "mp.Pool.imap", "ProcessPoolExecutor.submit"]
+    labels = [
+        "ordpool enqueue",
+        "ordpool enqueue_many",
+        "ordpool imap",
+        "mp.Pool.imap",
+        "ProcessPoolExecutor.submit",
+    ]
     assert [r.split(" (")[0].split("  ")[0] for r in rows] == labels
     for cells in stream_cells(proc.stdout):
         names = ("k msg/s", "done", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "parent us/msg")
@@ -474,7 +480,7 @@ def test_stream_run_measures_every_item_of_every_engine(tmp_path: Path) -> None:
         assert row["items_done"] == row["items_due"] == 2000
         assert row["workers"] == 2 and row["slow_items"] == 0
         assert row["p50_ms"] <= row["p99_ms"] <= row["p999_ms"] <= row["max_ms"]
-    assert report["rows"][2]["params"] == {"chunksize": 100}
+    assert report["rows"][3]["params"] == {"chunksize": 100}
 
 
 @pytest.mark.timeout(200)

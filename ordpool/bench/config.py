@@ -21,7 +21,14 @@ __all__ = [
 
 DEFAULT_ENGINES = ("ordpool", "pool", "executor")
 # The engines of --stream, in the order they run (all of them by default).
-STREAM_ENGINE_KEYS = ("ordpool", "ordpool-imap", "pool-imap-1", "pool-imap-100", "executor-submit")
+STREAM_ENGINE_KEYS = (
+    "ordpool",
+    "ordpool-many",
+    "ordpool-imap",
+    "pool-imap-1",
+    "pool-imap-100",
+    "executor-submit",
+)
 
 
 class BenchError(Exception):

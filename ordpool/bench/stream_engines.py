@@ -6,6 +6,9 @@ key                    producer -> consumer
 =====================  ========================================================================
 ``ordpool``            a :class:`.openloop.Producer` thread calls ``pool.enqueue(i, item)``;
                        the main thread iterates ``pool.results()``
+``ordpool-many``       the same with one ``pool.enqueue_many(indices, items)`` per wake-up of
+                       the producer (every item due by then, as a broker's ``consume(n)``
+                       hands them over)
 ``ordpool-imap``       ``pool.imap(gen)``: ``gen`` yields each item at its due time
 ``pool-imap-1``        ``multiprocessing.Pool.imap(stream_work, gen, chunksize=1)``
 ``pool-imap-100``      the same with ``chunksize=100``
@@ -25,13 +28,13 @@ import multiprocessing
 import queue
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, wait
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .. import PoolStats, ProcessOrderedPool, Result
 from ._runtime import MAX_DELAY
 from .config import StreamCheckError, StreamConfig
 from .engines import ordpool_label, ordpool_params
-from .openloop import Pacer, Producer, Recorder
+from .openloop import Items, Pacer, Producer, Recorder
 from .workloads import stream_work
 
 __all__ = [
@@ -39,6 +42,7 @@ __all__ = [
     "ExecutorSubmitEngine",
     "MpPoolImapEngine",
     "OrdpoolEnqueueEngine",
+    "OrdpoolEnqueueManyEngine",
     "OrdpoolImapEngine",
     "StreamEngine",
 ]
@@ -149,10 +153,7 @@ class OrdpoolEnqueueEngine(_OrdpoolEngine):
         base, total, make = self._base, pacer.schedule.total, pacer.items
         self._base += total
 
-        def feed(batch: range) -> None:
-            enqueue = pool.enqueue
-            for i in batch:
-                enqueue(base + i, make(i))
+        feed = self.feeder(base, make)
 
         def consume() -> None:
             receive = recorder.receive
@@ -167,12 +168,42 @@ class OrdpoolEnqueueEngine(_OrdpoolEngine):
 
         Producer(pacer, feed, on_error=pool.terminate).drive(consume, abort=pool.terminate)
 
+    def feeder(self, base: int, make: Items) -> Callable[[range], None]:
+        """The producer's step: feed one batch of due items (``base + i`` in the pool)."""
+        pool = self._pool
+        assert pool is not None, "open() first"
+        enqueue = pool.enqueue
+
+        def feed(batch: range) -> None:
+            for i in batch:
+                enqueue(base + i, make(i))
+
+        return feed
+
     def close(self, abort: bool = False) -> None:
         if self._pool is not None and not abort:
             self._pool.close()
             for _ in self._results:  # ends at once: every enqueued item was consumed
                 pass
         super().close(abort)
+
+
+class OrdpoolEnqueueManyEngine(OrdpoolEnqueueEngine):
+    """One ``pool.enqueue_many`` per batch of due items from a producer thread;
+    ``pool.results()`` here."""
+
+    key = "ordpool-many"
+    name = "ordpool enqueue_many"
+
+    def feeder(self, base: int, make: Items) -> Callable[[range], None]:
+        pool = self._pool
+        assert pool is not None, "open() first"
+        enqueue_many = pool.enqueue_many
+
+        def feed(batch: range) -> None:
+            enqueue_many(range(base + batch.start, base + batch.stop), list(map(make, batch)))
+
+        return feed
 
 
 class OrdpoolImapEngine(_OrdpoolEngine):
@@ -283,6 +314,7 @@ class ExecutorSubmitEngine(StreamEngine):
 
 STREAM_ENGINES: dict[str, type[StreamEngine]] = {
     "ordpool": OrdpoolEnqueueEngine,
+    "ordpool-many": OrdpoolEnqueueManyEngine,
     "ordpool-imap": OrdpoolImapEngine,
     "pool-imap-1": MpPoolImap1Engine,
     "pool-imap-100": MpPoolImap100Engine,
