@@ -10,8 +10,9 @@ The flusher is not told about every new batch: producers wake it only when it sl
 at most ``max_delay`` before it is sent, and a busy stream pays nothing per item.
 
 It also ends the wait of an ordered stream's items held back by the cut pacing
-(:meth:`.Scheduler.paced`) while a worker is idle: at the end of the pace, if no new item or
-result cut them first.
+(:meth:`.Scheduler.paced`) while a worker is idle, one more pace after the pace ended, if no
+new item or result cut them first. (Under a steady stream the next item cuts them as the pace
+ends; waking the thread then too would cost the parent a wake-up per pace for nothing.)
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ class Flusher:
 
     def _until_due(self, waiting: list[tuple[Stream, int]]) -> float:
         """Seconds until the oldest pending item of ``waiting`` has waited ``max_delay``, or
-        until the cut pacing lets an ordered stream's items go to an idle worker; a stream
-        whose clock is not started yet starts it now."""
+        until one pace after the cut pacing let an ordered stream's items go to an idle worker
+        (see the module's docstring); a stream whose clock is not started yet starts it now."""
         now = time.monotonic()
         due = now + self.max_delay
         scheduler = self.engine.scheduler
