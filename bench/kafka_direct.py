@@ -116,7 +116,10 @@ def _worker(
     buffers: dict[int, list[Any]] = {p: [] for p in ends}
     firsts = dict.fromkeys(ends, 0)  # the first offset of each partition's open chunk
     batch: list[Any] = []
+    deadline = time.monotonic() + 60.0
     while not batch:  # the CPU count starts at the first messages
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no message from {topic} within 60 s")
         batch = consumer.consume(500, 1.0)
     first_batch_at = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
     cpu, consumed, ran, in_consume = _cpu(), 0, 0, 0.0
@@ -276,8 +279,10 @@ class Direct:
 
     def close(self) -> None:
         """Collect the workers' stats, join them."""
+        deadline = time.monotonic() + 30.0
         for conn in self.conns:
-            while True:
+            # until EOF, or 30 s in all: a worker stuck in consume() is killed below
+            while conn.poll(max(0.0, deadline - time.monotonic())):
                 try:
                     msg = conn.recv()
                 except EOFError:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from itertools import repeat
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from ._core.batching import Batch, check_run
 from ._core.defaults import Deadline
@@ -23,7 +23,14 @@ if TYPE_CHECKING:
     from ._engine import Engine
     from ._pool import ProcessOrderedPool, Result
 
-__all__ = ["OrderedStream", "batch_results", "enqueue_many", "take_any"]
+__all__ = [
+    "OrderedStream",
+    "batch_results",
+    "checked_bunch",
+    "decide_keyed",
+    "enqueue_many",
+    "take_any",
+]
 
 
 class OrderedStream:
@@ -64,33 +71,34 @@ class OrderedStream:
         Raises:
             ValueError: ``index`` is not greater than the stream's previous index, or ``key``
                 is given for some items of the stream and not others.
+            TypeError: ``index`` is not an int, or ``key`` is not str, bytes or int.
             TimeoutError: the pool's window stayed full for ``timeout`` seconds.
             PoolClosed: the stream or the pool was closed (or the stream dropped).
+            BrokenPool: the pool is broken.
         """
         self.enqueue_many([index], [item], keys=None if key is None else [key], timeout=timeout)
 
     def enqueue_many(
         self,
-        indices: Sequence[int],
-        items: Sequence[Any],
+        indices: Iterable[int],
+        items: Iterable[Any],
         *,
-        keys: Sequence[Any] | None = None,
+        keys: Iterable[Any] | None = None,
         timeout: float | None = None,
     ) -> None:
-        """Submit many items at once: ``items[i]`` at ``indices[i]`` (ints, strictly
-        increasing, above the previous index), with ``keys[i]`` for a keyed stream.
-
-        One lock round per batch rather than per item: the cheap way in for a consumer that
-        receives items in bunches. It waits while the window is full, then may overfill it by
-        up to one batch.
+        """Submit many items at once: ``items[i]`` at ``indices[i]`` (see
+        :meth:`ProcessOrderedPool.enqueue_many`).
 
         Raises:
-            ValueError: as :meth:`enqueue`, or ``indices``, ``items`` and ``keys`` differ in
-                length; nothing of the call was accepted then.
+            ValueError: ``indices``, ``items`` and ``keys`` differ in length, or an index is
+                not greater than the one before it; nothing of the call was accepted then.
+            TypeError: an index is not an int, or a key is not str, bytes or int.
+            TimeoutError: the pool's window stayed full for ``timeout`` seconds.
+            PoolClosed: the stream or the pool was closed (or the stream dropped).
+            BrokenPool: the pool is broken.
         """
-        if len(indices) != len(items) or (keys is not None and len(keys) != len(items)):
-            raise ValueError("indices, items and keys must have the same length")
-        enqueue_many(self._engine, self._stream, list(indices), list(items), keys, timeout)
+        indices, items, keys = checked_bunch(indices, items, keys)
+        enqueue_many(self._engine, self._stream, indices, items, keys, timeout)
 
     def take(self, timeout: float | None = 0.0) -> list[Result] | None:
         """The results that are next in order and ready now, as a list (one batch of them).
@@ -167,27 +175,57 @@ class OrderedStream:
         return f"<OrderedStream in_flight={self.in_flight} ended={self.ended}>"
 
 
+def checked_bunch(
+    indices: Iterable[int], items: Iterable[Any], keys: Iterable[Any] | None
+) -> tuple[list[int], list[Any], list[Any] | None]:
+    """``enqueue_many``'s arguments as lists, checked whole before anything is accepted:
+    lengths, index types and order (keys are checked as they are routed).
+
+    Raises:
+        ValueError: the lengths differ, or an index is not greater than the one before it.
+        TypeError: an index is not an int.
+    """
+    indices, items = list(indices), list(items)
+    keys = None if keys is None else list(keys)
+    if len(indices) != len(items) or (keys is not None and len(keys) != len(items)):
+        raise ValueError("indices, items and keys must have the same length")
+    check_run(indices)
+    return indices, items, keys
+
+
+def decide_keyed(engine: Engine, stream: IndexedStream, keyed: bool) -> None:
+    """Whether the stream's items carry keys: its first item decides (under the engine's lock,
+    whichever method adds it); raise if this call disagrees.
+
+    Raises:
+        ValueError: the stream's items are keyed and this call's are not, or the reverse.
+    """
+    if stream.keyed is None:
+        with engine.lock:
+            if stream.keyed is None:
+                stream.keyed = keyed
+    if stream.keyed != keyed:
+        raise ValueError(
+            "give a key for every item of the stream or for none "
+            f"(this stream is {'keyed' if stream.keyed else 'unkeyed'})"
+        )
+
+
 def enqueue_many(
     engine: Engine,
     stream: IndexedStream,
     indices: list[int],
     items: list[Any],
-    keys: Sequence[Any] | None,
+    keys: list[Any] | None,
     timeout: float | None,
 ) -> None:
     """Add items to an indexed stream a batch at a time (see
-    :meth:`OrderedStream.enqueue_many` and :meth:`ProcessOrderedPool.enqueue_many`)."""
-    if stream.keyed is None and items:
-        with engine.lock:
-            if stream.keyed is None:
-                stream.keyed = keys is not None
-    if items and stream.keyed != (keys is not None):
-        raise ValueError(
-            "give a key for every item of the stream or for none "
-            f"(this stream is {'keyed' if stream.keyed else 'unkeyed'})"
-        )
-    check_run(indices)  # whole, before anything is accepted (it is taken in chunks)
-    slots = None if keys is None else list(map(engine.route, keys))
+    :meth:`OrderedStream.enqueue_many` and :meth:`ProcessOrderedPool.enqueue_many`); the
+    arguments come from :func:`checked_bunch`."""
+    if not items:
+        return
+    slots = None if keys is None else list(map(engine.route, keys))  # TypeError: a bad key
+    decide_keyed(engine, stream, keys is not None)
     intake, total, pos = engine.intake, len(items), 0
     deadline = Deadline(timeout)
     while pos < total:
@@ -199,8 +237,12 @@ def enqueue_many(
                 engine.intake.wait_for_room_locked(stream, deadline, timeout)
             size = max(1, intake.sizer.size)
             end = min(total, pos + max(1, size - len(batcher)))
+            # (raises ValueError if another thread added a greater index meanwhile)
             n = batcher.extend(
-                indices[pos:end], items[pos:end], None if slots is None else slots[pos:end]
+                indices[pos:end],
+                items[pos:end],
+                None if slots is None else slots[pos:end],
+                checked=True,
             )
             intake.submitted += end - pos
             if isinstance(stream, NamedStream):

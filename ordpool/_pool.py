@@ -6,7 +6,7 @@ import multiprocessing
 import threading
 import warnings
 from itertools import chain, repeat
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from ._core.batching import Batch
 from ._core.defaults import MAX_DELAY, default_window, usable_cores
@@ -23,7 +23,14 @@ from ._engine.decoding import (
     release,
     retrying,
 )
-from ._multistream import OrderedStream, batch_results, enqueue_many, take_any
+from ._multistream import (
+    OrderedStream,
+    batch_results,
+    checked_bunch,
+    decide_keyed,
+    enqueue_many,
+    take_any,
+)
 from ._transport.base import TransportEvents, TransportFactory
 from ._transport.process import ProcessTransport
 from ._transport.worker import process_spec, worker_spec
@@ -334,33 +341,29 @@ class ProcessOrderedPool:
             self._engine.intake.enqueue(stream, index, item, None, timeout)  # type: ignore[union-attr]
             return
         engine = self._live()
+        slot = engine.route(key) if key is not None else None  # TypeError: a bad key
         stream = self._enqueue_stream(engine, keyed=key is not None)
-        if stream.keyed is None:  # results() opened it: the first item decides
-            with self._stream_lock:
-                if stream.keyed is None:
-                    stream.keyed = key is not None
-        if stream.keyed != (key is not None):
-            raise ValueError(
-                "give a key for every item of the stream or for none "
-                f"(this stream is {'keyed' if stream.keyed else 'unkeyed'})"
-            )
-        slot = engine.route(key) if key is not None else None
+        decide_keyed(engine, stream, key is not None)  # results() opened it: it decides
         engine.intake.enqueue(stream, index, item, slot, timeout)
 
     def enqueue_many(
         self,
-        indices: Sequence[int],
-        items: Sequence[Any],
+        indices: Iterable[int],
+        items: Iterable[Any],
         *,
-        keys: Sequence[Any] | None = None,
+        keys: Iterable[Any] | None = None,
         timeout: float | None = None,
     ) -> None:
         """Submit many items at once: ``items[i]`` at ``indices[i]``, with ``keys[i]`` for a
-        keyed stream. The same as :meth:`enqueue` per item, with one lock round per batch
+        keyed stream. Like :meth:`enqueue` for each item, with one lock round per batch
         instead of per item: the cheap way in for a producer that receives items in bunches
         (a Kafka ``consume(500)``, a socket read). Thread-safe.
 
-        It waits while the window is full, then may overfill it by up to one batch.
+        Every index and key is checked before any item is accepted. The items then go in a
+        batch's worth at a time: the call waits while the window is full, and may then
+        overfill it by up to one batch. If it ends with ``TimeoutError`` or ``PoolClosed``
+        meanwhile, the items before that batch were accepted (their results come out), the
+        rest were not.
 
         Args:
             indices: ints, strictly increasing and above the previous index (gaps are fine).
@@ -378,11 +381,12 @@ class ProcessOrderedPool:
             BrokenPool: the pool is broken.
             RuntimeError: an ``imap`` is running on this pool.
         """
-        if len(indices) != len(items) or (keys is not None and len(keys) != len(items)):
-            raise ValueError("indices, items and keys must have the same length")
+        indices, items, keys = checked_bunch(indices, items, keys)
         engine = self._live()
-        stream = self._enqueue_stream(engine, keyed=keys is not None)
-        enqueue_many(engine, stream, list(indices), list(items), keys, timeout)
+        if not items:
+            return
+        stream = self._enqueue_stream(engine, keyed=None)  # decided once the keys are checked
+        enqueue_many(engine, stream, indices, items, keys, timeout)
 
     def results(self) -> Iterator[Result]:
         """Yield a :class:`Result` per enqueued item, in ascending index order.

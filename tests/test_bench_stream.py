@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from ordpool.bench.openloop import (
     fine_timer_slack,
     wait_until,
 )
-from ordpool.bench.stream import open_loop, warm_items
+from ordpool.bench.stream import StreamResult, median_row, open_loop, warm_items
 from ordpool.bench.stream_engines import StreamEngine
 from ordpool.bench.workloads import stream_work
 
@@ -369,6 +370,21 @@ def test_the_reorder_buffer_columns_show_when_the_stats_have_them() -> None:
     assert row.split()[-3:] == ["0.250", "3.10", "12.0"]
     other = next(line for line in text.splitlines() if line.startswith("other"))
     assert other.split()[-3:] == ["-", "-", "-"]
+
+
+def test_a_row_of_an_even_number_of_runs_shows_medians_and_whole_counts() -> None:
+    run = StreamResult(
+        "ordpool", "ordpool enqueue (batch auto)", 2, {}, 1000.0, 1000, 1000, 1.0, 999.0,
+        0.005, 5.0, 1.0, 2.0, 3.0, 4.0, 1.5, 0, None, None, None, 0.1, 0.2,
+    )  # fmt: skip
+    row = median_row([run, replace(run, p99_ms=4.0, items_done=1000)])
+    assert row["p99_ms"] == 3.0 and row["items_done"] == 1000 and row["repeat"] == 2
+    report = _report([row])
+    report["config"]["repeat"] = 2
+    text = report_module.format_report(report)
+    assert "median of 2 runs each (round-robin)" in text
+    line = next(line for line in text.splitlines() if line.startswith("ordpool enqueue"))
+    assert " 1,000 " in line and " 3.00 " in line
 
 
 def test_an_engine_that_falls_behind_gets_a_note() -> None:

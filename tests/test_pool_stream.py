@@ -1080,3 +1080,18 @@ def test_enqueue_many_with_keys_runs_each_key_on_one_worker(start_method):
     for key, result in zip(keys, got):
         pids.setdefault(key, set()).add(result.value[0])
     assert all(len(p) == 1 for p in pids.values())
+
+
+@pytest.mark.timeout(60)
+def test_only_an_accepted_item_decides_whether_the_stream_is_keyed():
+    with ProcessOrderedPool(_square, workers=2) as pool:
+        pool.enqueue_many([], [])  # nothing accepted: nothing decided
+        with pytest.raises(ValueError, match="not greater"):
+            pool.enqueue_many([5, 5], [1, 2], keys=["a", "b"])
+        with pytest.raises(TypeError):
+            pool.enqueue_many([5, 6], [1, 2], keys=[1.5, 2.5])
+        pool.enqueue_many(iter([5, 6]), (x for x in [5, 6]))  # any iterables
+        with pytest.raises(ValueError, match="this stream is unkeyed"):
+            pool.enqueue_many([7], [7], keys=["a"])
+        pool.close()
+        assert [(r.index, r.value) for r in pool.results()] == [(5, 25), (6, 36)]

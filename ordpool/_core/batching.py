@@ -138,6 +138,13 @@ class Batch:
         return f"<Batch seq={self.seq} n={len(self)} tasks={len(self.tasks)}>"
 
 
+def _not_an_int(index: Any) -> str:
+    """The message for an index that is not an int (numpy's integers are not: ``int()``)."""
+    convertible = hasattr(index, "__index__") and not isinstance(index, bool)
+    hint = " (convert it with int())" if convertible else ""
+    return f"index must be an int, not {type(index).__name__}{hint}"
+
+
 def check_run(indices: list[int]) -> None:
     """Raise ``TypeError``/``ValueError`` unless ``indices`` are ints, strictly increasing (at
     C speed where they are all plain ints).
@@ -155,7 +162,7 @@ def check_run(indices: list[int]) -> None:
     if set(map(type, indices)) - {int}:
         for index in indices:
             if isinstance(index, bool) or not isinstance(index, int):
-                raise TypeError(f"index must be an int, not {type(index).__name__}")
+                raise TypeError(_not_an_int(index))
     if len(indices) > 1 and any(map(operator.ge, indices[:-1], indices[1:])):
         bad = next(i for i, (a, b) in enumerate(pairwise(indices)) if a >= b)
         raise ValueError(
@@ -190,7 +197,7 @@ class Batcher:
         """Raise ``TypeError``/``ValueError`` unless ``index`` may come next."""
         if type(index) is not int:
             if isinstance(index, bool) or not isinstance(index, int):
-                raise TypeError(f"index must be an int, not {type(index).__name__}")
+                raise TypeError(_not_an_int(index))
             index = int(index)
         if self.last_index is not None and index <= self.last_index:
             raise ValueError(
@@ -207,9 +214,18 @@ class Batcher:
             self.slots.append(slot)
         return len(self.items)
 
-    def extend(self, indices: list[int], items: list[Any], slots: list[int] | None = None) -> int:
+    def extend(
+        self,
+        indices: list[int],
+        items: list[Any],
+        slots: list[int] | None = None,
+        *,
+        checked: bool = False,
+    ) -> int:
         """Append many items at once (their indices strictly increasing, after the last one);
         returns the pending count. Nothing is added when an index is out of order.
+        ``checked``: the caller ran :func:`check_run` on them already (only the first is
+        checked against the last index then).
 
         >>> b = Batcher()
         >>> b.extend([3, 7, 9], "abc")
@@ -221,7 +237,8 @@ class Batcher:
         """
         if not indices:
             return len(self.items)
-        check_run(indices)
+        if not checked:
+            check_run(indices)
         self.check(indices[0])
         self.last_index = indices[-1]
         self.indices += indices

@@ -126,7 +126,8 @@ class Flusher:
                 # the same reason). A lone job of an indexed stream (a submit) still goes
                 # after max_delay.
                 continue
-            # (enqueue never lets batcher + in-flight exceed the window)
+            # (an indexed stream's take ignores the limit: enqueue keeps its pending items
+            # within the window, enqueue_many within it plus one batch)
             work = intake.take_locked(stream, limit=room)
             if work is not None:
                 works.append(work)

@@ -101,7 +101,7 @@ class Intake:
             batcher = stream.batcher
             last = batcher.last_index
             if type(index) is not int or (last is not None and index <= last):
-                batcher.check(index)  # raises, unless an int subclass (numpy's) in order
+                batcher.check(index)  # raises, unless an int subclass in order
             n = len(batcher.items)
             if self.inflight + n >= self.window:
                 self._wait_for_room(stream, index, timeout)

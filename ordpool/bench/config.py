@@ -92,7 +92,7 @@ class StreamConfig:
         tick_us: the producer wakes at most once per this many microseconds and hands out
             every item due by then (a consumer polling a broker gets messages in bursts too).
         repeat: timed runs per engine, round-robin over the engines; a row shows their
-            medians and keeps each run.
+            medians and keeps each run (1 here; the command line's ``--repeat`` default is 3).
         engines: keys of :data:`STREAM_ENGINE_KEYS`, run one after another in this order.
         start_method: for every pool (``"forkserver"``).
         batch_size: ordpool's batch size, ``None`` for auto.

@@ -421,7 +421,7 @@ def _stream_header(report: dict[str, Any]) -> list[RenderableType]:
 
 
 def _runs(cfg: dict[str, Any]) -> str:
-    """``", median of 5 runs"`` (round-robin over the engines), or nothing for one run."""
+    """``", median of 5 runs each (round-robin)"``, or nothing for one run."""
     repeat = cfg.get("repeat", 1)
     return f", median of {repeat} runs each (round-robin)" if repeat > 1 else ""
 

@@ -100,7 +100,6 @@ class StreamResult:
 # The fields of a row that are the median of its runs; the others are the same in every run
 # (or, for params and held_bytes, as read after the last one).
 _MEDIAN_FIELDS = (
-    "items_done",
     "wall_s",
     "msgs_per_s",
     "parent_cpu_s",
@@ -138,6 +137,7 @@ def median_row(runs: list[StreamResult]) -> dict[str, Any]:
     for field in _MEDIAN_FIELDS:
         values = [r[field] for r in rows if r[field] is not None]
         row[field] = statistics.median(values) if values else None
+    row["items_done"] = min(r["items_done"] for r in rows)  # (every run must be complete)
     row["repeat"] = len(rows)
     row["runs"] = [{field: r[field] for field in _RUN_FIELDS} for r in rows]
     return row
