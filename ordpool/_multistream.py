@@ -131,7 +131,8 @@ class OrderedStream:
         work = None
         with engine.lock:
             if not stream.closed:
-                stream.close_intake()
+                with engine.gate:
+                    stream.close_intake()
                 work = engine.intake.take_locked(stream)
                 engine.ready.notify_all()
         if work is not None:
@@ -148,7 +149,8 @@ class OrderedStream:
         stream = self._stream
         with engine.lock:
             if not stream.abandoned:
-                stream.batcher.take()
+                with engine.gate:
+                    stream.batcher.take()
                 stream.received = stream.enqueued
             engine.ready.notify_all()
         engine.release_stream(stream)
@@ -237,13 +239,13 @@ def enqueue_many(
                 engine.intake.wait_for_room_locked(stream, deadline, timeout)
             size = max(1, intake.sizer.size)
             end = min(total, pos + max(1, size - len(batcher)))
-            # (raises ValueError if another thread added a greater index meanwhile)
-            n = batcher.extend(
-                indices[pos:end],
-                items[pos:end],
-                None if slots is None else slots[pos:end],
-                checked=True,
-            )
+            with engine.gate:  # (ValueError if another thread added a greater index meanwhile)
+                n = batcher.extend(
+                    indices[pos:end],
+                    items[pos:end],
+                    None if slots is None else slots[pos:end],
+                    checked=True,
+                )
             intake.submitted += end - pos
             if isinstance(stream, NamedStream):
                 stream.enqueued += end - pos

@@ -1095,3 +1095,49 @@ def test_only_an_accepted_item_decides_whether_the_stream_is_keyed():
             pool.enqueue_many([7], [7], keys=["a"])
         pool.close()
         assert [(r.index, r.value) for r in pool.results()] == [(5, 25), (6, 36)]
+
+
+@pytest.mark.timeout(90)
+def test_every_item_enqueue_accepted_before_a_racing_close_comes_back_once(start_method):
+    """Producer threads enqueue as fast as they can while close() lands: each item whose
+    enqueue returned has exactly one result, and none of the others has any."""
+    pool = ProcessOrderedPool(_square, workers=2, start_method=start_method)
+    index_lock = threading.Lock()
+    counter = itertools.count()
+    accepted: list[int] = []
+    refused: list[BaseException] = []
+    errors: list[BaseException] = []
+
+    def producer():
+        try:
+            while True:
+                with index_lock:  # taking an index and enqueueing it is one step
+                    index = next(counter)
+                    try:
+                        pool.enqueue(index, index % 1000)
+                    except PoolClosed as exc:
+                        refused.append(exc)
+                        return
+                    accepted.append(index)
+        except BaseException as exc:
+            errors.append(exc)
+
+    got: list = []
+    consumer = threading.Thread(target=lambda: got.extend(pool.results()))
+    producers = [threading.Thread(target=producer) for _ in range(3)]
+    try:
+        consumer.start()
+        for t in producers:
+            t.start()
+        assert wait_until(lambda: len(accepted) > 20_000, timeout=60)
+        pool.close()
+        for t in producers:
+            t.join(60)
+        consumer.join(60)
+        assert pool.join(30)
+    finally:
+        pool.terminate()
+    assert errors == [] and len(refused) == 3
+    assert [r.index for r in got] == accepted
+    assert [r.value for r in got] == [(i % 1000) ** 2 for i in accepted]
+    assert pool.stats().submitted == len(accepted)

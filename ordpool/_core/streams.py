@@ -155,13 +155,16 @@ class IndexedStream(Stream):
 
     Attributes:
         batcher: the pending items, their indices and (keyed) slots.
+        unsubmitted: pending items added by ``enqueue``'s path without the engine's lock, not
+            yet counted in ``Intake.submitted`` (counted when they are taken).
     """
 
-    __slots__ = ("batcher",)
+    __slots__ = ("batcher", "unsubmitted")
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.batcher = Batcher()
+        self.unsubmitted = 0
 
     def pending(self) -> int:
         return len(self.batcher)

@@ -72,6 +72,14 @@ Read or written without the lock, by design (each a single attribute, atomic und
   ``Supervisor.on_death``, written by the same transport thread that reports the death;
 * ``Engine.streams`` by the pool's face, to refuse a second stream: a list read whole.
 
+The gate, ``Engine.gate`` (a plain ``Lock``, held for a few steps, never while waiting, and
+taken after ``Engine.lock`` when both are): ``enqueue`` appends an item that cuts no batch to
+an indexed stream's pending items under the gate alone (``Intake.enqueue``), reading the
+scheduler's fields as hints. So every change to an indexed stream's pending items (a take, an
+append, ``enqueue_many``'s extend, a drop) and every end of the intake (``close``, a break,
+``terminate``, an abandoned stream) happens under the gate too: an item appended without the
+lock is either in the next take or refused.
+
 Pickling and unpickling happen outside the lock: a producer encoding a large batch never
 delays the transport's thread. The transport's thread encodes batches itself only when a
 worker has gone idle with items waiting (``Intake.take_for_idle_locked``): then nothing else

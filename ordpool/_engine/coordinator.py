@@ -19,7 +19,7 @@ from .._core.reorder import ReorderBuffer
 from .._core.routing import KeyRouter
 from .._core.state import ENDED, PoolState
 from .._core.stats import PoolStats, WorkerStats, worker_usage
-from .._core.streams import Stream
+from .._core.streams import IndexedStream, Stream
 from .._transport.base import TransportFactory
 from .delivery import Delivery
 from .flusher import Flusher
@@ -79,6 +79,11 @@ class Engine:
         # Ctrl-C interrupts. The KeyboardInterrupt would then leave `with lock:` without the
         # lock, and the release raise "RuntimeError: release unlocked lock" in its place.
         self.lock = threading.RLock()
+        # The gate: held for a few steps at a time, by enqueue's path for an item that cuts no
+        # batch (without the lock above: see Intake.enqueue), and, under the lock, by
+        # whatever changes an indexed stream's pending items or ends the intake (a take, a
+        # close, a break). Never taken before the lock, nor held while waiting.
+        self.gate = threading.Lock()
         self.space = threading.Condition(self.lock)  # producers and feeders wait for room
         self.ready = threading.Condition(self.lock)  # consumers, start() and join() wait
         self.state = PoolState.STARTING
@@ -142,7 +147,7 @@ class Engine:
             self.flusher.start()
             return
         self.terminate()
-        with self.lock:
+        with self.lock, self.gate:
             self.state = PoolState.BROKEN
             self.supervisor.broken_error = error
         if raise_init_error:
@@ -171,10 +176,11 @@ class Engine:
         with self.lock:
             if self.state not in (PoolState.RUNNING, PoolState.STARTING):
                 return
-            self.state = PoolState.CLOSING
-            for stream in self.streams:
-                if not stream.closed and stream.close_intake():
-                    works.append(self.intake.take_locked(stream))
+            with self.gate:
+                self.state = PoolState.CLOSING
+                closing = [s for s in self.streams if not s.closed and s.close_intake()]
+            for stream in closing:
+                works.append(self.intake.take_locked(stream))
             self.wake_all_locked()
         for work in works:
             if work is not None:
@@ -212,7 +218,8 @@ class Engine:
         with self.lock:
             if self.state in ENDED:
                 return
-            self.state = PoolState.TERMINATED
+            with self.gate:
+                self.state = PoolState.TERMINATED
             self.wake_all_locked()
         self.transport.stop(graceful=False)
         self.forget()
@@ -279,8 +286,12 @@ class Engine:
             if not stream.finished():
                 # Results already waiting are dropped now, those still running as they land
                 # (Delivery.answer_locked), and the feeder stops at its next take.
-                stream.abandoned = True
-                stream.closed = True
+                with self.gate:
+                    stream.abandoned = True
+                    stream.closed = True
+                    if isinstance(stream, IndexedStream):  # accepted, whatever comes of them
+                        self.intake.submitted += stream.unsubmitted
+                        stream.unsubmitted = 0
                 self.intake.release_locked(stream.reorder.items)
                 stream.reorder = ReorderBuffer()
             if stream in self.streams:
@@ -363,7 +374,8 @@ class Engine:
             slots = self.scheduler.snapshot_locked()
             delivery = self.delivery
             counters = (
-                self.intake.submitted,
+                self.intake.submitted
+                + sum(s.unsubmitted for s in self.streams if isinstance(s, IndexedStream)),
                 delivery.completed,
                 delivery.failed,
                 self.intake.inflight,

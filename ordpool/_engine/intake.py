@@ -93,26 +93,57 @@ class Intake:
         slot: int | None,
         timeout: float | None,
     ) -> None:
-        """Add one item to an indexed stream, waiting while the window is full."""
+        """Add one item to an indexed stream, waiting while the window is full.
+
+        Most items of a steady stream cut no batch: they are appended under the engine's
+        gate only, not its lock, which the collector, the consumer and the flusher hold for
+        longer. Taking that lock once per item made a steady stream's tail latency worse than
+        taking it once per bunch of items (``bench/results/2026-12-07-latency-repeat.md``).
+        An item takes the locked way when it is the first pending one (it starts the
+        flusher's clock), may cut a batch (the batch is full, or a worker is idle and the cut
+        is not paced), or when the window is half full, the stream keyed or a callback
+        stream's, or the intake closed (to raise). The scheduler's fields are read without
+        the lock there: a stale answer only cuts a batch at the next item, result or flusher
+        look instead.
+        """
         engine = self.engine
+        if slot is None and type(index) is int and stream.on_batch is None:
+            batcher = stream.batcher
+            scheduler = self.scheduler
+            with engine.gate:
+                n = len(batcher.items)
+                last = batcher.last_index
+                if (
+                    n
+                    and (last is None or index > last)
+                    and engine.state is PoolState.RUNNING
+                    and not stream.closed
+                    and n + 1 < self.sizer.size
+                    and 2 * (self.inflight + n + 1) < self.window
+                    and (not scheduler.idle or scheduler.paced_until > time.monotonic())
+                ):
+                    batcher.last_index = index
+                    batcher.indices.append(index)
+                    batcher.items.append(item)
+                    stream.unsubmitted += 1
+                    return
         with engine.lock:
             if engine.state is not PoolState.RUNNING or stream.closed:
                 self._check_accepts(stream)  # raises
             batcher = stream.batcher
-            last = batcher.last_index
-            if type(index) is not int or (last is not None and index <= last):
-                batcher.check(index)  # raises, unless an int subclass in order
             n = len(batcher.items)
             if self.inflight + n >= self.window:
                 self._wait_for_room(stream, index, timeout)
+            with engine.gate:  # Batcher.add, inlined: this runs once per item
+                last = batcher.last_index
+                if type(index) is not int or (last is not None and index <= last):
+                    batcher.check(index)  # raises, unless an int subclass in order
+                batcher.last_index = index
+                batcher.indices.append(index)
+                batcher.items.append(item)
+                if slot is not None:
+                    batcher.slots.append(slot)
                 n = len(batcher.items)
-            # Batcher.add, inlined: this runs once per item.
-            batcher.last_index = index
-            batcher.indices.append(index)
-            batcher.items.append(item)
-            if slot is not None:
-                batcher.slots.append(slot)
-            n += 1
             self.submitted += 1
             scheduler = self.scheduler
             if n < self.sizer.size and not (
@@ -189,7 +220,11 @@ class Intake:
 
     def take_locked(self, stream: Stream, limit: int | None = None) -> Work | None:
         """Take the stream's pending items as its next batch (its seq is assigned here)."""
-        taken: Taken | None = stream.take(limit, self.sizer.size)
+        with self.engine.gate:
+            taken: Taken | None = stream.take(limit, self.sizer.size)
+            if isinstance(stream, IndexedStream) and stream.unsubmitted:
+                self.submitted += stream.unsubmitted
+                stream.unsubmitted = 0
         if taken is None:
             return None
         stream.pending_since = 0.0

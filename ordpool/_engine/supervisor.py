@@ -222,12 +222,14 @@ class Supervisor:
     def break_locked(self, error: BaseException) -> None:
         """Fail everything pending and refuse new work: workers cannot be (re)started."""
         engine = self.engine
-        engine.state = PoolState.BROKEN
+        with engine.gate:
+            engine.state = PoolState.BROKEN
+            for stream in engine.streams:
+                stream.closed = True
         self.broken_error = error
         for task in engine.scheduler.drop_all_locked():
             self.fail_task_locked(task, error)
         for stream in engine.streams:
-            stream.closed = True
             engine.intake.fail_pending_locked(stream, error)
         engine.wake_all_locked()
         engine.forget()
