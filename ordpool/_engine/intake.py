@@ -106,27 +106,9 @@ class Intake:
         the lock there: a stale answer only cuts a batch at the next item, result or flusher
         look instead.
         """
+        if slot is None and self._appended_at_the_gate(stream, index, item):
+            return
         engine = self.engine
-        if slot is None and type(index) is int and stream.on_batch is None:
-            batcher = stream.batcher
-            scheduler = self.scheduler
-            with engine.gate:
-                n = len(batcher.items)
-                last = batcher.last_index
-                if (
-                    n
-                    and (last is None or index > last)
-                    and engine.state is PoolState.RUNNING
-                    and not stream.closed
-                    and n + 1 < self.sizer.size
-                    and 2 * (self.inflight + n + 1) < self.window
-                    and (not scheduler.idle or scheduler.paced_until > time.monotonic())
-                ):
-                    batcher.last_index = index
-                    batcher.indices.append(index)
-                    batcher.items.append(item)
-                    stream.unsubmitted += 1
-                    return
         with engine.lock:
             if engine.state is not PoolState.RUNNING or stream.closed:
                 self._check_accepts(stream)  # raises
@@ -160,6 +142,31 @@ class Intake:
             work = self.take_locked(stream)
         assert work is not None  # the item just added is pending
         self.encode_dispatch(*work)
+
+    def _appended_at_the_gate(self, stream: IndexedStream, index: int, item: Any) -> bool:
+        """``enqueue``'s path without the engine's lock (see there): True when the item was
+        appended, False when it must take the locked way."""
+        if type(index) is not int or stream.on_batch is not None:
+            return False
+        engine, batcher, scheduler = self.engine, stream.batcher, self.scheduler
+        with engine.gate:
+            n = len(batcher.items)
+            last = batcher.last_index
+            if not (
+                n
+                and (last is None or index > last)
+                and engine.state is PoolState.RUNNING
+                and not stream.closed
+                and n + 1 < self.sizer.size
+                and 2 * (self.inflight + n + 1) < self.window
+                and (not scheduler.idle or scheduler.paced_until > time.monotonic())
+            ):
+                return False
+            batcher.last_index = index
+            batcher.indices.append(index)
+            batcher.items.append(item)
+            stream.unsubmitted += 1
+            return True
 
     def _check_accepts(self, stream: Stream) -> None:
         self.engine.check_open()
