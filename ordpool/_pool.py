@@ -212,7 +212,8 @@ class ProcessOrderedPool:
             workers are cut at most once per ``max_delay / 5`` (batches of about 1 ms of
             arrivals by default, instead of a few items each). A worker sends the results
             finished before a slow item at once, instead of with the batch's end, when its
-            batch has run 1.5 times its usual time (at least ``max_delay / 10``) or the item has
+            batch has run 1.5 times its usual time (2 times for a batch longer than
+            ``max_delay``; at least ``max_delay / 10``) or the item has
             run ``max_delay``: a slow item holds back only the results after it. Smaller:
             lower latency, more parent CPU per message. Ray actors cannot send early: there a
             result waits for its batch.

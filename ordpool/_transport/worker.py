@@ -104,8 +104,14 @@ EARLY_SIGNAL = getattr(signal, "SIGRTMIN", signal.SIGUSR2) + (
 # parent's watch alone then finds slow items).
 TICK_SIGNAL = getattr(signal, "SIGRTMIN", None) and signal.SIGRTMIN + 4
 # The timer fires once a task has run OVERRUN times its expected time (its items times their
-# mean time in the tasks before), and at least early_after / 10 (0.5 ms for max_delay 5 ms).
+# mean time in the tasks before), and at least early_after / 10 (0.5 ms for max_delay 5 ms);
+# OVERRUN_LONG times for a task expected to run longer than early_after (max_delay). A
+# stream's tasks are short (about max_delay / 5 of arrivals): there the tighter factor sends
+# the results before a slow item sooner. A backlog's tasks are long (about 40 ms), their time
+# varies more with the machine's load, and at 1.5 times the timer cost 4 to 6 % of the
+# `decode` throughput (bench/ab.py pairs); at 2 times nothing measurable.
 OVERRUN = 1.5
+OVERRUN_LONG = 2.0
 
 
 class EarlyResults:
@@ -118,7 +124,8 @@ class EarlyResults:
     position; the parent skips those it has already delivered.
 
     Two things find a slow item. The worker's own timer (:mod:`.ticker`) fires when a task
-    has run ``OVERRUN`` (1.5) times as long as its items usually take, and at least
+    has run ``OVERRUN`` (1.5) times as long as its items usually take (``OVERRUN_LONG``, 2,
+    for a task expected to take longer than ``max_delay``), and at least
     ``max_delay / 10`` (:data:`TICK_SIGNAL`), then again at that interval until the task ends;
     each time, the results finished so far are sent. A task of items as quick as usual never
     fires it, so a worker pays two system calls per task; in a batch of quick items, the
@@ -189,7 +196,9 @@ class EarlyResults:
         overruns. Not for a single item (no result before it to send), nor before a first task
         has told how long items take."""
         if self.ticker is not None and items > 1 and self.per_item:
-            self.ticker.arm(max(self.floor, OVERRUN * items * self.per_item))
+            expected = items * self.per_item
+            overrun = OVERRUN if expected <= 10 * self.floor else OVERRUN_LONG
+            self.ticker.arm(max(self.floor, overrun * expected))
             self.armed = True
 
     def learn(self, items: int, seconds: float) -> None:
