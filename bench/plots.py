@@ -10,7 +10,7 @@ Writes three PNGs (into ``docs/img/`` by default):
   on the three ``ordpool bench`` workloads (``2026-11-23-transform.json``,
   ``2026-11-23-decode.json``, ``2026-11-23-tweets.json``);
 * ``latency.png``: p50, p99 and p99.9 latency per engine for the three ``--stream`` runs
-  (``2026-12-07-latency-60k-r15-gate.json``, ``2026-12-07-latency-20k*-r5.json``).
+  (``2026-12-07-latency-60k-r15-gate.json``, ``2026-12-07-latency-20k*-r5-overrun.json``).
 
 Usage, from the repository root (needs matplotlib: ``pip install -e '.[docs]'``)::
 
@@ -137,10 +137,10 @@ _SHORT = {
 def plot_latency(plt: Any, out: Path) -> Path:
     runs = [
         ("60k msg/s of 8 us (medians of 15)", "2026-12-07-latency-60k-r15-gate.json"),
-        ("20k msg/s of 20 us (medians of 5)", "2026-12-07-latency-20k-r5.json"),
+        ("20k msg/s of 20 us (medians of 5)", "2026-12-07-latency-20k-r5-overrun.json"),
         (
             "20k msg/s of 20 us,\n1 in 2,000 sleeps 20 ms (medians of 5)",
-            "2026-12-07-latency-20k-slow-r5.json",
+            "2026-12-07-latency-20k-slow-r5-overrun.json",
         ),
     ]
     marks = [("p50_ms", "p50", 1.0), ("p99_ms", "p99", 0.6), ("p999_ms", "p99.9", 0.3)]
