@@ -31,6 +31,7 @@ from kafka_broker import (
 )
 
 from ordpool import WorkerCrashed
+from ordpool.bench.kafka_peers import PEERS, _wait_all, installed_peers, run_peer
 from ordpool.kafka import OrderedConsumer
 from ordpool.kafka.broker import LocalBroker
 
@@ -578,6 +579,31 @@ def test_bench_kafka_runs_against_the_broker(broker: str, tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     rows = {(r["engine"], r["partitions"]): r for r in report["rows"]}
-    assert set(rows) == {(e, p) for e in ("serial", "ordpool") for p in (2, 1)}
-    assert all(r["msgs_per_s"] > 0 and r["parent_us_per_msg"] > 0 for r in rows.values())
+    peers = installed_peers()  # Bytewax where installed: each runs, or the output says not
+    engines = ("serial", "ordpool", *peers)
+    assert set(rows) == {(e, p) for e in engines for p in (2, 1)}
+    assert all(r["msgs_per_s"] > 0 for r in rows.values())
+    for (engine, _), row in rows.items():
+        cpu = row["all_processes_us_per_msg" if engine in peers else "parent_us_per_msg"]
+        assert cpu > 0, row
     assert "x serial" in proc.stdout
+    missing = [peer for peer in PEERS if peer not in peers]
+    assert ("Not installed, not run: " + ", ".join(missing) in proc.stdout) == bool(missing)
+
+
+@pytest.mark.timeout(30)
+def test_a_failed_peer_process_raises_with_its_stderr_and_stops_the_others(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "stderr.log"
+    with log.open("wb") as err:
+        failing = [sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"]
+        children = [
+            subprocess.Popen(failing, stderr=err),
+            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]),
+        ]
+        with pytest.raises(RuntimeError, match="exited with status 3:\nboom"):
+            _wait_all(children, log)
+    assert children[1].poll() is not None  # killed and reaped, not left behind
+    with pytest.raises(ValueError, match="unknown peer 'flink'"):
+        run_peer("flink", "127.0.0.1:1", "topic", 1, 2, {"workload": "transform"})

@@ -5,7 +5,9 @@ one, fills a topic with the workload's messages (or ``--input``'s), and drains i
 
 * ``serial``: a plain confluent-kafka loop, ``consume`` then ``fn`` per message, in one
   process;
-* ``ordpool``: :class:`ordpool.kafka.OrderedConsumer` with ``--workers`` workers.
+* ``ordpool``: :class:`ordpool.kafka.OrderedConsumer` with ``--workers`` workers;
+* where installed, the peers of :mod:`ordpool.bench.kafka_peers` (Bytewax) with as many
+  processes as ordpool has workers.
 
 Each engine runs ``--repeat`` times, alternating, on a topic with ``--partitions`` partitions
 and on one with a single partition; each run reads the whole topic in a fresh consumer group,
@@ -24,6 +26,7 @@ import time
 import uuid
 from typing import Any, Callable, Sequence
 
+from .kafka_peers import PEERS, installed_peers, run_peer
 from .measure import parent_cpu_seconds
 from .report import write_json
 from .workloads import WORKLOADS, load_callable, make_messages, read_input
@@ -119,24 +122,35 @@ def _compare(
     workers: int,
     args: argparse.Namespace,
 ) -> list[dict[str, Any]]:
-    """Both engines, ``args.repeat`` runs each, alternating; a row per engine (medians)."""
+    """Every engine, ``args.repeat`` runs each, round-robin; a row per engine (medians).
+
+    A peer's CPU column is that of all its processes (it has no parent).
+    """
+    peers = installed_peers()
+    workload = {"fn": args.fn, "init": args.init} if args.fn else {"workload": args.workload}
     runs: dict[str, list[tuple[float, float]]] = {"serial": [], "ordpool": []}
+    runs.update({peer: [] for peer in peers})
     for _ in range(args.repeat):
         runs["serial"].append(_serial(bootstrap, topic, n, fn, init))
         runs["ordpool"].append(_ordpool(bootstrap, topic, n, fn, init, workers, args))
+        for peer in peers:
+            runs[peer].append(run_peer(peer, bootstrap, topic, n, workers, workload))
     partitions = len(_partitions(bootstrap, topic))
     serial_rate = statistics.median(r[0] for r in runs["serial"])
+    processes = {"serial": 1, "ordpool": f"1 + {workers}"}
     rows = []
     for engine, results in runs.items():
         rate = statistics.median(r[0] for r in results)
+        cpu = statistics.median(r[1] for r in results)
         rows.append(
             {
                 "engine": engine,
                 "partitions": partitions,
-                "processes": 1 if engine == "serial" else f"1 + {workers}",
+                "processes": processes.get(engine, workers),
                 "msgs_per_s": rate,
                 "x_serial": rate / serial_rate,
-                "parent_us_per_msg": statistics.median(r[1] for r in results),
+                "parent_us_per_msg": cpu if engine in processes else None,
+                "all_processes_us_per_msg": None if engine in processes else cpu,
                 "runs": results,
             }
         )
@@ -232,9 +246,15 @@ def _print(report: dict[str, Any]) -> None:
     print(f"{'engine':<9}{'parts':>6}{'processes':>11}{'k msg/s':>9}{'x serial':>9}"
           f"{'parent us/msg':>15}", file=out)  # fmt: skip
     for row in report["rows"]:
+        cpu = row["parent_us_per_msg"]
         print(
             f"{row['engine']:<9}{row['partitions']:>6}{row['processes']!s:>11}"
             f"{row['msgs_per_s'] / 1000:>9.1f}{row['x_serial']:>9.2f}"
-            f"{row['parent_us_per_msg']:>15.2f}",
+            + (f"{cpu:>15.2f}" if cpu is not None else f"{'-':>15}"),
             file=out,
         )
+    if any(row["parent_us_per_msg"] is None for row in report["rows"]):
+        print("A peer has no parent: '-'; its processes' CPU is in the JSON.", file=out)
+    missing = [peer for peer in PEERS if peer not in {row["engine"] for row in report["rows"]}]
+    if missing:
+        print(f"Not installed, not run: {', '.join(missing)}.", file=out)

@@ -1,0 +1,177 @@
+"""Peers for ``ordpool bench --kafka``, run where they are installed.
+
+* ``bytewax``: a Bytewax dataflow (``KafkaSource`` → ``map(fn)`` → a counting sink) in as
+  many processes as ordpool has workers, clustered by ``bytewax.run``. Each process reads the
+  partitions Bytewax gives it with its own consumers (no consumer group, no commits to Kafka),
+  so one partition runs in one process.
+
+A peer runs in child processes that import this module: each child takes the run's settings
+from the ``ORDPOOL_BENCH_PEER`` environment variable, notes when it ran ``fn`` on its first
+message and its CPU then, and at the end writes its count, that time, its last time and its CPU
+(every thread, librdkafka's included) to a JSON file. The run is timed from the first message
+of any process to the last of any process, like the other engines.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["PEERS", "bytewax_flow", "installed_peers", "run_peer"]
+
+PEERS = ("bytewax",)
+_ENV = "ORDPOOL_BENCH_PEER"
+_TIMEOUT = 600.0
+
+
+def installed_peers() -> list[str]:
+    """The peers importable here, in :data:`PEERS` order."""
+    return [name for name in PEERS if importlib.util.find_spec(name) is not None]
+
+
+def run_peer(
+    name: str, bootstrap: str, topic: str, n: int, processes: int, workload: dict[str, Any]
+) -> tuple[float, float]:
+    """Run peer ``name`` over the whole topic: (messages/s, CPU us/msg of all its processes).
+
+    ``workload`` holds ``workload`` (a bundled workload's name) or ``fn`` and ``init``
+    (``"module:callable"`` specs), so that each child builds the same function.
+
+    Raises:
+        RuntimeError: a child failed, or the peer processed other than ``n`` messages.
+    """
+    if name != "bytewax":
+        raise ValueError(f"unknown peer {name!r}; known: {', '.join(PEERS)}")
+    with (
+        tempfile.TemporaryDirectory(prefix="ordpool-peer-") as out,
+        open(Path(out, "stderr.log"), "wb") as log,
+    ):
+        settings = {"bootstrap": bootstrap, "topic": topic, "out": out, **workload}
+        env = {**os.environ, _ENV: json.dumps(settings)}
+        addresses = ";".join(f"127.0.0.1:{port}" for port in _free_ports(processes))
+        children = [
+            subprocess.Popen(
+                [sys.executable, "-m", "bytewax.run", f"{__name__}:bytewax_flow"]
+                + (["-i", str(i), "-a", addresses] if processes > 1 else []),
+                env=env,
+                stderr=log,
+            )
+            for i in range(processes)
+        ]
+        _wait_all(children, Path(log.name))
+        reports = [json.loads(path.read_text()) for path in sorted(Path(out).glob("*.json"))]
+    got = sum(report["count"] for report in reports)
+    if got != n:
+        raise RuntimeError(f"{name} processed {got} messages of {n}")
+    started = min(report["first"] for report in reports if report["count"])
+    ended = max(report["last"] for report in reports if report["count"])
+    cpu = sum(report["cpu"] for report in reports)
+    return got / (ended - started), cpu / got * 1e6
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _wait_all(children: list[subprocess.Popen[bytes]], log: Path) -> None:
+    """Wait for every child; a failed one raises with the tail of their stderr (Bytewax
+    prints its cluster's connection retries there, which are not shown otherwise)."""
+    deadline = time.monotonic() + _TIMEOUT
+    try:
+        for child in children:
+            code = child.wait(max(0.0, deadline - time.monotonic()))
+            if code != 0:
+                tail = log.read_bytes()[-2000:].decode(errors="replace")
+                raise RuntimeError(f"a peer process exited with status {code}:\n{tail}")
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+
+class _Tally:
+    """One child's count, first and last wall time, and CPU since its first message."""
+
+    def __init__(self, call: Callable[[bytes], Any]) -> None:
+        self.call = call
+        self.count = 0
+        self.first = self.last = 0.0
+        self.cpu = 0.0
+
+    def run(self, value: bytes) -> Any:
+        if not self.count:
+            self.first, self.cpu = time.time(), _cpu_seconds()
+        self.count += 1
+        return self.call(value)
+
+    def run_message(self, message: Any) -> Any:
+        """``run`` on a Bytewax ``KafkaSourceMessage``."""
+        return self.run(message.value)
+
+    def write(self, out: str) -> None:
+        cpu = _cpu_seconds() - self.cpu if self.count else 0.0
+        report = {"count": self.count, "first": self.first, "last": self.last, "cpu": cpu}
+        Path(out, f"{os.getpid()}.json").write_text(json.dumps(report))
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _workload_call(settings: dict[str, Any]) -> Callable[[bytes], Any]:
+    from .workloads import WORKLOADS, load_callable
+
+    if settings.get("fn"):
+        fn = load_callable(settings["fn"], "--fn")
+        init = load_callable(settings["init"], "--init") if settings.get("init") else None
+    else:
+        fn, init = WORKLOADS[settings["workload"]].fn, WORKLOADS[settings["workload"]].init
+    return fn if init is None else functools.partial(fn, init())
+
+
+def bytewax_flow() -> Any:
+    """The Bytewax dataflow a child runs (``python -m bytewax.run``); settings from the env."""
+    import bytewax.operators as op
+    from bytewax.connectors.kafka import KafkaSource
+    from bytewax.dataflow import Dataflow
+    from bytewax.outputs import DynamicSink, StatelessSinkPartition
+
+    settings = json.loads(os.environ[_ENV])
+    tally = _Tally(_workload_call(settings))
+
+    class _Counted(StatelessSinkPartition[Any]):
+        def write_batch(self, items: list[Any]) -> None:
+            tally.last = time.time()
+
+        def close(self) -> None:
+            tally.write(settings["out"])
+
+    class _Sink(DynamicSink[Any]):
+        def build(self, step_id: str, worker_index: int, worker_count: int) -> _Counted:
+            return _Counted()
+
+    flow = Dataflow("ordpool-bench-peer")
+    source = KafkaSource([settings["bootstrap"]], [settings["topic"]], tail=False)
+    messages = op.input("kafka", flow, source)
+    results = op.map("fn", messages, tally.run_message)
+    op.output("count", results, _Sink())
+    return flow
