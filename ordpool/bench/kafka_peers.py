@@ -4,6 +4,10 @@
   many processes as ordpool has workers, clustered by ``bytewax.run``. Each process reads the
   partitions Bytewax gives it with its own consumers (no consumer group, no commits to Kafka),
   so one partition runs in one process.
+* ``arroyo``: Sentry Arroyo's ``StreamProcessor`` with ``RunTaskWithMultiprocessing`` (batches
+  of 1,000 messages or 1 s through shared memory) over a pool of as many processes as ordpool
+  has workers, then a counting step (no commits). Its parent consumes in a consumer group, like
+  ordpool's.
 
 A peer runs in child processes that import this module: each child takes the run's settings
 from the ``ORDPOOL_BENCH_PEER`` environment variable, notes when it ran ``fn`` on its first
@@ -27,9 +31,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["PEERS", "bytewax_flow", "installed_peers", "run_peer"]
+__all__ = ["PEERS", "arroyo_main", "bytewax_flow", "installed_peers", "run_peer"]
 
-PEERS = ("bytewax",)
+PEERS = ("bytewax", "arroyo")
 _ENV = "ORDPOOL_BENCH_PEER"
 _TIMEOUT = 600.0
 
@@ -50,7 +54,7 @@ def run_peer(
     Raises:
         RuntimeError: a child failed, or the peer processed other than ``n`` messages.
     """
-    if name != "bytewax":
+    if name not in PEERS:
         raise ValueError(f"unknown peer {name!r}; known: {', '.join(PEERS)}")
     with (
         tempfile.TemporaryDirectory(prefix="ordpool-peer-") as out,
@@ -58,16 +62,17 @@ def run_peer(
     ):
         settings = {"bootstrap": bootstrap, "topic": topic, "out": out, **workload}
         env = {**os.environ, _ENV: json.dumps(settings)}
-        addresses = ";".join(f"127.0.0.1:{port}" for port in _free_ports(processes))
-        children = [
-            subprocess.Popen(
-                [sys.executable, "-m", "bytewax.run", f"{__name__}:bytewax_flow"]
-                + (["-i", str(i), "-a", addresses] if processes > 1 else []),
-                env=env,
-                stderr=log,
-            )
-            for i in range(processes)
-        ]
+        if name == "arroyo":
+            main = f"from {__name__} import arroyo_main; arroyo_main({processes}, {n})"
+            commands = [[sys.executable, "-c", main]]
+        else:
+            addresses = ";".join(f"127.0.0.1:{port}" for port in _free_ports(processes))
+            flow = [sys.executable, "-m", "bytewax.run", f"{__name__}:bytewax_flow"]
+            commands = [
+                flow + (["-i", str(i), "-a", addresses] if processes > 1 else [])
+                for i in range(processes)
+            ]
+        children = [subprocess.Popen(command, env=env, stderr=log) for command in commands]
         _wait_all(children, Path(log.name))
         reports = [json.loads(path.read_text()) for path in sorted(Path(out).glob("*.json"))]
     got = sum(report["count"] for report in reports)
@@ -175,3 +180,69 @@ def bytewax_flow() -> Any:
     results = op.map("fn", messages, tally.run_message)
     op.output("count", results, _Sink())
     return flow
+
+
+_CALL: list[Callable[[bytes], Any]] = []  # the workload's function, built once per process
+
+
+def _arroyo_task(message: Any) -> Any:
+    """What Arroyo's pool runs per message (a module function: it is pickled by name)."""
+    if not _CALL:
+        _CALL.append(_workload_call(json.loads(os.environ[_ENV])))
+    return _CALL[0](message.payload.value)
+
+
+def arroyo_main(processes: int, n: int) -> None:
+    """One Arroyo consumer (a child of :func:`run_peer`) until it has ``n`` results; settings
+    from the env. Its CPU counts its pool's processes too, from its first result on."""
+    import psutil
+    from arroyo.backends.kafka import KafkaConsumer, build_kafka_consumer_configuration
+    from arroyo.processing import StreamProcessor
+    from arroyo.processing.strategies import (
+        ProcessingStrategy,
+        ProcessingStrategyFactory,
+        RunTaskWithMultiprocessing,
+    )
+    from arroyo.processing.strategies.run_task_with_multiprocessing import MultiprocessingPool
+    from arroyo.types import Topic
+
+    settings = json.loads(os.environ[_ENV])
+    tally = _Tally(lambda value: value)
+    me = psutil.Process()
+
+    def all_cpu() -> float:
+        processes = [me, *me.children(recursive=True)]
+        return sum(sum(p.cpu_times()[:2]) for p in processes if p.is_running())
+
+    class _Count(ProcessingStrategy[Any]):
+        def submit(self, message: Any) -> None:
+            if not tally.count:
+                tally.first, tally.cpu = time.time(), all_cpu()
+            tally.count += 1
+            if tally.count >= n:
+                tally.last, tally.cpu = time.time(), all_cpu() - tally.cpu
+                processor.signal_shutdown()
+
+        def poll(self) -> None: ...
+        def join(self, timeout: float | None = None) -> None: ...
+        def close(self) -> None: ...
+        def terminate(self) -> None: ...
+
+    class _Factory(ProcessingStrategyFactory[Any]):
+        def create_with_partitions(self, commit: Any, partitions: Any) -> Any:
+            return RunTaskWithMultiprocessing(_arroyo_task, _Count(), 1000, 1.0, pool)
+
+    config = build_kafka_consumer_configuration(
+        {"session.timeout.ms": 2000, "heartbeat.interval.ms": 500},
+        f"bench-{os.getpid()}",
+        "earliest",
+        bootstrap_servers=[settings["bootstrap"]],
+    )
+    pool = MultiprocessingPool(processes)
+    processor = StreamProcessor(KafkaConsumer(config), Topic(settings["topic"]), _Factory())
+    try:
+        processor.run()
+    finally:
+        pool.close()
+    report = {"count": tally.count, "first": tally.first, "last": tally.last, "cpu": tally.cpu}
+    Path(settings["out"], f"{os.getpid()}.json").write_text(json.dumps(report))
