@@ -579,6 +579,8 @@ def test_bench_kafka_runs_against_the_broker(broker: str, tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     rows = {(r["engine"], r["partitions"]): r for r in report["rows"]}
+    assert report["machine"]["command_line"].startswith("ordpool bench --kafka")
+    assert report["versions"]["confluent-kafka"]
     peers = installed_peers()  # Bytewax where installed: each runs, or the output says not
     engines = ("serial", "ordpool", *peers)
     assert set(rows) == {(e, p) for e in engines for p in (2, 1)}

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 from .kafka_peers import PEERS, installed_peers, run_peer
 from .measure import parent_cpu_seconds
-from .report import write_json
+from .report import machine_info, write_json
 from .workloads import WORKLOADS, load_callable, make_messages, read_input
 
 __all__ = ["add_arguments", "run_command"]
@@ -85,12 +85,27 @@ def run_command(args: argparse.Namespace) -> int:
         "workers": workers,
         "repeat": args.repeat,
         "broker": args.bootstrap or "local tansu (memory storage)",
+        "machine": machine_info(getattr(args, "command_line", "")),
+        "versions": _versions(),
         "rows": rows,
     }
     _print(report)
     if args.json:
         write_json(report, args.json)
     return 0
+
+
+def _versions() -> dict[str, str | None]:
+    """The Kafka client's and the peers' versions, for the JSON report (None: absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for package in ("confluent-kafka", "bytewax", "sentry-arroyo"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = None
+    return out
 
 
 def _fill(bootstrap: str, messages: Sequence[bytes], partitions: int) -> str:
