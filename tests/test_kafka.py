@@ -95,6 +95,31 @@ def _by_partition(records) -> dict[int, list[int]]:
     return out
 
 
+# -- bad input -----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"topics": "visits"}, TypeError, "not a string: \\['visits'\\]"),
+        ({"topics": []}, ValueError, "non-empty list"),
+        ({"topics": ["a", ""]}, ValueError, "non-empty strings"),
+        ({"max_in_flight_per_partition": -1}, ValueError, "max_in_flight_per_partition must"),
+        ({"max_bytes_in_flight": 0}, ValueError, "max_bytes_in_flight must be a positive int"),
+        ({"max_in_flight": 4.5}, ValueError, "max_in_flight must be a positive int, got 4.5"),
+        ({"poll_timeout": None}, ValueError, "poll_timeout must be a positive number"),
+        ({"commit_interval": 0}, ValueError, "commit_interval must be"),
+        ({"max_retries": -1}, ValueError, "max_retries must be an int >= 0"),
+    ],
+)
+def test_bad_options_are_refused_by_name(options: dict, error: type, match: str) -> None:
+    topics = options.pop("topics", ["t"])
+    config = {"bootstrap.servers": "127.0.0.1:1", "group.id": "g"}
+    with pytest.raises(error, match=match):
+        OrderedConsumer(_double, config, topics, **options)
+
+
 # -- order, commits ------------------------------------------------------------------------------
 
 
@@ -198,6 +223,32 @@ def test_a_cancelled_async_wait_loses_no_record(broker: str) -> None:
 
     got = asyncio.run(main())
     assert [r.offset for r in got] == list(range(n))
+
+
+@pytest.mark.timeout(60)
+def test_a_record_a_cancelled_wait_took_is_not_committed_on_a_clean_exit(broker: str) -> None:
+    """``async with`` left cleanly while a cancelled ``async for``'s wait has taken a record
+    it never handed out: that record is not finished, so the commit stops before it."""
+    topic, group, n = new_topic(broker, 1), _group(), 50
+    produce(broker, topic, n, 1)
+
+    async def main() -> list:
+        got: list = []
+        config = consumer_config(broker, group)
+        async with OrderedConsumer(_double, config, [topic], workers=2) as consumer:
+            async for record in consumer:
+                got.append(record)
+                if len(got) == 10:
+                    break
+            # what a cancelled wait leaves behind: a poll in the executor that took the
+            # next record (offset 10), which the caller never got
+            loop = asyncio.get_running_loop()
+            consumer._waiting = loop.run_in_executor(None, consumer.poll, 10.0)
+        return got
+
+    got = asyncio.run(main())
+    assert [r.offset for r in got] == list(range(10))
+    assert committed(broker, group, topic, 1) == {0: 10}
 
 
 @pytest.mark.timeout(60)
@@ -476,6 +527,32 @@ def test_a_dead_letter_after_the_last_record_is_committed(broker: str) -> None:
     assert [m.offset() for m in read_all(broker, dlq, 2)] == [0, 1]
 
 
+@pytest.mark.timeout(60)
+def test_a_dead_letter_the_producer_refuses_arrives_as_an_error_record(
+    broker: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    topic, dlq, group = new_topic(broker, 1), new_topic(broker, 1), _group()
+    # value 5: 10 kB of "x", poison and over the dead letter producer's message.max.bytes
+    produce(broker, topic, 20, 1, value=lambda i: b"x" * 10_000 if i == 5 else str(i).encode())
+    got = []
+    with OrderedConsumer(
+        _poison,
+        consumer_config(broker, group),
+        [topic],
+        workers=2,
+        dead_letter_topic=dlq,
+        dead_letter_config={"message.max.bytes": 6000},
+    ) as consumer:
+        got += _take(consumer, 19)
+        assert wait_until(lambda: consumer.stats().dead_lettered == 1, timeout=30)
+    assert [r.offset for r in got] == [o for o in range(20) if o != 7]  # 7: dead-lettered
+    assert isinstance(got[5].error, ValueError) and got[5].result is None
+    assert all(r.error is None for r in got if r.offset != 5)
+    assert "refused the message" in caplog.text and "offset 5" in caplog.text
+    assert [m.value() for m in read_all(broker, dlq, 1)] == [b"7"]
+    assert committed(broker, group, topic, 1) == {0: 20}
+
+
 # -- poll, async for, backpressure ---------------------------------------------------------------
 
 
@@ -600,12 +677,12 @@ def test_a_failed_peer_process_raises_with_its_stderr_and_stops_the_others(
     log = tmp_path / "stderr.log"
     with log.open("wb") as err:
         failing = [sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"]
-        children = [
-            subprocess.Popen(failing, stderr=err),
+        children = [  # the one that fails is not the first waited for
             subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]),
+            subprocess.Popen(failing, stderr=err),
         ]
         with pytest.raises(RuntimeError, match="exited with status 3:\nboom"):
             _wait_all(children, log)
-    assert children[1].poll() is not None  # killed and reaped, not left behind
+    assert children[0].poll() is not None  # killed and reaped, not left behind
     with pytest.raises(ValueError, match="unknown peer 'flink'"):
         run_peer("flink", "127.0.0.1:1", "topic", 1, 2, {"workload": "transform"})

@@ -12,8 +12,10 @@
 A peer runs in child processes that import this module: each child takes the run's settings
 from the ``ORDPOOL_BENCH_PEER`` environment variable, notes when it ran ``fn`` on its first
 message and its CPU then, and at the end writes its count, that time, its last time and its CPU
-(every thread, librdkafka's included) to a JSON file. The run is timed from the first message
-of any process to the last of any process, like the other engines.
+(every thread, librdkafka's included; a process that got no message, such as Bytewax's
+second on a 1-partition topic, counts its CPU from the flow's start) to a JSON file. The run
+is timed from the first message of any process to the last of any process, like the other
+engines.
 """
 
 from __future__ import annotations
@@ -72,7 +74,15 @@ def run_peer(
                 flow + (["-i", str(i), "-a", addresses] if processes > 1 else [])
                 for i in range(processes)
             ]
-        children = [subprocess.Popen(command, env=env, stderr=log) for command in commands]
+        children: list[subprocess.Popen[bytes]] = []
+        try:
+            for command in commands:
+                children.append(subprocess.Popen(command, env=env, stderr=log))
+        except BaseException:
+            for child in children:
+                child.kill()
+                child.wait()
+            raise
         _wait_all(children, Path(log.name))
         reports = [json.loads(path.read_text()) for path in sorted(Path(out).glob("*.json"))]
     got = sum(report["count"] for report in reports)
@@ -96,20 +106,26 @@ def _free_ports(count: int) -> list[int]:
 
 
 def _wait_all(children: list[subprocess.Popen[bytes]], log: Path) -> None:
-    """Wait for every child; a failed one raises with the tail of their stderr (Bytewax
-    prints its cluster's connection retries there, which are not shown otherwise)."""
+    """Wait for every child; the first that fails (or the time limit) raises with the tail
+    of their stderr, where Bytewax also prints its cluster's connection retries. The others
+    are then killed: a Bytewax process would wait for its failed peer without end."""
     deadline = time.monotonic() + _TIMEOUT
     try:
-        for child in children:
-            code = child.wait(max(0.0, deadline - time.monotonic()))
-            if code != 0:
+        while True:
+            codes = [child.poll() for child in children]
+            failed = [code for code in codes if code not in (None, 0)]
+            if failed or time.monotonic() > deadline:
                 tail = log.read_bytes()[-2000:].decode(errors="replace")
-                raise RuntimeError(f"a peer process exited with status {code}:\n{tail}")
+                why = f"exited with status {failed[0]}" if failed else f"ran {_TIMEOUT:.0f} s"
+                raise RuntimeError(f"a peer process {why}:\n{tail}")
+            if all(code == 0 for code in codes):
+                return
+            time.sleep(0.05)
     finally:
         for child in children:
             if child.poll() is None:
                 child.kill()
-                child.wait()
+            child.wait()
 
 
 class _Tally:
@@ -120,6 +136,7 @@ class _Tally:
         self.count = 0
         self.first = self.last = 0.0
         self.cpu = 0.0
+        self.started_cpu = _cpu_seconds()  # an idle process counts from here instead
 
     def run(self, value: bytes) -> Any:
         if not self.count:
@@ -132,7 +149,7 @@ class _Tally:
         return self.run(message.value)
 
     def write(self, out: str) -> None:
-        cpu = _cpu_seconds() - self.cpu if self.count else 0.0
+        cpu = _cpu_seconds() - (self.cpu if self.count else self.started_cpu)
         report = {"count": self.count, "first": self.first, "last": self.last, "cpu": cpu}
         Path(out, f"{os.getpid()}.json").write_text(json.dumps(report))
 

@@ -89,7 +89,8 @@ class OrderedConsumer(KafkaSide):
             it (a revoked partition's watermark is committed by then), in the poller's thread.
 
     Raises:
-        ValueError: a bad option.
+        TypeError: ``topics`` is a string (a list of names is needed).
+        ValueError: a bad option (the message names it).
     """
 
     def __init__(
@@ -117,12 +118,12 @@ class OrderedConsumer(KafkaSide):
         poll_timeout: float = 0.05,
         on_rebalance: Callable[[str, list[tuple[str, int]]], None] | None = None,
     ) -> None:
-        if max_in_flight <= 0 or commit_interval <= 0:
-            raise ValueError("max_in_flight and commit_interval must be positive")
+        _check_options(locals())
+        topics = _check_topics(topics)
         # No bound of their own by default: pausing is the last resort (see _flow)
         per_part = max_in_flight_per_partition or 2 * max_in_flight
         part_bytes = max_bytes_per_partition or 2 * max_bytes_in_flight
-        self._init_state(list(topics), (max_in_flight, per_part, max_bytes_in_flight, part_bytes))
+        self._init_state(topics, (max_in_flight, per_part, max_bytes_in_flight, part_bytes))
         self._keyed, self._manual = keyed, manual_ack
         self._commit_interval, self._poll_timeout = commit_interval, poll_timeout
         self._on_rebalance = on_rebalance
@@ -325,11 +326,10 @@ class OrderedConsumer(KafkaSide):
         """Failed messages: records with ``.error``, or dead letters (left out)."""
         dead = self._dead
         for pos in sorted(errors, reverse=True):
-            if dead is None:
-                records[pos] = records[pos]._replace(error=errors[pos])
-            else:
-                dead.send(part, start + pos, errors[pos])
+            if dead is not None and dead.send(part, start + pos, errors[pos]):
                 del records[pos]
+            else:  # no dead letter topic, or its producer refused this one at once
+                records[pos] = records[pos]._replace(error=errors[pos])
         if dead is not None:
             part.dead = type(part.dead)(sorted(part.dead))
         return records
@@ -356,6 +356,11 @@ class OrderedConsumer(KafkaSide):
         with self._lock:
             if self._closing:
                 return
+            if self._waiting is not None:
+                # An async caller's wait still runs (it was cancelled): the record it takes
+                # is never handed out, so the record in hand is not counted (__aexit__ waits
+                # for it first and knows better).
+                finished = False
             self._clean = finished
             self._closing = True
         if self._poller is not threading.current_thread():
@@ -388,8 +393,17 @@ class OrderedConsumer(KafkaSide):
         return self
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        finished = exc_type is None
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:  # a cancelled ``async for``'s wait: it ends within _WAIT
+            try:
+                taken = await waiting
+            except Exception:
+                taken = None
+            if taken is not None:  # taken, never handed out: not finished
+                finished = False
         await asyncio.get_running_loop().run_in_executor(
-            None, lambda: self.close(finished=exc_type is None)
+            None, lambda: self.close(finished=finished)
         )
 
     def assignment(self) -> list[tuple[str, int]]:
@@ -436,3 +450,41 @@ class OrderedConsumer(KafkaSide):
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<OrderedConsumer {state} topics={self._topics} partitions={len(self._parts)}>"
+
+
+def _check_topics(topics: Iterable[str]) -> list[str]:
+    """The topics as a list; a plain string (which would subscribe to each of its letters)
+    or an empty list is refused."""
+    if isinstance(topics, (str, bytes)):
+        raise TypeError(f"topics must be a list of topic names, not a string: [{topics!r}]")
+    out = list(topics)
+    if not out or not all(isinstance(t, str) and t for t in out):
+        raise ValueError(f"topics must be a non-empty list of non-empty strings, got {out!r}")
+    return out
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    """Refuse (naming the option) a bound that is not a positive int (a per-partition one may
+    be ``None``: no bound of its own), a period that is not a positive number of seconds, or a
+    negative ``max_retries``; ``options``: the constructor's arguments."""
+    for name in _BOUNDS:
+        value = options[name]
+        if value is None and name.endswith("partition"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name in ("commit_interval", "poll_timeout"):
+        period = options[name]
+        if isinstance(period, bool) or not isinstance(period, (int, float)) or not period > 0:
+            raise ValueError(f"{name} must be a positive number of seconds, got {period!r}")
+    retries = options["max_retries"]
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"max_retries must be an int >= 0, got {retries!r}")
+
+
+_BOUNDS = (
+    "max_in_flight",
+    "max_bytes_in_flight",
+    "max_in_flight_per_partition",
+    "max_bytes_per_partition",
+)

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import traceback
 from typing import TYPE_CHECKING, Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 if TYPE_CHECKING:
     from ._partition import Partition
 
 __all__ = ["DeadLetters", "producer_config"]
+
+LOGGER = logging.getLogger("ordpool.kafka")
+
+# The ``ordpool.error`` header keeps at most the last this many characters of the traceback,
+# so that a long one does not push the dead letter over the producer's ``message.max.bytes``.
+MAX_ERROR_TEXT = 16384
 
 # Consumer-only properties, left out of the dead letter producer's configuration.
 _CONSUMER_ONLY = (
@@ -55,7 +62,9 @@ class DeadLetters:
     and ``ordpool.source.topic`` / ``.partition`` / ``.offset``.
 
     A message stays in its partition's ``dead`` (holding the commit watermark below it)
-    until its produce is acknowledged; a failed produce is retried.
+    until its produce is acknowledged; a produce that fails on the broker is retried. One the
+    producer refuses at once (a value over ``message.max.bytes``, a topic name it rejects)
+    is not sent: :meth:`send` returns False and the caller gets the record with ``.error``.
     """
 
     def __init__(self, topic: str, config: dict[str, Any], lock: threading.RLock) -> None:
@@ -64,12 +73,13 @@ class DeadLetters:
         self.lock = lock  # the consumer's: acknowledgements change partitions' state
         self.produced = 0  # acknowledged
         self.failures = 0  # produce attempts that failed (and were retried)
+        self.refused = 0  # dead letters the producer refused at once (handed out instead)
 
-    def send(self, part: Partition, at: int, error: BaseException) -> None:
+    def send(self, part: Partition, at: int, error: BaseException) -> bool:
         """Produce the failed message at column position ``at`` of ``part`` (the consumer's
-        lock held)."""
+        lock held); False if the producer refused it at once (nothing is waiting then)."""
         offset = part.offsets[at]
-        text = "".join(traceback.format_exception(error))
+        text = "".join(traceback.format_exception(error))[-MAX_ERROR_TEXT:]
         headers = list(part.headers[at] or [])
         headers += [
             ("ordpool.error", text.encode("utf-8", "replace")),
@@ -79,13 +89,20 @@ class DeadLetters:
             ("ordpool.source.offset", str(offset).encode()),
         ]
         part.dead.append(offset)
-        self._produce(part, part.keys[at], part.values[at], headers)
+        if self._produce(part, part.keys[at], part.values[at], headers):
+            return True
+        part.dead.remove(offset)
+        self.refused += 1
+        return False
 
-    def _produce(self, part: Partition, key: Any, value: Any, headers: list[Any]) -> None:
+    def _produce(self, part: Partition, key: Any, value: Any, headers: list[Any]) -> bool:
+        """Hand one dead letter to the producer; False if it refused it at once."""
+
         def delivered(err: KafkaError | None, msg: Message) -> None:
             if err is not None:
                 self.failures += 1
-                self._produce(part, key, value, headers)  # at least once: try again
+                # at least once: try again; refused now, it keeps holding the watermark
+                self._produce(part, key, value, headers)
                 return
             with self.lock:
                 self.produced += 1
@@ -100,9 +117,16 @@ class DeadLetters:
                 self.producer.produce(
                     self.topic, value, key, headers=headers, on_delivery=delivered
                 )
-                return
+                return True
             except BufferError:  # the producer's queue is full: serve it, then retry
                 self.producer.poll(0.1)
+            except KafkaException as exc:
+                source = dict(headers).get("ordpool.source.offset", b"?").decode()
+                LOGGER.error(
+                    "dead letter topic %r refused the message at %s[%d] offset %s: %s",
+                    self.topic, part.topic, part.number, source, exc.args[0] if exc.args else exc,
+                )  # fmt: skip
+                return False
 
     def serve(self, timeout: float = 0.0) -> None:
         """Run acknowledgement callbacks (the poller thread, without the consumer's lock)."""

@@ -97,7 +97,17 @@ class KafkaSide:
         if not marks:
             return
         started = time.monotonic()
-        result = self._on_poller(lambda: self._consumer.commit(offsets=marks, asynchronous=False))
+        try:
+            result = self._on_poller(
+                lambda: self._consumer.commit(offsets=marks, asynchronous=False)
+            )
+        except BaseException:
+            with self._lock:  # not committed: the cadence's next commit sends them again
+                for tp in marks:
+                    part = self._parts.get((tp.topic, tp.partition))
+                    if part is not None and part.sent == tp.offset:
+                        part.sent = part.committed
+            raise
         self._note_latency(time.monotonic() - started)
         self._counts["commits"] += 1
         self._committed(None, result or marks, sync=True)
