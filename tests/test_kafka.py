@@ -148,6 +148,21 @@ def test_each_partition_in_order_nothing_lost(broker: str, method: str) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_a_subscribed_topic_that_does_not_exist_is_a_warning_not_the_end(
+    broker: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    topic, group, n = new_topic(broker, 2), _group(), 100
+    produce(broker, topic, n, 2)
+    missing = f"missing-{uuid.uuid4().hex[:8]}"
+    config = consumer_config(broker, group)
+    with OrderedConsumer(_double, config, [topic, missing], workers=2) as consumer:
+        got = _take(consumer, n)
+        assert wait_until(lambda: "Subscribed topic not available" in caplog.text, timeout=15)
+    assert sorted(r.result for r in got) == [2 * i for i in range(n)]
+    assert missing in caplog.text and "going on" in caplog.text
+
+
+@pytest.mark.timeout(60)
 def test_commits_never_pass_an_unfinished_record(broker: str) -> None:
     topic, group, n = new_topic(broker, 2), _group(), 2000
     produce(broker, topic, n, 2)

@@ -16,7 +16,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from .._engine import Engine
 from .._pool import ProcessOrderedPool
-from ._dead import DeadLetters
+from ._dead import LOGGER, DeadLetters
 from ._partition import Partition, Record
 
 __all__ = ["KafkaSide", "topic_partition"]
@@ -346,12 +346,29 @@ def _size(values: list[Any]) -> int:
 
 
 def _without_events(messages: list[Message]) -> list[Message]:
-    """Messages that are errors: end-of-partition events are dropped, real errors raised."""
+    """The messages that are not events. End-of-partition events are dropped; a fatal error
+    is raised; any other error (a subscribed topic that does not exist yet, say: librdkafka
+    goes on and picks it up once it does) is logged as a warning, each text at most once a
+    minute, and dropped."""
     out = []
     for message in messages:
         error = message.error()
         if error is None:
             out.append(message)
-        elif error.code() != KafkaError._PARTITION_EOF:
+        elif error.fatal():
             raise KafkaException(error)
+        elif error.code() != KafkaError._PARTITION_EOF:
+            _warn(error)
     return out
+
+
+_WARNED: dict[str, float] = {}  # an error's text -> when it was last logged
+
+
+def _warn(error: KafkaError) -> None:
+    text, now = error.str(), time.monotonic()
+    if now - _WARNED.get(text, -60.0) >= 60.0:
+        if len(_WARNED) > 1000:  # texts that name offsets or hosts: keep it bounded
+            _WARNED.clear()
+        _WARNED[text] = now
+        LOGGER.warning("Kafka consumer error (going on): %s", text)
