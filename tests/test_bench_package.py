@@ -46,7 +46,7 @@ def test_the_runtime_imports_no_bench_module(code: str) -> None:
 def test_the_bench_imports_without_the_peers() -> None:
     modules = _imported_after("import ordpool.bench")
     assert "ordpool.bench.cli" in modules
-    assert not {m for m in modules if m.split(".")[0] in ("mpire", "joblib", "bytewax")}
+    assert not {m for m in modules if m.split(".")[0] in ("mpire", "joblib", "bytewax", "arroyo")}
 
 
 def _scripts() -> list[Path]:

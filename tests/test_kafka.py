@@ -9,10 +9,12 @@ poison messages and the dead letter topic, poll(), async for, backpressure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -20,6 +22,7 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import wait_until
 from kafka_broker import (
@@ -655,20 +658,27 @@ def test_the_example_runs_against_the_broker(broker: str) -> None:
     assert summary.startswith("OK: 4995 records from 4 partitions, each in offset order, 5 ")
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(240)
 def test_bench_kafka_runs_against_the_broker(broker: str, tmp_path: Path) -> None:
     out = tmp_path / "kafka.json"
     args = ["--kafka", "--bootstrap", broker, "-n", "3000", "-r", "1", "--workers", "2"]
     args += ["--start-method", "fork", "--partitions", "2", "--json", str(out)]
-    proc = subprocess.run(
+    proc = subprocess.Popen(  # its own process group: on a timeout, the peers go with it
         [sys.executable, "-m", "ordpool", "bench", *args],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=50,
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
+        start_new_session=True,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    try:
+        stdout, stderr = proc.communicate(timeout=200)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 0, stderr[-2000:]
     report = json.loads(out.read_text())
     rows = {(r["engine"], r["partitions"]): r for r in report["rows"]}
     assert report["machine"]["command_line"].startswith("ordpool bench --kafka")
@@ -680,9 +690,9 @@ def test_bench_kafka_runs_against_the_broker(broker: str, tmp_path: Path) -> Non
     for (engine, _), row in rows.items():
         cpu = row["all_processes_us_per_msg" if engine in peers else "parent_us_per_msg"]
         assert cpu > 0, row
-    assert "x serial" in proc.stdout
+    assert "x serial" in stdout
     missing = [peer for peer in PEERS if peer not in peers]
-    assert ("Not installed, not run: " + ", ".join(missing) in proc.stdout) == bool(missing)
+    assert ("Not installed, not run: " + ", ".join(missing) in stdout) == bool(missing)
 
 
 @pytest.mark.timeout(30)
@@ -692,12 +702,25 @@ def test_a_failed_peer_process_raises_with_its_stderr_and_stops_the_others(
     log = tmp_path / "stderr.log"
     with log.open("wb") as err:
         failing = [sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"]
-        children = [  # the one that fails is not the first waited for
-            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]),
-            subprocess.Popen(failing, stderr=err),
-        ]
+        # the one waited for first runs on, and has started a process of its own
+        starts = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+        starts += "'import time; time.sleep(60)']); time.sleep(60)"
+        children = [subprocess.Popen([sys.executable, "-c", starts])]
+        parent = psutil.Process(children[0].pid)
+        assert wait_until(lambda: len(parent.children()) == 1, timeout=20)
+        grandchild = parent.children()[0]
+        children.append(subprocess.Popen(failing, stderr=err))
         with pytest.raises(RuntimeError, match="exited with status 3:\nboom"):
             _wait_all(children, log)
     assert children[0].poll() is not None  # killed and reaped, not left behind
+    assert wait_until(lambda: _gone(grandchild), timeout=10)  # killed too
+
+
+def _gone(process: psutil.Process) -> bool:
+    """Ended: no such process, or a zombie left for init to reap."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
     with pytest.raises(ValueError, match="unknown peer 'flink'"):
         run_peer("flink", "127.0.0.1:1", "topic", 1, 2, {"workload": "transform"})

@@ -6,8 +6,8 @@ one, fills a topic with the workload's messages (or ``--input``'s), and drains i
 * ``serial``: a plain confluent-kafka loop, ``consume`` then ``fn`` per message, in one
   process;
 * ``ordpool``: :class:`ordpool.kafka.OrderedConsumer` with ``--workers`` workers;
-* where installed, the peers of :mod:`ordpool.bench.kafka_peers` (Bytewax) with as many
-  processes as ordpool has workers.
+* where installed, the peers of :mod:`ordpool.bench.kafka_peers` (Bytewax and Arroyo) with as
+  many processes as ordpool has workers.
 
 Each engine runs ``--repeat`` times, alternating, on a topic with ``--partitions`` partitions
 and on one with a single partition; each run reads the whole topic in a fresh consumer group,
@@ -26,7 +26,7 @@ import time
 import uuid
 from typing import Any, Callable, Sequence
 
-from .kafka_peers import PEERS, installed_peers, run_peer
+from .kafka_peers import PEERS, installed_peers, processes, run_peer
 from .measure import parent_cpu_seconds
 from .report import machine_info, write_json
 from .workloads import WORKLOADS, load_callable, make_messages, read_input
@@ -139,7 +139,7 @@ def _compare(
 ) -> list[dict[str, Any]]:
     """Every engine, ``args.repeat`` runs each, round-robin; a row per engine (medians).
 
-    A peer's CPU column is that of all its processes (it has no parent).
+    A peer's CPU column is that of all its processes, its parent's included where it has one.
     """
     peers = installed_peers()
     workload = {"fn": args.fn, "init": args.init} if args.fn else {"workload": args.workload}
@@ -152,7 +152,7 @@ def _compare(
             runs[peer].append(run_peer(peer, bootstrap, topic, n, workers, workload))
     partitions = len(_partitions(bootstrap, topic))
     serial_rate = statistics.median(r[0] for r in runs["serial"])
-    processes = {"serial": 1, "ordpool": f"1 + {workers}"}
+    labels = {"serial": "1", "ordpool": f"1 + {workers}"}
     rows = []
     for engine, results in runs.items():
         rate = statistics.median(r[0] for r in results)
@@ -161,11 +161,11 @@ def _compare(
             {
                 "engine": engine,
                 "partitions": partitions,
-                "processes": processes.get(engine, workers),
+                "processes": labels.get(engine) or processes(engine, workers),
                 "msgs_per_s": rate,
                 "x_serial": rate / serial_rate,
-                "parent_us_per_msg": cpu if engine in processes else None,
-                "all_processes_us_per_msg": None if engine in processes else cpu,
+                "parent_us_per_msg": cpu if engine in labels else None,
+                "all_processes_us_per_msg": None if engine in labels else cpu,
                 "runs": results,
             }
         )
@@ -269,7 +269,7 @@ def _print(report: dict[str, Any]) -> None:
             file=out,
         )
     if any(row["parent_us_per_msg"] is None for row in report["rows"]):
-        print("A peer has no parent: '-'; its processes' CPU is in the JSON.", file=out)
+        print("A peer's parent CPU: '-'; the CPU of all its processes is in the JSON.", file=out)
     missing = [peer for peer in PEERS if peer not in {row["engine"] for row in report["rows"]}]
     if missing:
         print(f"Not installed, not run: {', '.join(missing)}.", file=out)

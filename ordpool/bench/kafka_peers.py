@@ -20,6 +20,7 @@ engines.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
@@ -33,11 +34,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["PEERS", "arroyo_main", "bytewax_flow", "installed_peers", "run_peer"]
+__all__ = ["PEERS", "arroyo_main", "bytewax_flow", "installed_peers", "processes", "run_peer"]
 
 PEERS = ("bytewax", "arroyo")
 _ENV = "ORDPOOL_BENCH_PEER"
 _TIMEOUT = 600.0
+
+
+def processes(name: str, workers: int) -> str:
+    """How the report shows a peer's processes: Arroyo has a parent besides its pool."""
+    return f"1 + {workers}" if name == "arroyo" else str(workers)
 
 
 def installed_peers() -> list[str]:
@@ -79,9 +85,7 @@ def run_peer(
             for command in commands:
                 children.append(subprocess.Popen(command, env=env, stderr=log))
         except BaseException:
-            for child in children:
-                child.kill()
-                child.wait()
+            _kill_all(children)
             raise
         _wait_all(children, Path(log.name))
         reports = [json.loads(path.read_text()) for path in sorted(Path(out).glob("*.json"))]
@@ -122,10 +126,24 @@ def _wait_all(children: list[subprocess.Popen[bytes]], log: Path) -> None:
                 return
             time.sleep(0.05)
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-            child.wait()
+        _kill_all(children)
+
+
+def _kill_all(children: list[subprocess.Popen[bytes]]) -> None:
+    """Kill each child and what it started (Arroyo's pool), then reap the child. They stay
+    in our process group, so a caller that kills that group ends them too."""
+    import psutil
+
+    for child in children:
+        if child.poll() is None:
+            try:
+                below = psutil.Process(child.pid).children(recursive=True)
+            except psutil.Error:
+                below = []
+            for process in [*below, psutil.Process(child.pid)]:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+        child.wait()
 
 
 class _Tally:

@@ -393,18 +393,20 @@ class OrderedConsumer(KafkaSide):
         return self
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        loop = asyncio.get_running_loop()
         finished = exc_type is None
         waiting, self._waiting = self._waiting, None
         if waiting is not None:  # a cancelled ``async for``'s wait: it ends within _WAIT
             try:
                 taken = await waiting
+            except asyncio.CancelledError:  # cancelled again: close all the same, in a thread
+                loop.run_in_executor(None, lambda: self.close(finished=False))
+                raise
             except Exception:
                 taken = None
             if taken is not None:  # taken, never handed out: not finished
                 finished = False
-        await asyncio.get_running_loop().run_in_executor(
-            None, lambda: self.close(finished=finished)
-        )
+        await loop.run_in_executor(None, lambda: self.close(finished=finished))
 
     def assignment(self) -> list[tuple[str, int]]:
         """The partitions assigned now, as ``(topic, partition)``."""

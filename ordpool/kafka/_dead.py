@@ -16,7 +16,7 @@ __all__ = ["DeadLetters", "producer_config"]
 
 LOGGER = logging.getLogger("ordpool.kafka")
 
-# The ``ordpool.error`` header keeps at most the last this many characters of the traceback,
+# The ``ordpool.error`` header keeps at most the last this many characters of the traceback
 # so that a long one does not push the dead letter over the producer's ``message.max.bytes``.
 MAX_ERROR_TEXT = 16384
 
@@ -101,8 +101,13 @@ class DeadLetters:
         def delivered(err: KafkaError | None, msg: Message) -> None:
             if err is not None:
                 self.failures += 1
-                # at least once: try again; refused now, it keeps holding the watermark
-                self._produce(part, key, value, headers)
+                if not self._produce(part, key, value, headers):  # at least once: try again
+                    # refused at once this time: it holds the partition's commits until
+                    # the consumer restarts (and runs that message again)
+                    LOGGER.error(
+                        "partition %s[%d] commits no further until the consumer restarts",
+                        part.topic, part.number,
+                    )  # fmt: skip
                 return
             with self.lock:
                 self.produced += 1

@@ -345,20 +345,26 @@ def _size(values: list[Any]) -> int:
         return sum(len(v) for v in values if v is not None)
 
 
+# Errors that do not end the consumer: a subscribed topic or partition that does not exist
+# (yet): librdkafka goes on, and picks it up once it is created.
+_GOING_ON = frozenset(
+    (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION)
+)
+
+
 def _without_events(messages: list[Message]) -> list[Message]:
-    """The messages that are not events. End-of-partition events are dropped; a fatal error
-    is raised; any other error (a subscribed topic that does not exist yet, say: librdkafka
-    goes on and picks it up once it does) is logged as a warning, each text at most once a
-    minute, and dropped."""
+    """The messages that are not events. End-of-partition events are dropped; an unknown
+    topic or partition is logged as a warning (each text at most once a minute) and
+    dropped; any other error (authorization, ``auto.offset.reset=error``...) is raised."""
     out = []
     for message in messages:
         error = message.error()
         if error is None:
             out.append(message)
-        elif error.fatal():
-            raise KafkaException(error)
-        elif error.code() != KafkaError._PARTITION_EOF:
+        elif error.code() in _GOING_ON and not error.fatal():
             _warn(error)
+        elif error.code() != KafkaError._PARTITION_EOF:
+            raise KafkaException(error)
     return out
 
 
