@@ -73,7 +73,6 @@ class DeadLetters:
         self.lock = lock  # the consumer's: acknowledgements change partitions' state
         self.produced = 0  # acknowledged
         self.failures = 0  # produce attempts that failed (and were retried)
-        self.refused = 0  # dead letters the producer refused at once (handed out instead)
 
     def send(self, part: Partition, at: int, error: BaseException) -> bool:
         """Produce the failed message at column position ``at`` of ``part`` (the consumer's
@@ -92,7 +91,6 @@ class DeadLetters:
         if self._produce(part, part.keys[at], part.values[at], headers):
             return True
         part.dead.remove(offset)
-        self.refused += 1
         return False
 
     def _produce(self, part: Partition, key: Any, value: Any, headers: list[Any]) -> bool:
