@@ -8,6 +8,7 @@ poison messages and the dead letter topic, poll(), async for, backpressure.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import itertools
@@ -693,6 +694,27 @@ def test_bench_kafka_runs_against_the_broker(broker: str, tmp_path: Path) -> Non
     assert "x serial" in stdout
     missing = [peer for peer in PEERS if peer not in peers]
     assert ("Not installed, not run: " + ", ".join(missing) in stdout) == bool(missing)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("engine", ["serial", "ordpool"])
+def test_bench_kafka_fails_when_messages_stop_coming(
+    broker: str, engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that gets fewer messages than the topic should hold (lost, or never produced)
+    fails after ``_IDLE`` seconds without one, instead of waiting for ever."""
+    from ordpool.bench import kafka as bench_kafka
+
+    monkeypatch.setattr(bench_kafka, "_IDLE", 3.0)
+    topic = new_topic(broker, 2)
+    produce(broker, topic, 100, 2)
+    args = argparse.Namespace(start_method="fork", batch_size=None)
+    run = {
+        "serial": lambda: bench_kafka._serial(broker, topic, 150, _double, None),
+        "ordpool": lambda: bench_kafka._ordpool(broker, topic, 150, _double, None, 2, args),
+    }[engine]
+    with pytest.raises(RuntimeError, match=f"{engine}: no message for 3 s, after 100 of 150"):
+        run()
 
 
 @pytest.mark.timeout(30)

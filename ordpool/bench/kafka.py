@@ -22,6 +22,7 @@ import argparse
 import functools
 import statistics
 import sys
+import threading
 import time
 import uuid
 from typing import Any, Callable, Sequence
@@ -34,6 +35,7 @@ from .workloads import WORKLOADS, load_callable, make_messages, read_input
 __all__ = ["add_arguments", "run_command"]
 
 _GROUP = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 500}
+_IDLE = 60.0  # seconds without a new message after which an engine's run fails
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -192,7 +194,9 @@ def _serial(
     consumer.subscribe([topic])
     try:
         batch: list[Any] = []
+        since = time.monotonic()
         while not batch:
+            _stalled(0, n, "serial", since)
             batch = consumer.consume(1000, 1.0)
         started, cpu, got = time.perf_counter(), parent_cpu_seconds(), 0
         while True:
@@ -203,6 +207,8 @@ def _serial(
             if got >= n:
                 break
             batch = consumer.consume(1000, 1.0)
+            since = since if not batch else time.monotonic()
+            _stalled(got, n, "serial", since)
         return _rate(got, started, cpu)
     finally:
         consumer.close()
@@ -229,14 +235,44 @@ def _ordpool(
         start_method=args.start_method,
         batch_size=args.batch_size,
     ) as consumer:
-        records = iter(consumer)
-        next(records)
-        started, cpu, got = time.perf_counter(), parent_cpu_seconds(), 1
-        for _ in records:
-            got += 1
-            if got >= n:
-                break
+        got, done = 0, threading.Event()
+
+        def watch() -> None:  # no new record for _IDLE seconds: end the loop below
+            seen = -1
+            while not done.wait(_IDLE):
+                if got == seen:
+                    consumer.close()
+                    return
+                seen = got
+
+        watchdog = threading.Thread(target=watch, name="ordpool-bench-watchdog", daemon=True)
+        watchdog.start()
+        try:
+            records = iter(consumer)
+            if next(records, None) is not None:
+                started, cpu, got = time.perf_counter(), parent_cpu_seconds(), 1
+                for _ in records:
+                    got += 1
+                    if got >= n:
+                        break
+        finally:
+            done.set()
+            watchdog.join()
+        if got < n:
+            raise _no_message("ordpool", got, n)
         return _rate(got, started, cpu)
+
+
+def _stalled(got: int, n: int, engine: str, since: float) -> None:
+    """Raise if ``engine`` has taken no message for :data:`_IDLE` seconds since ``since``."""
+    if time.monotonic() - since > _IDLE:
+        raise _no_message(engine, got, n)
+
+
+def _no_message(engine: str, got: int, n: int) -> RuntimeError:
+    return RuntimeError(
+        f"{engine}: no message for {_IDLE:.0f} s, after {got} of {n}: lost, or never sent"
+    )
 
 
 def _rate(got: int, started: float, cpu: float) -> tuple[float, float]:
