@@ -67,7 +67,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ordpool.bench.kafka import _config, _fill, _partitions, _rate, _serial
-from ordpool.bench.kafka_peers import PEERS, processes, run_peer
+from ordpool.bench.kafka_peers import PEERS, process_label, run_peer
 from ordpool.bench.workloads import WORKLOADS, make_messages
 from ordpool.kafka import OrderedConsumer
 from ordpool.kafka.broker import LocalBroker
@@ -600,7 +600,7 @@ def main() -> int:
 def _processes(engine: str, workers: int) -> str:
     if engine in ("serial", "drain"):
         return "1"
-    return processes(engine, workers) if engine in PEERS else f"1 + {workers}"
+    return process_label(engine, workers) if engine in PEERS else f"1 + {workers}"
 
 
 def _commit() -> str:

@@ -27,7 +27,7 @@ import time
 import uuid
 from typing import Any, Callable, Sequence
 
-from .kafka_peers import PEERS, installed_peers, processes, run_peer
+from .kafka_peers import PEERS, installed_peers, process_label, run_peer
 from .measure import parent_cpu_seconds
 from .report import machine_info, write_json
 from .workloads import WORKLOADS, load_callable, make_messages, read_input
@@ -163,7 +163,7 @@ def _compare(
             {
                 "engine": engine,
                 "partitions": partitions,
-                "processes": labels.get(engine) or processes(engine, workers),
+                "processes": labels.get(engine) or process_label(engine, workers),
                 "msgs_per_s": rate,
                 "x_serial": rate / serial_rate,
                 "parent_us_per_msg": cpu if engine in labels else None,

@@ -34,14 +34,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["PEERS", "arroyo_main", "bytewax_flow", "installed_peers", "processes", "run_peer"]
+__all__ = ["PEERS", "arroyo_main", "bytewax_flow", "installed_peers", "process_label", "run_peer"]
 
 PEERS = ("bytewax", "arroyo")
 _ENV = "ORDPOOL_BENCH_PEER"
 _TIMEOUT = 600.0
 
 
-def processes(name: str, workers: int) -> str:
+def process_label(name: str, workers: int) -> str:
     """How the report shows a peer's processes: Arroyo has a parent besides its pool."""
     return f"1 + {workers}" if name == "arroyo" else str(workers)
 
