@@ -6,7 +6,7 @@ fail with pip's output (they are never skipped).
 
 Run as a script, it is the consumer process of the kill test::
 
-    python tests/kafka_broker.py BOOTSTRAP TOPIC GROUP LOG START_METHOD
+    python tests/kafka_broker.py BOOTSTRAP TOPIC GROUP LOG START_METHOD FETCH
 """
 
 from __future__ import annotations
@@ -83,7 +83,9 @@ def _slow_double(value: bytes) -> int:
     return int(value) * 2
 
 
-def _consume_and_log(bootstrap: str, topic: str, group: str, log: str, method: str) -> None:
+def _consume_and_log(
+    bootstrap: str, topic: str, group: str, log: str, method: str, fetch: str
+) -> None:
     """The kill test's consumer: log "partition offset" per record, flushed, until killed."""
     from ordpool.kafka import OrderedConsumer
 
@@ -91,7 +93,13 @@ def _consume_and_log(bootstrap: str, topic: str, group: str, log: str, method: s
     with (
         open(log, "a", buffering=1) as out,
         OrderedConsumer(
-            _slow_double, config, [topic], workers=2, start_method=method, commit_interval=0.05
+            _slow_double,
+            config,
+            [topic],
+            workers=2,
+            start_method=method,
+            commit_interval=0.05,
+            fetch=fetch,
         ) as consumer,
     ):
         out.write("started\n")
@@ -102,4 +110,4 @@ def _consume_and_log(bootstrap: str, topic: str, group: str, log: str, method: s
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    _consume_and_log(*sys.argv[1:6])
+    _consume_and_log(*sys.argv[1:7])

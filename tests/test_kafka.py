@@ -115,6 +115,7 @@ def _by_partition(records) -> dict[int, list[int]]:
         ({"poll_timeout": None}, ValueError, "poll_timeout must be a positive number"),
         ({"commit_interval": 0}, ValueError, "commit_interval must be"),
         ({"max_retries": -1}, ValueError, "max_retries must be an int >= 0"),
+        ({"fetch": "broker"}, ValueError, "fetch must be 'parent' or 'workers', got 'broker'"),
     ],
 )
 def test_bad_options_are_refused_by_name(options: dict, error: type, match: str) -> None:
@@ -129,12 +130,15 @@ def test_bad_options_are_refused_by_name(options: dict, error: type, match: str)
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_each_partition_in_order_nothing_lost(broker: str, method: str) -> None:
+@pytest.mark.parametrize("fetch", ["parent", "workers"])
+def test_each_partition_in_order_nothing_lost(broker: str, method: str, fetch: str) -> None:
     topic, group, n = new_topic(broker, 3), _group(), 3000
     produce(broker, topic, n, 3)
     got = []
     config = consumer_config(broker, group)
-    with OrderedConsumer(_double, config, [topic], workers=2, start_method=method) as consumer:
+    with OrderedConsumer(
+        _double, config, [topic], workers=2, start_method=method, fetch=fetch
+    ) as consumer:
         for record in consumer:
             assert record.error is None and record.topic == topic
             assert record.key == f"k{int(record.result) // 2 % 7}".encode()
@@ -146,7 +150,10 @@ def test_each_partition_in_order_nothing_lost(broker: str, method: str) -> None:
     for offsets in _by_partition(got).values():
         assert offsets == list(range(n // 3))
     assert set(stats.partitions) == {(topic, p) for p in range(3)}
-    assert stats.delivered == n and stats.pool.completed >= n
+    assert stats.delivered == n
+    # the pool's tasks: messages, or with fetch="workers" chunks of them (one per partition
+    # at least)
+    assert stats.pool.completed >= (n if fetch == "parent" else 3)
     # a clean exit counts every yielded record: everything is committed
     assert committed(broker, group, topic, 3) == {p: n // 3 for p in range(3)}
 
@@ -167,14 +174,17 @@ def test_a_subscribed_topic_that_does_not_exist_is_a_warning_not_the_end(
 
 
 @pytest.mark.timeout(60)
-def test_commits_never_pass_an_unfinished_record(broker: str) -> None:
+@pytest.mark.parametrize("fetch", ["parent", "workers"])
+def test_commits_never_pass_an_unfinished_record(broker: str, fetch: str) -> None:
     topic, group, n = new_topic(broker, 2), _group(), 2000
     produce(broker, topic, n, 2)
     config = consumer_config(broker, group)
     seen: list = []
 
     def fail_at_700() -> None:
-        with OrderedConsumer(_double, config, [topic], workers=2, commit_interval=0.01) as c:
+        with OrderedConsumer(
+            _double, config, [topic], workers=2, commit_interval=0.01, fetch=fetch
+        ) as c:
             for record in c:
                 seen.append(record)
                 if len(seen) == 700:
@@ -191,7 +201,7 @@ def test_commits_never_pass_an_unfinished_record(broker: str) -> None:
         assert marks[p] == expected, (p, marks, in_hand)
     # a restart resumes exactly there; then a clean break commits through the record in hand
     again: list = []
-    with OrderedConsumer(_double, config, [topic], workers=2) as consumer:
+    with OrderedConsumer(_double, config, [topic], workers=2, fetch=fetch) as consumer:
         for record in consumer:
             again.append(record)
             if len(again) == 300:
@@ -204,12 +214,14 @@ def test_commits_never_pass_an_unfinished_record(broker: str) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_a_loop_that_breaks_and_iterates_again_misses_nothing(broker: str) -> None:
+@pytest.mark.parametrize("fetch", ["parent", "workers"])
+def test_a_loop_that_breaks_and_iterates_again_misses_nothing(broker: str, fetch: str) -> None:
     # A sink that writes in chunks: break every 7 records, then iterate the consumer again.
     topic, group, n = new_topic(broker, 2), _group(), 1000
     produce(broker, topic, n, 2)
     got: list = []
-    with OrderedConsumer(_double, consumer_config(broker, group), [topic], workers=2) as c:
+    config = consumer_config(broker, group)
+    with OrderedConsumer(_double, config, [topic], workers=2, fetch=fetch) as c:
         while len(got) < n:
             chunk = []
             for record in c:
@@ -271,13 +283,13 @@ def test_a_record_a_cancelled_wait_took_is_not_committed_on_a_clean_exit(broker:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_commit_and_manual_acks(broker: str, method: str) -> None:
+@pytest.mark.parametrize(("method", "fetch"), [("fork", "parent"), ("spawn", "workers")])
+def test_commit_and_manual_acks(broker: str, method: str, fetch: str) -> None:
     topic, group = new_topic(broker, 1), _group()
     produce(broker, topic, 100, 1)
     config = consumer_config(broker, group)
     with OrderedConsumer(
-        _double, config, [topic], workers=2, manual_ack=True, start_method=method
+        _double, config, [topic], workers=2, manual_ack=True, start_method=method, fetch=fetch
     ) as consumer:
         records = [consumer.poll(30) for _ in range(10)]
         assert [r.offset for r in records] == list(range(10))
@@ -335,8 +347,9 @@ def test_sigkill_and_restart_loses_nothing(broker: str, tmp_path: Path) -> None:
         before = committed(broker, group, topic, parts)
         log = tmp_path / f"run{run}.log"
         method = ("fork", "spawn")[run % 2]  # the runs alternate the start methods
+        fetch = ("parent", "workers")[run // 2 % 2]  # and who reads Kafka, every two runs
         proc = subprocess.Popen(
-            [sys.executable, script, broker, topic, group, str(log), method], env=env
+            [sys.executable, script, broker, topic, group, str(log), method, fetch], env=env
         )
         try:
             final = run == KILLS or len(processed) == n
@@ -430,7 +443,8 @@ def _segments(records) -> dict[int, list[list[int]]]:
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("strategy", ["range", "cooperative-sticky"])
-def test_a_second_consumer_joins_then_leaves(broker: str, strategy: str) -> None:
+@pytest.mark.parametrize("fetch", ["parent", "workers"])
+def test_a_second_consumer_joins_then_leaves(broker: str, strategy: str, fetch: str) -> None:
     parts, n = 4, 4000
     topic, group = new_topic(broker, parts), _group()
     produce(broker, topic, n, parts)
@@ -439,12 +453,13 @@ def test_a_second_consumer_joins_then_leaves(broker: str, strategy: str) -> None
     got_a: list = []
     got_b: list = []
     stop_b = threading.Event()
-    with OrderedConsumer(_double, config, [topic], workers=1, on_rebalance=first.hook) as a:
+    options = {"workers": 1, "fetch": fetch, "batch_size": 50 if fetch == "workers" else None}
+    with OrderedConsumer(_double, config, [topic], on_rebalance=first.hook, **options) as a:
         a_thread = threading.Thread(target=first.check, args=(a, got_a, threading.Event(), n))
         a_thread.start()
         while len(got_a) < 300:
             time.sleep(0.01)
-        with OrderedConsumer(_double, config, [topic], workers=1, on_rebalance=second.hook) as b:
+        with OrderedConsumer(_double, config, [topic], on_rebalance=second.hook, **options) as b:
             b_thread = threading.Thread(target=second.check, args=(b, got_b, stop_b, n))
             b_thread.start()
             deadline = time.monotonic() + 20
@@ -475,13 +490,19 @@ def _distinct(records) -> int:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_poison_messages_arrive_in_order_with_their_error(broker: str, method: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "fetch"), [("fork", "parent"), ("spawn", "parent"), ("fork", "workers")]
+)
+def test_poison_messages_arrive_in_order_with_their_error(
+    broker: str, method: str, fetch: str
+) -> None:
     topic, group, n = new_topic(broker, 2), _group(), 400
     produce(broker, topic, n, 2)
     config = consumer_config(broker, group)
     got = []
-    with OrderedConsumer(_poison, config, [topic], workers=2, start_method=method) as consumer:
+    with OrderedConsumer(
+        _poison, config, [topic], workers=2, start_method=method, fetch=fetch
+    ) as consumer:
         got += _take(consumer, n)
     for offsets in _by_partition(got).values():
         assert offsets == list(range(n // 2))
@@ -493,7 +514,10 @@ def test_poison_messages_arrive_in_order_with_their_error(broker: str, method: s
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_dead_letter_topic_and_crash_retries(broker: str, method: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fetch", ["parent", "workers"])
+def test_dead_letter_topic_and_crash_retries(
+    broker: str, method: str, fetch: str, tmp_path: Path
+) -> None:
     topic, dlq, group, n = new_topic(broker, 2), new_topic(broker, 1), _group(), 200
     produce(broker, topic, n, 2)
     config = consumer_config(broker, group)
@@ -508,6 +532,7 @@ def test_dead_letter_topic_and_crash_retries(broker: str, method: str, tmp_path:
         dead_letter_topic=dlq,
         max_retries=1,
         start_method=method,
+        fetch=fetch,
     ) as consumer:
         got += _take(consumer, n - 1)
         # 23's produce is acknowledged (meanwhile the records after it may be handed out)
@@ -529,13 +554,14 @@ def test_dead_letter_topic_and_crash_retries(broker: str, method: str, tmp_path:
 
 
 @pytest.mark.timeout(60)
-def test_a_dead_letter_after_the_last_record_is_committed(broker: str) -> None:
+@pytest.mark.parametrize("fetch", ["parent", "workers"])
+def test_a_dead_letter_after_the_last_record_is_committed(broker: str, fetch: str) -> None:
     topic, dlq, group = new_topic(broker, 1), new_topic(broker, 1), _group()
     produce(broker, topic, 58, 1)  # values 7 and 57 are poison; 57 is the last one
     config = consumer_config(broker, group)
     got = []
     with OrderedConsumer(
-        _poison, config, [topic], workers=1, batch_size=100, dead_letter_topic=dlq
+        _poison, config, [topic], workers=1, batch_size=100, dead_letter_topic=dlq, fetch=fetch
     ) as consumer:
         for record in consumer:
             got.append(record.offset)
@@ -576,10 +602,12 @@ def test_a_dead_letter_the_producer_refuses_arrives_as_an_error_record(
 
 
 @pytest.mark.timeout(60)
-def test_poll_returns_none_when_drained(broker: str) -> None:
+@pytest.mark.parametrize("fetch", ["parent", "workers"])
+def test_poll_returns_none_when_drained(broker: str, fetch: str) -> None:
     topic, group = new_topic(broker, 2), _group()
     produce(broker, topic, 50, 2)
-    with OrderedConsumer(_double, consumer_config(broker, group), [topic], workers=2) as c:
+    config = consumer_config(broker, group)
+    with OrderedConsumer(_double, config, [topic], workers=2, fetch=fetch) as c:
         got = [c.poll(30) for _ in range(50)]
         assert all(r is not None for r in got)
         assert c.poll(0.3) is None
@@ -587,7 +615,8 @@ def test_poll_returns_none_when_drained(broker: str) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_async_for(broker: str) -> None:
+@pytest.mark.parametrize("fetch", ["parent", "workers"])
+def test_async_for(broker: str, fetch: str) -> None:
     topic, group, n = new_topic(broker, 2), _group(), 300
     produce(broker, topic, n, 2)
 
@@ -603,7 +632,7 @@ def test_async_for(broker: str) -> None:
 
         task = asyncio.create_task(ticker())
         config = consumer_config(broker, group)
-        async with OrderedConsumer(_double, config, [topic], workers=2) as consumer:
+        async with OrderedConsumer(_double, config, [topic], workers=2, fetch=fetch) as consumer:
             async for record in consumer:
                 got.append(record)
                 if len(got) == n:
@@ -638,6 +667,47 @@ def test_a_slow_caller_pauses_partitions_and_stays_in_the_group(broker: str) -> 
         rest = [consumer.poll(30) for _ in range(2999)]
         assert all(r is not None for r in rest)
         assert consumer.stats().rebalances == 1
+
+
+@pytest.mark.timeout(60)
+def test_workers_fetch_a_slow_caller_stays_in_the_group_with_bounded_chunks(broker: str) -> None:
+    topic, group = new_topic(broker, 2), _group()
+    produce(broker, topic, 3000, 2)
+    config = consumer_config(broker, group, **{"max.poll.interval.ms": 2500})
+    with OrderedConsumer(
+        _double, config, [topic], workers=2, fetch="workers", batch_size=100
+    ) as consumer:
+        first = consumer.poll(30)
+        assert first is not None
+        time.sleep(4)  # longer than max.poll.interval.ms: the poller keeps the membership
+        stats = consumer.stats()
+        # no more than 2 chunks of 100 asked of a partition and not handed out
+        assert all(p.in_flight <= 2 for p in stats.partitions.values())
+        assert stats.consumed <= 100  # only the caller's chunk has been taken
+        assert any(p.lag for p in stats.partitions.values())  # the workers' watermarks
+        assert stats.rebalances == 1  # the first assignment only
+        rest = [consumer.poll(30) for _ in range(2999)]
+        assert all(r is not None for r in rest)
+        assert consumer.stats().rebalances == 1
+    for offsets in _by_partition([first, *rest]).values():
+        assert offsets == list(range(1500))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fetch", ["parent", "workers"])
+def test_messages_produced_while_the_consumer_waits_arrive(broker: str, fetch: str) -> None:
+    topic, group = new_topic(broker, 2), _group()
+    config = consumer_config(broker, group)
+    with OrderedConsumer(_double, config, [topic], workers=2, fetch=fetch) as consumer:
+        assert consumer.poll(2.0) is None  # nothing yet: the partitions run dry
+        for burst in range(3):  # then bursts, with pauses longer than the consumer's waits
+            produce(broker, topic, 50, 2)
+            got = [consumer.poll(30) for _ in range(50)]
+            assert all(r is not None for r in got)
+            for offsets in _by_partition(got).values():
+                assert offsets == list(range(25 * burst, 25 * (burst + 1)))
+            time.sleep(0.3)
+    assert committed(broker, group, topic, 2) == {0: 75, 1: 75}
 
 
 # -- the example ---------------------------------------------------------------------------------
@@ -685,7 +755,7 @@ def test_bench_kafka_runs_against_the_broker(broker: str, tmp_path: Path) -> Non
     assert report["machine"]["command_line"].startswith("ordpool bench --kafka")
     assert report["versions"]["confluent-kafka"]
     peers = installed_peers()  # Bytewax where installed: each runs, or the output says not
-    engines = ("serial", "ordpool", *peers)
+    engines = ("serial", "ordpool", "ordpool-fetch-workers", *peers)
     assert set(rows) == {(e, p) for e in engines for p in (2, 1)}
     assert all(r["msgs_per_s"] > 0 for r in rows.values())
     for (engine, _), row in rows.items():

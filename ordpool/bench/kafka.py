@@ -5,7 +5,10 @@ one, fills a topic with the workload's messages (or ``--input``'s), and drains i
 
 * ``serial``: a plain confluent-kafka loop, ``consume`` then ``fn`` per message, in one
   process;
-* ``ordpool``: :class:`ordpool.kafka.OrderedConsumer` with ``--workers`` workers;
+* ``ordpool``: :class:`ordpool.kafka.OrderedConsumer` with ``--workers`` workers, the parent
+  reading the messages and sending them to the workers;
+* ``ordpool-fetch-workers``: the same with ``fetch="workers"``: each worker reads its
+  partitions' messages itself, and the parent only takes the results;
 * where installed, the peers of :mod:`ordpool.bench.kafka_peers` (Bytewax and Arroyo) with as
   many processes as ordpool has workers.
 
@@ -36,6 +39,7 @@ __all__ = ["add_arguments", "run_command"]
 
 _GROUP = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 500}
 _IDLE = 60.0  # seconds without a new message after which an engine's run fails
+_FETCH = "ordpool-fetch-workers"  # OrderedConsumer(fetch="workers")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -145,16 +149,17 @@ def _compare(
     """
     peers = installed_peers()
     workload = {"fn": args.fn, "init": args.init} if args.fn else {"workload": args.workload}
-    runs: dict[str, list[tuple[float, float]]] = {"serial": [], "ordpool": []}
+    runs: dict[str, list[tuple[float, float]]] = {"serial": [], "ordpool": [], _FETCH: []}
     runs.update({peer: [] for peer in peers})
     for _ in range(args.repeat):
         runs["serial"].append(_serial(bootstrap, topic, n, fn, init))
         runs["ordpool"].append(_ordpool(bootstrap, topic, n, fn, init, workers, args))
+        runs[_FETCH].append(_ordpool(bootstrap, topic, n, fn, init, workers, args, "workers"))
         for peer in peers:
             runs[peer].append(run_peer(peer, bootstrap, topic, n, workers, workload))
     partitions = len(_partitions(bootstrap, topic))
     serial_rate = statistics.median(r[0] for r in runs["serial"])
-    labels = {"serial": "1", "ordpool": f"1 + {workers}"}
+    labels = {"serial": "1", "ordpool": f"1 + {workers}", _FETCH: f"1 + {workers}"}
     rows = []
     for engine, results in runs.items():
         rate = statistics.median(r[0] for r in results)
@@ -222,6 +227,7 @@ def _ordpool(
     init: Callable[..., Any] | None,
     workers: int,
     args: argparse.Namespace,
+    fetch: str = "parent",
 ) -> tuple[float, float]:
     """The OrderedConsumer: (messages/s, parent CPU us/msg)."""
     from ..kafka import OrderedConsumer
@@ -234,6 +240,7 @@ def _ordpool(
         init=init,
         start_method=args.start_method,
         batch_size=args.batch_size,
+        fetch=fetch,
     ) as consumer:
         got, done = 0, threading.Event()
 
@@ -294,12 +301,12 @@ def _print(report: dict[str, Any]) -> None:
         f"{report['broker']}; medians of {report['repeat']}",
         file=out,
     )
-    print(f"{'engine':<9}{'parts':>6}{'processes':>11}{'k msg/s':>9}{'x serial':>9}"
+    print(f"{'engine':<22}{'parts':>6}{'processes':>11}{'k msg/s':>9}{'x serial':>9}"
           f"{'parent us/msg':>15}", file=out)  # fmt: skip
     for row in report["rows"]:
         cpu = row["parent_us_per_msg"]
         print(
-            f"{row['engine']:<9}{row['partitions']:>6}{row['processes']!s:>11}"
+            f"{row['engine']:<22}{row['partitions']:>6}{row['processes']!s:>11}"
             f"{row['msgs_per_s'] / 1000:>9.1f}{row['x_serial']:>9.2f}"
             + (f"{cpu:>15.2f}" if cpu is not None else f"{'-':>15}"),
             file=out,

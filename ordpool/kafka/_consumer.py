@@ -23,7 +23,8 @@ from .._engine.decoding import decode
 from .._multistream import take_any
 from .._pool import ProcessOrderedPool
 from ._dead import DeadLetters, producer_config
-from ._kafka_side import KafkaSide, topic_partition
+from ._fetching import FetchSide
+from ._kafka_side import topic_partition
 from ._partition import ConsumerStats, Partition, Record
 
 __all__ = ["OrderedConsumer"]
@@ -33,7 +34,7 @@ T = TypeVar("T")
 _WAIT = 0.1  # seconds the caller's thread waits at a time (it then checks for close/errors)
 
 
-class OrderedConsumer(KafkaSide):
+class OrderedConsumer(FetchSide):
     """Consume Kafka topics, run ``fn`` over each message's value in worker processes, and
     yield the results as :class:`~ordpool.kafka.Record` objects, each partition in offset
     order (a slow message holds back only its own partition).
@@ -87,6 +88,17 @@ class OrderedConsumer(KafkaSide):
         on_rebalance: called as ``on_rebalance(event, [(topic, partition), ...])``, where
             ``event`` is ``"assign"``, ``"revoke"`` or ``"lost"``, after the consumer handled
             it (a revoked partition's watermark is committed by then), in the poller's thread.
+        fetch: who reads the messages from Kafka. ``"parent"`` (default): the consumer reads
+            them and sends each to the workers, so that one partition runs in all of them.
+            ``"workers"``: each partition is read by one worker itself (its own consumer,
+            without a group, from the offsets the group committed) and run there in chunks of
+            ``batch_size`` (default 1,000) messages, so the parent handles only the results:
+            for topics with at least as many partitions as workers. The commit contract,
+            rebalances, dead letters and ``max_retries`` are the same (a crashed chunk is read
+            again and only the message that was running is retried). ``keyed`` has no effect:
+            a partition runs in one worker, in order. A chunk is handed out when it is full,
+            when its partition's end is reached, or after ``max_delay`` seconds; in
+            :meth:`stats`, ``in_flight`` and ``held`` count chunks.
 
     Raises:
         TypeError: ``topics`` is a string (a list of names is needed).
@@ -117,6 +129,7 @@ class OrderedConsumer(KafkaSide):
         max_delay: float = 0.05,
         poll_timeout: float = 0.05,
         on_rebalance: Callable[[str, list[tuple[str, int]]], None] | None = None,
+        fetch: str = "parent",
     ) -> None:
         _check_options(locals())
         topics = _check_topics(topics)
@@ -127,24 +140,30 @@ class OrderedConsumer(KafkaSide):
         self._keyed, self._manual = keyed, manual_ack
         self._commit_interval, self._poll_timeout = commit_interval, poll_timeout
         self._on_rebalance = on_rebalance
-        self.pool = ProcessOrderedPool(
-            fn,
-            workers,
-            init=init,
-            initargs=initargs,
-            window=2 * max_in_flight + 4096,
-            batch_size=batch_size,
-            max_delay=max_delay,
-            retries=max_retries,
-            start_method=start_method,
-        )
-        self._engine = self.pool._live()
-        if batch_size is None:  # at least 8 batches per worker in flight: no bubbles
-            self._engine.sizer.limit(max(64, max_in_flight // (8 * self._engine.workers)))
+        if fetch == "workers":
+            options = {"workers": workers, "start_method": start_method}
+            self._start_fetch_pool(fn, init, tuple(initargs), config, options)
+            self._init_fetch(batch_size or 1000, max_delay, max_retries)
+        else:
+            self.pool = ProcessOrderedPool(
+                fn,
+                workers,
+                init=init,
+                initargs=initargs,
+                window=2 * max_in_flight + 4096,
+                batch_size=batch_size,
+                max_delay=max_delay,
+                retries=max_retries,
+                start_method=start_method,
+            )
+            self._engine = self.pool._live()
+            if batch_size is None:  # at least 8 batches per worker in flight: no bubbles
+                self._engine.sizer.limit(max(64, max_in_flight // (8 * self._engine.workers)))
         try:
             self._start_kafka(config, dead_letter_topic, dead_letter_config)
         except BaseException:
             self.pool.terminate()
+            self._close_fetch()
             raise
 
     def _start_kafka(
@@ -289,6 +308,8 @@ class OrderedConsumer(KafkaSide):
             part = self._by_stream.get(stream)
             if part is None or part.revoked:
                 return False
+            if part.feed_state is not None:
+                return self._take_chunk(part, values[0], errors.get(0) if errors else None)
             start, end = part.take(len(indices))
             if part.offsets[start] != indices[0]:  # pragma: no cover - a bug of ours
                 raise AssertionError(f"partition {part.number}: messages out of step")
@@ -316,23 +337,17 @@ class OrderedConsumer(KafkaSide):
             self._counts["delivered"] += len(records)
         return True
 
-    def _failed(
-        self,
-        part: Partition,
-        records: list[Record],
-        start: int,
-        errors: dict[int, BaseException],
-    ) -> list[Record]:
-        """Failed messages: records with ``.error``, or dead letters (left out)."""
-        dead = self._dead
-        for pos in sorted(errors, reverse=True):
-            if dead is not None and dead.send(part, start + pos, errors[pos]):
-                del records[pos]
-            else:  # no dead letter topic, or its producer refused this one at once
-                records[pos] = records[pos]._replace(error=errors[pos])
-        if dead is not None:
-            part.dead = type(part.dead)(sorted(part.dead))
-        return records
+    def _take_chunk(self, part: Partition, chunk: Any, error: BaseException | None) -> bool:
+        """fetch="workers": make a chunk of results the caller's batch (lock held)."""
+        records = self._chunk_records(part, chunk, error)
+        if records is None:
+            return False
+        if self._manual:
+            part.delivered.extend([r.offset for r in records])
+        self._cur, self._records, self._it = part, records, iter(records)
+        self._cur_end = chunk.next
+        self._counts["delivered"] += len(records)
+        return True
 
     def commit(self) -> None:
         """Commit every partition's watermark now, synchronously (the record in hand is not
@@ -380,6 +395,7 @@ class OrderedConsumer(KafkaSide):
         finally:
             self._closed = True
             self.pool.terminate()
+            self._close_fetch()
             with self._engine.lock:
                 self._engine.ready.notify_all()
 
@@ -420,7 +436,11 @@ class OrderedConsumer(KafkaSide):
             parts = list(self._parts.items())
             counts = dict(self._counts)
             total, worst, acked = self._latency
-        highs = self._on_poller(lambda: self._high_watermarks([key for key, _ in parts]))
+        highs: dict[tuple[str, int], int | None]
+        if self._fetch:  # the parent's consumer fetches nothing: the workers' figures
+            highs = {key: p.feed_state.high for key, p in parts if p.feed_state}
+        else:
+            highs = self._on_poller(lambda: self._high_watermarks([key for key, _ in parts]))
         per = {key: part.stats(highs.get(key)) for key, part in parts}
         dead = self._dead.produced if self._dead is not None else 0
         return ConsumerStats(
@@ -436,9 +456,9 @@ class OrderedConsumer(KafkaSide):
             self.pool.stats(),
         )
 
-    def _high_watermarks(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    def _high_watermarks(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], int | None]:
         """The partitions' high watermarks as last fetched (the poller's thread)."""
-        highs = {}
+        highs: dict[tuple[str, int], int | None] = {}
         for key in keys:
             try:
                 _, high = self._consumer.get_watermark_offsets(
@@ -479,6 +499,8 @@ def _check_options(options: dict[str, Any]) -> None:
         period = options[name]
         if isinstance(period, bool) or not isinstance(period, (int, float)) or not period > 0:
             raise ValueError(f"{name} must be a positive number of seconds, got {period!r}")
+    if options["fetch"] not in ("parent", "workers"):
+        raise ValueError(f"fetch must be 'parent' or 'workers', got {options['fetch']!r}")
     retries = options["max_retries"]
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ValueError(f"max_retries must be an int >= 0, got {retries!r}")

@@ -19,7 +19,7 @@ from .._pool import ProcessOrderedPool
 from ._dead import LOGGER, DeadLetters
 from ._partition import Partition, Record
 
-__all__ = ["KafkaSide", "topic_partition"]
+__all__ = ["KafkaSide", "topic_partition", "without_events"]
 
 T = TypeVar("T")
 
@@ -63,6 +63,32 @@ class KafkaSide:
         self._commit_interval = 0.5
         self._poll_timeout = 0.05
         self._on_rebalance: Callable[[str, list[tuple[str, int]]], None] | None = None
+
+    _fetch = False  # fetch="workers" (FetchSide)
+
+    def _feed_assigned(self, part: Partition) -> None:
+        """fetch="workers": a partition was assigned (lock held)."""
+
+    def _feed_revoked(self, part: Partition) -> None:
+        """fetch="workers": a partition was revoked (lock held)."""
+
+    def _failed(
+        self,
+        part: Partition,
+        records: list[Record],
+        start: int,
+        errors: dict[int, BaseException],
+    ) -> list[Record]:
+        """Failed messages: records with ``.error``, or dead letters (left out)."""
+        dead = self._dead
+        for pos in sorted(errors, reverse=True):
+            if dead is not None and dead.send(part, start + pos, errors[pos]):
+                del records[pos]
+            else:  # no dead letter topic, or its producer refused this one at once
+                records[pos] = records[pos]._replace(error=errors[pos])
+        if dead is not None:
+            part.dead = type(part.dead)(sorted(part.dead))
+        return records
 
     # -- commits -------------------------------------------------------------------------------
 
@@ -149,12 +175,9 @@ class KafkaSide:
         next_commit = time.monotonic() + self._commit_interval
         try:
             while not self._closing:
-                messages = self._consume()
-                if messages:
-                    self._feed(messages)
+                self._poll_once()
                 while not self._calls.empty():
                     self._calls.get()()
-                self._flow()
                 if self._dead is not None:
                     self._dead.serve()
                 if time.monotonic() >= next_commit:
@@ -164,6 +187,13 @@ class KafkaSide:
             self._error = exc
             with self._engine.lock:
                 self._engine.ready.notify_all()
+
+    def _poll_once(self) -> None:
+        """Read what is ready, feed it to the workers, pause and resume partitions."""
+        messages = self._consume()
+        if messages:
+            self._feed(messages)
+        self._flow()
 
     def _consume(self) -> list[Message]:
         """The messages ready now, else wait for one (``poll_timeout``). While the consumer
@@ -211,7 +241,7 @@ class KafkaSide:
     def _feed(self, messages: list[Message]) -> None:
         """Each partition's run of messages into its ordered stream."""
         if any(map(Message.error, messages)):
-            messages = _without_events(messages)
+            messages = without_events(messages)
         self._counts["consumed"] += len(messages)
         tp_of = self._tp_of
         for key, run in groupby(messages, tp_of):
@@ -274,9 +304,12 @@ class KafkaSide:
                 key = (tp.topic, tp.partition)
                 if key in self._parts:
                     continue
-                part = Partition(tp.topic, tp.partition, self.pool.stream(keyed=self._keyed))
+                stream = self.pool.stream(keyed=self._keyed or self._fetch)
+                part = Partition(tp.topic, tp.partition, stream)
                 self._parts[key] = part
                 self._by_stream[part.stream] = part
+                if self._fetch:
+                    self._feed_assigned(part)
                 with self._engine.lock:
                     self._streams.append(part.stream)
                     self._engine.ready.notify_all()
@@ -301,7 +334,7 @@ class KafkaSide:
             self._counts["rebalances"] += 1
             parts = [self._parts.get((tp.topic, tp.partition)) for tp in partitions]
             gone = [p for p in parts if p is not None]
-            paused = [TopicPartition(p.topic, p.number) for p in gone if p.paused]
+            paused = [TopicPartition(p.topic, p.number) for p in gone if p.paused or p.feed_state]
             if paused:  # librdkafka keeps a partition paused across a reassignment
                 try:
                     self._consumer.resume(paused)
@@ -310,6 +343,7 @@ class KafkaSide:
             for part in gone:
                 part.revoked = True
                 self._paused -= part.paused
+                self._feed_revoked(part)
                 part.handle.drop()
                 if part is self._cur:
                     mark = self._in_batch(part, self._clean)
@@ -352,7 +386,7 @@ _GOING_ON = frozenset(
 )
 
 
-def _without_events(messages: list[Message]) -> list[Message]:
+def without_events(messages: list[Message]) -> list[Message]:
     """The messages that are not events. End-of-partition events are dropped; an unknown
     topic or partition is logged as a warning (each text at most once a minute) and
     dropped; any other error (authorization, ``auto.offset.reset=error``...) is raised."""

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 if TYPE_CHECKING:
     from .._core.streams import NamedStream
     from .._multistream import OrderedStream
+    from ._fetching import Feed
 
 __all__ = ["ConsumerStats", "Partition", "PartitionStats", "Record"]
 
@@ -106,6 +107,7 @@ class Partition:
         "delivered",
         "fed",
         "fed_bytes",
+        "feed_state",
         "finished",
         "handle",
         "headers",
@@ -145,6 +147,7 @@ class Partition:
         self.acked: set[int] = set()  # manual acks: acked offsets above the watermark
         self.paused = False
         self.revoked = False
+        self.feed_state: Feed | None = None  # fetch="workers": its chunks
 
     def feed(
         self, offsets: list[int], keys: list[bytes | None], values: list[Any], headers: Any
