@@ -192,6 +192,7 @@ class Fetcher:
         self.stash: dict[tuple[str, int], deque[Message]] = {}
         self.paused: set[tuple[str, int]] = set()
         self.eof: set[tuple[str, int]] = set()
+        self._consumer()  # connects while the parent joins its group
 
     def _consumer(self) -> Consumer:
         if self.consumer is None:
