@@ -14,6 +14,8 @@ Usage, from the repository root (the broker binary is fetched on first use)::
 
     python bench/kafka_soak.py slow-caller --seconds 60 --json slow.json
     python bench/kafka_soak.py poison --messages 100000 --json poison.json
+
+``--fetch workers`` runs the consumer with ``fetch="workers"`` (default: ``parent``).
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def parse(value: bytes) -> int:
     return int(message["n"])
 
 
-def slow_caller(bootstrap: str, seconds: float) -> dict[str, Any]:
+def slow_caller(bootstrap: str, seconds: float, fetch: str) -> dict[str, Any]:
     n = int(seconds * 1000 * 1.5)  # more than a 1 ms caller takes in `seconds`
     topic = _topic(bootstrap, PARTITIONS)
     _produce(bootstrap, topic, [json.dumps({"n": i}).encode() for i in range(n)])
@@ -89,7 +91,7 @@ def slow_caller(bootstrap: str, seconds: float) -> dict[str, Any]:
     rss: list[tuple[float, float]] = []
     records = 0
     in_order = True
-    with OrderedConsumer(parse, config, [topic], workers=2) as consumer:
+    with OrderedConsumer(parse, config, [topic], workers=2, fetch=fetch) as consumer:
         start = next_sample = time.monotonic()
         for record in consumer:
             if record.offset <= last.get(record.partition, -1):
@@ -113,7 +115,7 @@ def slow_caller(bootstrap: str, seconds: float) -> dict[str, Any]:
     }
 
 
-def poison(bootstrap: str, messages: int) -> dict[str, Any]:
+def poison(bootstrap: str, messages: int, fetch: str) -> dict[str, Any]:
     topic, dlq = _topic(bootstrap, PARTITIONS), _topic(bootstrap, 1)
     values, bad = [], set()
     for i in range(messages):
@@ -130,7 +132,13 @@ def poison(bootstrap: str, messages: int) -> dict[str, Any]:
     last: dict[int, int] = {}
     in_order, got, gap = True, 0, 0.0
     with OrderedConsumer(
-        parse, _config(bootstrap), [topic], workers=2, dead_letter_topic=dlq, max_retries=1
+        parse,
+        _config(bootstrap),
+        [topic],
+        workers=2,
+        dead_letter_topic=dlq,
+        max_retries=1,
+        fetch=fetch,
     ) as consumer:
         start = before = time.monotonic()
         for record in consumer:
@@ -183,17 +191,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--fetch", choices=("parent", "workers"), default="parent")
     args = parser.parse_args(argv)
     with LocalBroker() as broker:
         if args.mode == "slow-caller":
-            result = slow_caller(broker.address, args.seconds)
+            result = slow_caller(broker.address, args.seconds, args.fetch)
         else:
-            result = poison(broker.address, args.messages)
+            result = poison(broker.address, args.messages, args.fetch)
     report = {
         "mode": args.mode,
         "command_line": " ".join(["python", "bench/kafka_soak.py", *(argv or sys.argv[1:])]),
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
+        "fetch": args.fetch,
         **result,
     }
     print(json.dumps(report, indent=2))

@@ -554,6 +554,72 @@ def test_dead_letter_topic_and_crash_retries(
 
 
 @pytest.mark.timeout(60)
+def test_a_fetching_worker_reads_a_partition_it_paused_once_given_it_again(broker: str) -> None:
+    # The worker's side of fetch="workers", in this process: a worker pauses a partition whose
+    # messages pile up while it reads another; given that partition again from another
+    # offset, it must read it (librdkafka keeps a pause across a reassignment).
+    from confluent_kafka import TopicPartition
+
+    from ordpool.kafka import _fetch
+
+    topic = new_topic(broker, 2)
+    produce(broker, topic, 400, 2)
+    progress = _fetch.Progress(4)
+    config = _fetch.worker_config(consumer_config(broker, _group()))
+    fetcher = _fetch.Fetcher(_double, None, (), config, progress.name)
+    try:
+        owned = frozenset({(topic, 0), (topic, 1)})
+        task = _fetch.FetchTask(topic, 1, 0, None, 50, 1 << 30, 10.0, owned, 1)
+        first = fetcher.run(task)
+        assert first.offsets == list(range(50))
+        assert first.results == [4 * i + 2 for i in range(50)]  # values 1, 3, 5... doubled
+        fetcher.consumer.pause([TopicPartition(topic, 1)])  # as _sort does at its limit
+        fetcher.paused.add((topic, 1))
+        again = fetcher.run(task._replace(start=120, wait=10.0))
+        assert again.offsets == list(range(120, 170))
+        assert (topic, 1) not in fetcher.paused
+    finally:
+        fetcher.consumer.close()
+        fetcher.progress.close()
+        progress.close(unlink=True)
+
+
+def _crash_on_rerun(state: dict, value: bytes) -> int:
+    """Value 9 kills its worker every time, and leaves a marker; value 5 kills its worker
+    once the marker exists (so it dies while the messages before 9 are run again)."""
+    i = int(value)
+    if i == 9:
+        Path(state["marker"]).touch()
+        os._exit(1)
+    if i == 5 and os.path.exists(state["marker"]):
+        os._exit(1)
+    return i
+
+
+@pytest.mark.timeout(60)
+def test_workers_fetch_a_crash_while_a_crash_is_handled_loses_nothing(
+    broker: str, tmp_path: Path
+) -> None:
+    topic, group, n = new_topic(broker, 1), _group(), 30
+    produce(broker, topic, n, 1)
+    with OrderedConsumer(
+        _crash_on_rerun,
+        consumer_config(broker, group),
+        [topic],
+        workers=2,
+        init=_state,
+        initargs=(str(tmp_path / "crashed"),),
+        fetch="workers",
+    ) as consumer:
+        got = _take(consumer, n)
+    assert [r.offset for r in got] == list(range(n))  # each once, in order
+    assert [r.offset for r in got if r.error is not None] == [5, 9]
+    assert all(isinstance(r.error, WorkerCrashed) for r in got if r.error is not None)
+    assert [r.result for r in got if r.error is None] == [i for i in range(n) if i not in (5, 9)]
+    assert committed(broker, group, topic, 1) == {0: n}
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("fetch", ["parent", "workers"])
 def test_a_dead_letter_after_the_last_record_is_committed(broker: str, fetch: str) -> None:
     topic, dlq, group = new_topic(broker, 1), new_topic(broker, 1), _group()

@@ -95,10 +95,11 @@ class OrderedConsumer(FetchSide):
             ``batch_size`` (default 1,000) messages, so the parent handles only the results:
             for topics with at least as many partitions as workers. The commit contract,
             rebalances, dead letters and ``max_retries`` are the same (a crashed chunk is read
-            again and only the message that was running is retried). ``keyed`` has no effect:
-            a partition runs in one worker, in order. A chunk is handed out when it is full,
-            when its partition's end is reached, or after ``max_delay`` seconds; in
-            :meth:`stats`, ``in_flight`` and ``held`` count chunks.
+            and run again; the deaths count against the message that was running, which fails
+            past ``max_retries`` while the others run on). ``keyed`` has no effect: a
+            partition runs in one worker, in order. A chunk is handed out when it is full, when
+            its partition's end is reached, or after ``max_delay`` seconds; in :meth:`stats`,
+            ``in_flight`` and ``held`` count chunks, and ``polled`` is the last offset taken.
 
     Raises:
         TypeError: ``topics`` is a string (a list of names is needed).
@@ -143,7 +144,8 @@ class OrderedConsumer(FetchSide):
         if fetch == "workers":
             options = {"workers": workers, "start_method": start_method}
             self._start_fetch_pool(fn, init, tuple(initargs), config, options)
-            self._init_fetch(batch_size or 1000, max_delay, max_retries)
+            reset = str(config.get("auto.offset.reset", "latest"))
+            self._init_fetch(batch_size or 1000, max_delay, max_retries, reset)
         else:
             self.pool = ProcessOrderedPool(
                 fn,

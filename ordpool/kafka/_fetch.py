@@ -204,6 +204,8 @@ class Fetcher:
 
     def _assign(self, key: tuple[str, int], start: int) -> None:
         consumer = self._consumer()
+        if key in self.paused:  # librdkafka keeps a pause across a reassignment
+            consumer.resume([TopicPartition(*key)])
         if key in self.next:
             consumer.incremental_unassign([TopicPartition(*key)])
         consumer.incremental_assign([TopicPartition(key[0], key[1], start)])
@@ -215,6 +217,9 @@ class Fetcher:
     def _release(self, owned: frozenset[tuple[str, int]]) -> None:
         stale = [key for key in self.next if key not in owned]
         if stale:
+            paused = [TopicPartition(*key) for key in stale if key in self.paused]
+            if paused:  # librdkafka keeps a pause across a reassignment
+                self._consumer().resume(paused)
             self._consumer().incremental_unassign([TopicPartition(*key) for key in stale])
             for key in stale:
                 del self.next[key], self.stash[key]
@@ -223,13 +228,14 @@ class Fetcher:
 
     def run(self, task: FetchTask) -> Chunk:
         key = (task.topic, task.partition)
+        if task.start is None and key not in self.next:
+            return Chunk(None, [], [], [], resync=True)  # (the slot keeps a crash's blame)
+        self.progress[task.slot] = -1  # a death from here to the first message: no blame
         self._release(task.owned)
-        if task.start is None:
-            if key not in self.next:
-                return Chunk(None, [], [], [], resync=True)
-        elif task.start < 0 or self.next.get(key, -1) != task.start:
+        if task.start is not None and (task.start < 0 or self.next.get(key, -1) != task.start):
             self._assign(key, task.start)
-        self.progress[task.slot] = -1
+        elif key not in self.next:  # let go of just now: the parent no longer holds it
+            return Chunk(None, [], [], [], resync=True)
         if key in self.paused:
             self._consumer().resume([TopicPartition(*key)])
             self.paused.discard(key)
@@ -269,9 +275,9 @@ class Fetcher:
             had = len(out)
             ended = self._sort(key, batch, out, task.end)
             size += sum(len(m.value() or b"") for m in out[had:])
-            if ended or (not batch and key in self.eof):
+            if ended or (len(out) == had and key in self.eof):
                 break
-            if not batch and time.monotonic() >= deadline:
+            if time.monotonic() >= deadline:
                 break
         return out
 
@@ -319,6 +325,7 @@ class Fetcher:
             except Exception as exc:
                 errors[pos] = wrap_exception(exc)
                 results.append(None)
+        progress[slot] = -1  # a death from here on blames no message
         raws = None
         if errors and task.dead:
             raws = {pos: (messages[pos].value(), messages[pos].headers()) for pos in errors}

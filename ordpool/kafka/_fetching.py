@@ -23,6 +23,7 @@ from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, TopicPar
 from .._core.errors import WorkerCrashed
 from .._core.routing import fnv1a
 from .._pool import ProcessOrderedPool
+from ._dead import LOGGER
 from ._fetch import Chunk, Fetcher, FetchTask, Progress, run_fetch, worker_config
 from ._kafka_side import KafkaSide, without_events
 from ._partition import Partition, Record
@@ -32,6 +33,8 @@ __all__ = ["DEPTH", "Feed", "FetchSide"]
 DEPTH = 2  # chunks asked of a partition and not yet handed to the caller
 SLOTS = 1 << 14  # partitions assigned at once, at most
 _FIRST_PAUSE = 0.001  # seconds before asking again a partition that ran dry
+_EARLIEST = frozenset(("smallest", "earliest", "beginning"))
+_LATEST = frozenset(("largest", "latest", "end"))
 
 
 class Feed:
@@ -46,7 +49,6 @@ class Feed:
         "next",
         "outstanding",
         "pause",
-        "plan",
         "retry_at",
         "route",
         "sent",
@@ -64,7 +66,6 @@ class Feed:
         self.outstanding = 0  # tasks sent and not taken
         self.sent: deque[FetchTask] = deque()  # those tasks, in order
         self.explicit = True  # the next task gives its start offset
-        self.plan: deque[FetchTask] = deque()  # explicit tasks to send first (after a crash)
         self.crashes: dict[int, BaseException] = {}  # offset -> why it is read unrun
         self.blind = 0  # crashes in a row with no message to blame
         self.tries: dict[int, int] = {}  # offset -> deaths of workers running it
@@ -110,23 +111,30 @@ class FetchSide(KafkaSide):
             raise
         self._engine = self.pool._live()
 
-    def _init_fetch(self, chunk: int, wait: float, retries: int) -> None:
+    def _init_fetch(self, chunk: int, wait: float, retries: int, reset: str) -> None:
         self._fetch = True
+        self._reset = reset.lower()
         self._chunk, self._wait, self._retries = chunk, wait, retries
-        self._free = list(range(SLOTS - 1, -1, -1))
+        self._free = deque(range(SLOTS))  # first in, first out: a slot rests before reuse
         self._owned: frozenset[tuple[str, int]] = frozenset()
         workers = self._engine.workers
         self._routes = _route_keys(workers)
         self._load = [0] * workers
+        self._worker_of: dict[tuple[str, int], int] = {}  # partitions seen: their worker
 
     # -- assignment and revocation (lock held) -------------------------------------------------
 
     def _feed_assigned(self, part: Partition) -> None:
         if not self._free:
             raise RuntimeError(f"fetch='workers' handles at most {SLOTS} partitions at once")
-        worker = min(range(len(self._load)), key=self._load.__getitem__)
+        # The worker that read it before, if any (its consumer still holds the partition);
+        # else the one with the fewest partitions.
+        key = (part.topic, part.number)
+        worker = self._worker_of.get(key)
+        if worker is None:
+            worker = self._worker_of[key] = min(range(len(self._load)), key=self._load.__getitem__)
         self._load[worker] += 1
-        part.feed_state = Feed(self._free.pop(), self._routes[worker])
+        part.feed_state = Feed(self._free.popleft(), self._routes[worker])
         self._owned = frozenset(self._parts)
 
     def _feed_revoked(self, part: Partition) -> None:
@@ -167,24 +175,47 @@ class FetchSide(KafkaSide):
                     self._top_up(part)
 
     def _start_new(self) -> None:
-        """Pause the newly assigned partitions in the parent's consumer, read their committed
-        offsets, send their first tasks."""
+        """Pause the newly assigned partitions in the parent's consumer, find where each
+        starts, send their first tasks (a failed lookup is tried again on the next poll)."""
         with self._lock:
             new = [p for p in self._parts.values() if p.feed_state and not p.feed_state.started]
         if not new:
             return
         tps = [TopicPartition(p.topic, p.number) for p in new]
         self._consumer.pause(tps)
-        committed = self._consumer.committed(tps, timeout=30.0)
+        try:
+            committed = self._consumer.committed(tps, timeout=10.0)
+        except KafkaException as exc:
+            LOGGER.warning("committed offsets not read yet (trying again): %s", exc)
+            return
+        starts: list[int | None] = []
+        for tp in committed:
+            if tp.error is not None:  # asked again on the next poll
+                starts.append(None)
+            else:  # no commit: where auto.offset.reset says
+                starts.append(tp.offset if tp.offset >= 0 else self._reset_offset(tp))
         with self._lock:
-            for part, tp in zip(new, committed):
+            for part, start in zip(new, starts):
                 feed = part.feed_state
-                if part.revoked or feed is None:
+                if part.revoked or feed is None or start is None:
                     continue
                 feed.started = True
-                if tp.error is None and tp.offset >= 0:
-                    feed.next = tp.offset
+                feed.next = start
                 self._top_up(part)
+
+    def _reset_offset(self, tp: TopicPartition) -> int:
+        """Where a partition with no commit starts, by ``auto.offset.reset``, resolved here so
+        that reading it again after a crash starts at the same offset (``OFFSET_INVALID``:
+        let the worker's consumer apply the policy, e.g. ``error``)."""
+        policy = self._reset
+        if policy not in _EARLIEST and policy not in _LATEST:
+            return OFFSET_INVALID
+        try:
+            low, high = self._consumer.get_watermark_offsets(tp, timeout=10.0)
+        except KafkaException:
+            return OFFSET_INVALID
+        offset = low if policy in _EARLIEST else high
+        return offset if offset >= 0 else OFFSET_INVALID
 
     # -- tasks (lock held) ---------------------------------------------------------------------
 
@@ -208,25 +239,38 @@ class FetchSide(KafkaSide):
         )
 
     def _top_up(self, part: Partition) -> None:
-        """Send the partition's next tasks, up to :data:`DEPTH` outstanding."""
+        """Send the partition's next tasks, up to :data:`DEPTH` outstanding. After a crash
+        or a resync, or while a crashed message waits to be read unrun, one task at a time,
+        each from the offset after the last chunk taken (see :meth:`_careful_task`)."""
         feed = part.feed_state
         if part.revoked or feed is None or not feed.started or feed.retry_at:
             return
         while feed.outstanding < DEPTH:
-            if feed.plan or feed.explicit:
+            if feed.explicit or feed.crashes:
                 if feed.outstanding:  # tasks that "go on" come back first, as resyncs
                     return
-                if feed.plan:
-                    task = feed.plan.popleft()
-                else:
-                    task = self._task(feed, part, feed.next)
-                    feed.explicit = False
+                task = self._careful_task(feed, part)
             else:
                 task = self._task(feed, part, None)
             part.handle.enqueue(feed.index, task, key=feed.route)
             feed.index += 1
             feed.outstanding += 1
             feed.sent.append(task)
+
+    def _careful_task(self, feed: Feed, part: Partition) -> FetchTask:
+        """From ``feed.next``: the crashed message there, read unrun; or the messages up to
+        the next crashed one; or, with none left, a chunk after which tasks "go on"."""
+        start = feed.next
+        ahead = [c for c in feed.crashes if start < 0 or c >= start]
+        poison = min(ahead) if ahead else None
+        if poison is not None and poison == start:
+            return self._task(feed, part, start, raw=True)
+        task = self._task(feed, part, start, end=poison)
+        if poison is None:
+            feed.explicit = False
+        elif start >= 0:  # all of the messages before it: at most poison - start of them
+            task = task._replace(limit=max(task.limit, poison - start), max_bytes=1 << 62)
+        return task
 
     # -- the caller's side (lock held) ---------------------------------------------------------
 
@@ -241,33 +285,50 @@ class FetchSide(KafkaSide):
         task = feed.sent.popleft()
         try:
             if error is not None:
+                feed.explicit = True  # read again from the last chunk taken
                 if not isinstance(error, WorkerCrashed):
-                    raise error  # the worker could not read Kafka: the consumer fails
+                    raise error  # the worker could not read Kafka: the caller gets it
                 self._blame(part, feed, error)
                 return None
             if chunk.resync:
                 feed.explicit = True
                 return None
-            if chunk.next is not None:
-                feed.next = chunk.next
             if chunk.high is not None:
                 feed.high = chunk.high
-            if task.raw and not chunk.offsets:  # not read yet: again, first
-                feed.plan.appendleft(task)
-            elif task.end is not None and (chunk.next is None or chunk.next < task.end):
-                feed.plan.appendleft(task._replace(start=feed.next))  # the rest of it, first
             if not chunk.offsets:
+                if chunk.next is not None and not task.raw:
+                    feed.next = chunk.next
                 if not feed.outstanding:  # ran dry: ask again after a pause
                     feed.retry_at = time.monotonic() + feed.pause
                     feed.pause = min(2 * feed.pause, self._poll_timeout)
                 return None
             feed.pause = _FIRST_PAUSE
             feed.blind = 0
-            return self._records_of(part, feed, chunk)
+            if task.raw:
+                return self._unrun(part, feed, task, chunk)
+            feed.next = chunk.next
+            if feed.tries:  # messages that killed a worker once, and ran since
+                feed.tries = {o: n for o, n in feed.tries.items() if o >= feed.next}
+            return self._records_of(part, chunk, chunk.errors)
         finally:
             self._top_up(part)
 
-    def _records_of(self, part: Partition, feed: Feed, chunk: Chunk) -> list[Record]:
+    def _unrun(
+        self, part: Partition, feed: Feed, task: FetchTask, chunk: Chunk
+    ) -> list[Record] | None:
+        """A crashed message, read unrun: its record fails with the crash."""
+        offset = chunk.offsets[0]
+        error = feed.crashes.pop(task.start, None)  # type: ignore[arg-type]
+        feed.explicit = True
+        if offset != task.start or error is None:  # gone (retention): run what is there
+            feed.next = offset
+            return None
+        feed.next = offset + 1
+        return self._records_of(part, chunk, {0: error})
+
+    def _records_of(
+        self, part: Partition, chunk: Chunk, errors: dict[int, Any] | None
+    ) -> list[Record]:
         offsets = chunk.offsets
         new = tuple.__new__
         records = list(
@@ -284,9 +345,6 @@ class FetchSide(KafkaSide):
                 ),
             )
         )
-        errors = chunk.errors
-        if chunk.errors is None and chunk.raws is not None and offsets[0] in feed.crashes:
-            errors = {0: feed.crashes.pop(offsets[0])}
         part.polled = offsets[-1]
         part.fed += len(offsets)
         self._counts["consumed"] += len(offsets)
@@ -300,33 +358,25 @@ class FetchSide(KafkaSide):
         return records
 
     def _blame(self, part: Partition, feed: Feed, error: WorkerCrashed) -> None:
-        """A worker died on a chunk of ``part`` (the pool retries nothing here: the count is
-        kept per message). Below ``max_retries`` deaths on the message it was running, read
-        again from the last chunk taken; at more, read up to that message, then the message
-        unrun (it fails with ``error``), then go on after it."""
+        """A worker died on a chunk of ``part`` (the pool retries nothing here: the deaths are
+        counted per message). The chunk is read again from the last chunk taken; a message
+        that was running at more than ``max_retries`` deaths is then read unrun, and fails
+        with ``error`` (see :meth:`_careful_task`)."""
         assert self._progress is not None
         offset = self._progress[feed.slot]
-        feed.explicit = True
-        if offset < 0:  # it died reading, before any message ran: read the chunk again
+        if offset < 0 or (feed.next >= 0 and offset < feed.next):
+            # it died reading, or between two messages: no message to blame
             feed.blind += 1
             if feed.blind > self._retries + 1:
                 raise KafkaException(
                     f"workers reading {part.topic}[{part.number}] died "
-                    f"{feed.blind} times in a row before running a message: {error}"
+                    f"{feed.blind} times in a row, running no message: {error}"
                 )
             return
         tries = feed.tries[offset] = feed.tries.get(offset, 0) + 1
-        if tries <= self._retries:
-            return
-        del feed.tries[offset]
-        feed.crashes[offset] = error
-        if feed.next != offset:  # (the messages before it: at most offset - next of them)
-            before = self._task(feed, part, feed.next, end=offset)
-            if feed.next >= 0:
-                before = before._replace(limit=max(before.limit, offset - feed.next))
-            feed.plan.append(before._replace(max_bytes=1 << 62))
-        feed.plan.append(self._task(feed, part, offset, raw=True))
-        feed.explicit = False  # the tasks after the plan go on from the unrun message
+        if tries > self._retries:
+            del feed.tries[offset]
+            feed.crashes[offset] = error
 
     def _close_fetch(self) -> None:
         progress, self._progress = self._progress, None
