@@ -275,9 +275,7 @@ class Fetcher:
             had = len(out)
             ended = self._sort(key, batch, out, task.end)
             size += sum(len(m.value() or b"") for m in out[had:])
-            if ended or (len(out) == had and key in self.eof):
-                break
-            if time.monotonic() >= deadline:
+            if ended or (not batch and key in self.eof) or time.monotonic() >= deadline:
                 break
         return out
 
