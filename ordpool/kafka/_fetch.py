@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import struct
 import time
+import uuid
 from collections import deque
 from typing import Any, Callable, NamedTuple
 
@@ -185,25 +186,16 @@ class Fetcher:
             self.call: Callable[[Any], Any] = lambda value: fn(state, value)
         else:
             self.call = fn
-        self.config = config
         self.progress = Progress(0, progress)
-        self.consumer: Consumer | None = None
+        # Made now, so that it connects while the parent joins its group
+        self.consumer = Consumer({**config, "group.id": f"ordpool-fetch-{uuid.uuid4().hex}"})
         self.next: dict[tuple[str, int], int | None] = {}  # assigned: the next offset read
         self.stash: dict[tuple[str, int], deque[Message]] = {}
         self.paused: set[tuple[str, int]] = set()
         self.eof: set[tuple[str, int]] = set()
-        self._consumer()  # connects while the parent joins its group
-
-    def _consumer(self) -> Consumer:
-        if self.consumer is None:
-            import uuid
-
-            group = f"ordpool-fetch-{uuid.uuid4().hex}"
-            self.consumer = Consumer({**self.config, "group.id": group})
-        return self.consumer
 
     def _assign(self, key: tuple[str, int], start: int) -> None:
-        consumer = self._consumer()
+        consumer = self.consumer
         if key in self.paused:  # librdkafka keeps a pause across a reassignment
             consumer.resume([TopicPartition(*key)])
         if key in self.next:
@@ -219,8 +211,8 @@ class Fetcher:
         if stale:
             paused = [TopicPartition(*key) for key in stale if key in self.paused]
             if paused:  # librdkafka keeps a pause across a reassignment
-                self._consumer().resume(paused)
-            self._consumer().incremental_unassign([TopicPartition(*key) for key in stale])
+                self.consumer.resume(paused)
+            self.consumer.incremental_unassign([TopicPartition(*key) for key in stale])
             for key in stale:
                 del self.next[key], self.stash[key]
                 self.paused.discard(key)
@@ -237,7 +229,7 @@ class Fetcher:
         elif key not in self.next:  # let go of just now: the parent no longer holds it
             return Chunk(None, [], [], [], resync=True)
         if key in self.paused:
-            self._consumer().resume([TopicPartition(*key)])
+            self.consumer.resume([TopicPartition(*key)])
             self.paused.discard(key)
         messages = self._read(key, task)
         if messages:
@@ -246,7 +238,7 @@ class Fetcher:
         if task.end is not None and stash and stash[0].offset() >= task.end:  # type: ignore[operator]
             self.next[key] = stash[0].offset()  # past the bound: the next offset there is
         elif self.next[key] is None:  # the start offset was logical: where it resolved
-            position = self._consumer().position([TopicPartition(*key)])[0].offset
+            position = self.consumer.position([TopicPartition(*key)])[0].offset
             if position >= 0:
                 self.next[key] = position
         if task.raw:
@@ -266,7 +258,7 @@ class Fetcher:
             out.append(stash.popleft())
             size += len(out[-1].value() or b"")
         deadline = time.monotonic() + task.wait
-        consumer = self._consumer()
+        consumer = self.consumer
         while len(out) < limit and size < task.max_bytes:
             # Wait for more while the chunk is short, up to ``task.wait``, but not at the
             # partition's end: there a record waits for no other.
@@ -307,7 +299,7 @@ class Fetcher:
                 stash = self.stash[tp]
                 stash.append(message)
                 if len(stash) >= _STASH_LIMIT and tp not in self.paused:
-                    self._consumer().pause([TopicPartition(*tp)])
+                    self.consumer.pause([TopicPartition(*tp)])
                     self.paused.add(tp)
         return ended
 
@@ -340,7 +332,7 @@ class Fetcher:
 
     def _high(self, key: tuple[str, int]) -> int | None:
         try:
-            _, high = self._consumer().get_watermark_offsets(TopicPartition(*key), cached=True)
+            _, high = self.consumer.get_watermark_offsets(TopicPartition(*key), cached=True)
         except KafkaException:
             return None
         return high if high >= 0 else None

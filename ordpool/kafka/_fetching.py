@@ -3,12 +3,13 @@ workers'): the parent's consumer keeps the group membership and commits but read
 (its partitions stay paused); each partition's chunks are tasks of its own ordered stream,
 routed to one worker, at most :data:`DEPTH` of them outstanding at a time.
 
-A partition's first task reads from its committed offset; the next ones go on where the last
-ended, in the same worker. A worker that crashed leaves a blame in the progress array: the
-chunk is read again up to that message, the message is read without running ``fn`` and
-handed out (or dead-lettered) with :class:`~ordpool.WorkerCrashed`, and the partition goes on
-after it. A partition that ran dry is asked again after a pause that doubles up to
-``poll_timeout``.
+A partition's first task reads from its committed offset (or where ``auto.offset.reset``
+says); the next ones go on where the last ended, in the same worker. A worker that dies leaves
+the offset it was running in the partition's slot of the shared progress array: the
+partition then goes one explicit task at a time from the last chunk taken, and a message that
+was running at more than ``max_retries`` deaths is read without running ``fn`` and handed out
+(or dead-lettered) with :class:`~ordpool.WorkerCrashed`. A partition that ran dry is asked
+again after a pause that doubles up to ``poll_timeout``.
 """
 
 from __future__ import annotations
