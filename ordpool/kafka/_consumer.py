@@ -144,8 +144,7 @@ class OrderedConsumer(FetchSide):
         if fetch == "workers":
             options = {"workers": workers, "start_method": start_method}
             self._start_fetch_pool(fn, init, tuple(initargs), config, options)
-            reset = str(config.get("auto.offset.reset", "latest"))
-            self._init_fetch(batch_size or 1000, max_delay, max_retries, reset)
+            self._init_fetch(batch_size or 1000, max_delay, max_retries, config)
         else:
             self.pool = ProcessOrderedPool(
                 fn,

@@ -112,9 +112,9 @@ class FetchSide(KafkaSide):
             raise
         self._engine = self.pool._live()
 
-    def _init_fetch(self, chunk: int, wait: float, retries: int, reset: str) -> None:
+    def _init_fetch(self, chunk: int, wait: float, retries: int, config: dict[str, Any]) -> None:
         self._fetch = True
-        self._reset = reset.lower()
+        self._reset = str(config.get("auto.offset.reset", "latest")).lower()
         self._chunk, self._wait, self._retries = chunk, wait, retries
         self._free = deque(range(SLOTS))  # first in, first out: a slot rests before reuse
         self._owned: frozenset[tuple[str, int]] = frozenset()
