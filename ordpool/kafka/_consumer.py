@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from itertools import chain, repeat
+from itertools import chain
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -25,7 +25,7 @@ from .._pool import ProcessOrderedPool
 from ._dead import DeadLetters, producer_config
 from ._fetching import FetchSide
 from ._kafka_side import topic_partition
-from ._partition import ConsumerStats, Partition, Record
+from ._partition import ConsumerStats, Partition, Record, make_records
 
 __all__ = ["OrderedConsumer"]
 
@@ -314,21 +314,8 @@ class OrderedConsumer(FetchSide):
             start, end = part.take(len(indices))
             if part.offsets[start] != indices[0]:  # pragma: no cover - a bug of ours
                 raise AssertionError(f"partition {part.number}: messages out of step")
-            new = tuple.__new__
-            records = list(
-                map(
-                    new,
-                    repeat(Record),
-                    zip(
-                        repeat(part.topic),
-                        repeat(part.number),
-                        indices,
-                        part.keys[start:end],
-                        values,
-                        repeat(None),
-                    ),
-                )
-            )
+            keys = part.keys[start:end]
+            records = make_records(part.topic, part.number, indices, keys, values)
             if errors:
                 records = self._failed(part, records, start, errors)
             if self._manual:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from itertools import repeat
 from typing import Any, Callable
 
 from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
@@ -27,7 +26,7 @@ from .._pool import ProcessOrderedPool
 from ._dead import LOGGER
 from ._fetch import Chunk, Fetcher, FetchTask, Progress, run_fetch, worker_config
 from ._kafka_side import KafkaSide, without_events
-from ._partition import Partition, Record
+from ._partition import Partition, Record, make_records
 
 __all__ = ["DEPTH", "Feed", "FetchSide"]
 
@@ -331,21 +330,7 @@ class FetchSide(KafkaSide):
         self, part: Partition, chunk: Chunk, errors: dict[int, Any] | None
     ) -> list[Record]:
         offsets = chunk.offsets
-        new = tuple.__new__
-        records = list(
-            map(
-                new,
-                repeat(Record),
-                zip(
-                    repeat(part.topic),
-                    repeat(part.number),
-                    offsets,
-                    chunk.keys,
-                    chunk.results,
-                    repeat(None),
-                ),
-            )
-        )
+        records = make_records(part.topic, part.number, offsets, chunk.keys, chunk.results)
         part.polled = offsets[-1]
         part.fed += len(offsets)
         self._counts["consumed"] += len(offsets)

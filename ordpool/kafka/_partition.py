@@ -7,14 +7,15 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from itertools import repeat
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 if TYPE_CHECKING:
     from .._core.streams import NamedStream
     from .._multistream import OrderedStream
     from ._fetching import Feed
 
-__all__ = ["ConsumerStats", "Partition", "PartitionStats", "Record"]
+__all__ = ["ConsumerStats", "Partition", "PartitionStats", "Record", "make_records"]
 
 
 class Record(NamedTuple):
@@ -35,6 +36,15 @@ class Record(NamedTuple):
     key: bytes | None
     result: Any
     error: BaseException | None
+
+
+def make_records(
+    topic: str, number: int, offsets: Sequence[int], keys: list[Any], results: list[Any]
+) -> list[Record]:
+    """A partition's records, none failed (``tuple.__new__``: no per-record ``__new__``)."""
+    new = tuple.__new__
+    rows = zip(repeat(topic), repeat(number), offsets, keys, results, repeat(None))
+    return list(map(new, repeat(Record), rows))
 
 
 @dataclass(frozen=True)
