@@ -318,11 +318,7 @@ class OrderedConsumer(FetchSide):
             records = make_records(part.topic, part.number, indices, keys, values)
             if errors:
                 records = self._failed(part, records, start, errors)
-            if self._manual:
-                part.delivered.extend([r.offset for r in records])
-            self._cur, self._records, self._it = part, records, iter(records)
-            self._cur_end = indices[-1] + 1
-            self._counts["delivered"] += len(records)
+            self._hand_out(part, records, indices[-1] + 1)
         return True
 
     def _take_chunk(self, part: Partition, chunk: Any, error: BaseException | None) -> bool:
@@ -330,12 +326,16 @@ class OrderedConsumer(FetchSide):
         records = self._chunk_records(part, chunk, error)
         if records is None:
             return False
+        self._hand_out(part, records, chunk.next)
+        return True
+
+    def _hand_out(self, part: Partition, records: list[Record], end: int) -> None:
+        """Make ``records`` the caller's batch; ``end``: the offset after it (lock held)."""
         if self._manual:
             part.delivered.extend([r.offset for r in records])
         self._cur, self._records, self._it = part, records, iter(records)
-        self._cur_end = chunk.next
+        self._cur_end = end
         self._counts["delivered"] += len(records)
-        return True
 
     def commit(self) -> None:
         """Commit every partition's watermark now, synchronously (the record in hand is not

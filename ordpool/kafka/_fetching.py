@@ -78,11 +78,7 @@ class Feed:
 class FetchSide(KafkaSide):
     """What ``fetch="workers"`` adds to the consumer (see the module docstring)."""
 
-    _progress: Progress | None = None
-    _fetch = False
-    _chunk = 1000
-    _wait = 0.05
-    _retries = 0
+    _progress: Progress | None = None  # fetch="workers": the blame slots
 
     def _start_fetch_pool(
         self,
