@@ -776,6 +776,26 @@ def test_messages_produced_while_the_consumer_waits_arrive(broker: str, fetch: s
     assert committed(broker, group, topic, 2) == {0: 75, 1: 75}
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fetch", ["parent", "workers"])
+def test_a_drained_consumer_leaves_its_workers_idle(broker: str, fetch: str) -> None:
+    topic, group = new_topic(broker, 4), _group()
+    produce(broker, topic, 200, 4)
+    config = consumer_config(broker, group)
+    with OrderedConsumer(_double, config, [topic], workers=2, fetch=fetch) as consumer:
+        assert len(_take(consumer, 200)) == 200
+
+        def tasks() -> int:
+            return sum(w.tasks_completed for w in consumer.stats().pool.workers)
+
+        before, end = tasks(), time.monotonic() + 1.0
+        while time.monotonic() < end:
+            assert consumer.poll(0.1) is None
+        # Each dry partition is asked again after a pause, not at once: a few dozen tasks
+        # a second at most, where asking at once ran thousands.
+        assert tasks() - before < 200
+
+
 # -- the example ---------------------------------------------------------------------------------
 
 

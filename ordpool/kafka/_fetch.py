@@ -85,7 +85,8 @@ class FetchTask(NamedTuple):
         end: read no message at or past this offset (``None``: no such bound).
         limit: the most messages in the chunk.
         max_bytes: stop adding messages once their values reach this many bytes.
-        wait: seconds to wait for a first message (not at all once at the partition's end).
+        wait: seconds a short chunk waits for more messages, while the worker has no messages
+            of another partition to run.
         owned: the partitions the parent holds now: the worker lets go of the others.
         slot: the partition's slot in the :class:`Progress` array.
         raw: read the message at ``start`` only, and return it without running ``fn`` (a
@@ -247,7 +248,8 @@ class Fetcher:
 
     def _read(self, key: tuple[str, int], task: FetchTask) -> list[Message]:
         """Up to ``task.limit`` messages of ``key``: those read ahead first, then from the
-        consumer, until none is ready (waiting ``task.wait`` for a first one)."""
+        consumer, until none is ready (waiting up to ``task.wait`` for more while the worker
+        has nothing else to run)."""
         limit = 1 if task.raw else task.limit
         out: list[Message] = []
         stash = self.stash[key]
@@ -260,16 +262,24 @@ class Fetcher:
         deadline = time.monotonic() + task.wait
         consumer = self.consumer
         while len(out) < limit and size < task.max_bytes:
-            # Wait for more while the chunk is short, up to ``task.wait``, but not at the
-            # partition's end: there a record waits for no other.
-            wait = 0.0 if key in self.eof else min(_WAIT_STEP, task.wait)
+            # Wait for more while the chunk is short, up to ``task.wait``, but only while
+            # this worker has nothing else to run, and not once the partition's end is
+            # reached with messages in hand: there a record waits for no other.
+            idle = not (out and key in self.eof) and not self._ready_elsewhere(key)
+            wait = min(_WAIT_STEP, task.wait) if idle else 0.0
             batch = consumer.consume(min(limit - len(out), 1024), wait)
             had = len(out)
             ended = self._sort(key, batch, out, task.end)
             size += sum(len(m.value() or b"") for m in out[had:])
-            if ended or (not batch and key in self.eof) or time.monotonic() >= deadline:
+            if ended or time.monotonic() >= deadline:
                 break
+            if len(out) == had and not (idle and not batch):
+                break  # none came at once, or the wait was cut short: the chunk is cut here
         return out
+
+    def _ready_elsewhere(self, key: tuple[str, int]) -> bool:
+        """Whether another of this worker's partitions has messages read ahead."""
+        return any(stash for other, stash in self.stash.items() if other != key)
 
     def _sort(
         self, key: tuple[str, int], batch: list[Message], out: list[Message], end: int | None

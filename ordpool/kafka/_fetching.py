@@ -294,11 +294,11 @@ class FetchSide(KafkaSide):
             if not chunk.offsets:
                 if chunk.next is not None and not task.raw:
                     feed.next = chunk.next
-                if not feed.outstanding:  # ran dry: ask again after a pause
+                if not feed.retry_at:  # ran dry: ask again after a pause, not at once
                     feed.retry_at = time.monotonic() + feed.pause
                     feed.pause = min(2 * feed.pause, self._poll_timeout)
                 return None
-            feed.pause = _FIRST_PAUSE
+            feed.pause, feed.retry_at = _FIRST_PAUSE, 0.0
             feed.blind = 0
             if task.raw:
                 return self._unrun(part, feed, task, chunk)
