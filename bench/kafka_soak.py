@@ -10,10 +10,15 @@ raises) and 1 in 10,000 kills its worker every time it runs; ``dead_letter_topic
 the dead letter topic with their origin in the headers; the report gives the longest gap
 between two records the caller got (a stall).
 
+``idle``: a consumer that has caught up (it took every message of a topic) waits for
+``--seconds`` with nothing to read; the report gives the CPU its parent and its workers spent
+meanwhile, as a share of one core, and the tasks the workers ran.
+
 Usage, from the repository root (the broker binary is fetched on first use)::
 
     python bench/kafka_soak.py slow-caller --seconds 60 --json slow.json
     python bench/kafka_soak.py poison --messages 100000 --json poison.json
+    python bench/kafka_soak.py idle --seconds 10 --json idle.json
 
 ``--fetch workers`` runs the consumer with ``fetch="workers"`` (default: ``parent``).
 """
@@ -169,6 +174,37 @@ def poison(bootstrap: str, messages: int, fetch: str) -> dict[str, Any]:
     }
 
 
+def idle(bootstrap: str, seconds: float, fetch: str) -> dict[str, Any]:
+    topic = _topic(bootstrap, PARTITIONS)
+    _produce(bootstrap, topic, [json.dumps({"n": i}).encode() for i in range(1000)])
+    with OrderedConsumer(parse, _config(bootstrap), [topic], workers=2, fetch=fetch) as consumer:
+        got = sum(1 for _ in zip(range(1000), consumer))
+        workers = [psutil.Process(w.pid) for w in consumer.stats().pool.workers]
+        processes = [psutil.Process(), *workers]
+
+        def cpu() -> list[float]:
+            return [sum(p.cpu_times()[:2]) for p in processes]
+
+        tasks_before = sum(w.tasks_completed for w in consumer.stats().pool.workers)
+        before, start = cpu(), time.monotonic()
+        polls = 0
+        while time.monotonic() - start < seconds:
+            if consumer.poll(0.1) is not None:
+                raise RuntimeError("a record came to a consumer that had taken them all")
+            polls += 1
+        after, elapsed = cpu(), time.monotonic() - start
+        tasks = sum(w.tasks_completed for w in consumer.stats().pool.workers) - tasks_before
+    spent = [b - a for a, b in zip(before, after)]
+    return {
+        "records_before": got,
+        "idle_seconds": round(elapsed, 2),
+        "polls": polls,
+        "parent_core_share": round(spent[0] / elapsed, 4),
+        "workers_core_share": round(sum(spent[1:]) / elapsed, 4),
+        "worker_tasks_per_s": round(tasks / elapsed, 1),
+    }
+
+
 def _read_dead_letters(bootstrap: str, topic: str, count: int) -> list[dict[str, str]]:
     consumer = Consumer(_config(bootstrap))
     consumer.subscribe([topic])
@@ -187,7 +223,7 @@ def _read_dead_letters(bootstrap: str, topic: str, count: int) -> list[dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=("slow-caller", "poison"))
+    parser.add_argument("mode", choices=("slow-caller", "poison", "idle"))
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--json", type=Path)
@@ -196,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     with LocalBroker() as broker:
         if args.mode == "slow-caller":
             result = slow_caller(broker.address, args.seconds, args.fetch)
+        elif args.mode == "idle":
+            result = idle(broker.address, args.seconds, args.fetch)
         else:
             result = poison(broker.address, args.messages, args.fetch)
     report = {

@@ -594,8 +594,9 @@ def test_an_unstarted_dropped_results_iterator_does_not_block_the_next(start_met
 def test_results_resumed_after_a_break_loses_nothing(start_method, tmp_path):
     release = str(tmp_path / "release")
     # max_delay is large so that batches are exactly what the producer takes: [2..11], [12..21]
+    # (the second blocking item is cut after two paces of max_delay / 5)
     pool = ProcessOrderedPool(
-        _block_on_str, workers=2, batch_size=10, max_delay=60, start_method=start_method
+        _block_on_str, workers=2, batch_size=10, max_delay=5, start_method=start_method
     )
     try:
         pool.enqueue(0, release)
