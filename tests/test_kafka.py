@@ -116,6 +116,9 @@ def _by_partition(records) -> dict[int, list[int]]:
         ({"commit_interval": 0}, ValueError, "commit_interval must be"),
         ({"max_retries": -1}, ValueError, "max_retries must be an int >= 0"),
         ({"fetch": "broker"}, ValueError, "fetch must be 'parent' or 'workers', got 'broker'"),
+        ({"max_delay": -0.01, "fetch": "workers"}, ValueError, "max_delay must be a number"),
+        ({"max_delay": None}, ValueError, "max_delay must be a number of seconds >= 0"),
+        ({"batch_size": 0, "fetch": "workers"}, ValueError, "batch_size must be a positive"),
     ],
 )
 def test_bad_options_are_refused_by_name(options: dict, error: type, match: str) -> None:
@@ -777,12 +780,18 @@ def test_messages_produced_while_the_consumer_waits_arrive(broker: str, fetch: s
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("fetch", ["parent", "workers"])
-def test_a_drained_consumer_leaves_its_workers_idle(broker: str, fetch: str) -> None:
+@pytest.mark.parametrize(
+    ("fetch", "max_delay"), [("parent", 0.05), ("workers", 0.05), ("workers", 0.0)]
+)
+def test_a_drained_consumer_leaves_its_workers_idle(
+    broker: str, fetch: str, max_delay: float
+) -> None:
     topic, group = new_topic(broker, 4), _group()
     produce(broker, topic, 200, 4)
     config = consumer_config(broker, group)
-    with OrderedConsumer(_double, config, [topic], workers=2, fetch=fetch) as consumer:
+    with OrderedConsumer(
+        _double, config, [topic], workers=2, fetch=fetch, max_delay=max_delay
+    ) as consumer:
         assert len(_take(consumer, 200)) == 200
 
         def tasks() -> int:
@@ -791,9 +800,10 @@ def test_a_drained_consumer_leaves_its_workers_idle(broker: str, fetch: str) -> 
         before, end = tasks(), time.monotonic() + 1.0
         while time.monotonic() < end:
             assert consumer.poll(0.1) is None
-        # Each dry partition is asked again after a pause, not at once: a few dozen tasks
-        # a second at most, where asking at once ran thousands.
-        assert tasks() - before < 200
+        # A chunk that found no message waits up to max_delay in its worker, and its
+        # partition is asked again after a pause, not at once: tens of tasks a second, where
+        # asking at once ran thousands (with max_delay=0, the pause alone bounds them).
+        assert tasks() - before < 400
 
 
 # -- the example ---------------------------------------------------------------------------------

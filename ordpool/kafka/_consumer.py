@@ -98,8 +98,9 @@ class OrderedConsumer(FetchSide):
             and run again; the deaths count against the message that was running, which fails
             past ``max_retries`` while the others run on). ``keyed`` has no effect: a
             partition runs in one worker, in order. A chunk is handed out when it is full, when
-            its partition's end is reached, or after ``max_delay`` seconds; in :meth:`stats`,
-            ``in_flight`` and ``held`` count chunks, and ``polled`` is the last offset taken.
+            its partition's end is reached, after ``max_delay`` seconds, or as soon as its
+            worker has another partition's messages to run; in :meth:`stats`, ``in_flight``
+            and ``held`` count chunks, and ``polled`` is the last offset taken.
 
     Raises:
         TypeError: ``topics`` is a string (a list of names is needed).
@@ -474,9 +475,10 @@ def _check_topics(topics: Iterable[str]) -> list[str]:
 
 
 def _check_options(options: dict[str, Any]) -> None:
-    """Refuse (naming the option) a bound that is not a positive int (a per-partition one may
-    be ``None``: no bound of its own), a period that is not a positive number of seconds, or a
-    negative ``max_retries``; ``options``: the constructor's arguments."""
+    """Refuse (naming the option) a bound or ``batch_size`` that is not a positive int (a
+    per-partition bound and ``batch_size`` may be ``None``), a period that is not a positive
+    number of seconds, a negative ``max_delay`` or ``max_retries``; ``options``: the
+    constructor's arguments."""
     for name in _BOUNDS:
         value = options[name]
         if value is None and name.endswith("partition"):
@@ -487,6 +489,12 @@ def _check_options(options: dict[str, Any]) -> None:
         period = options[name]
         if isinstance(period, bool) or not isinstance(period, (int, float)) or not period > 0:
             raise ValueError(f"{name} must be a positive number of seconds, got {period!r}")
+    delay = options["max_delay"]
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not delay >= 0:
+        raise ValueError(f"max_delay must be a number of seconds >= 0, got {delay!r}")
+    size = options["batch_size"]
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+        raise ValueError(f"batch_size must be a positive int, got {size!r}")
     if options["fetch"] not in ("parent", "workers"):
         raise ValueError(f"fetch must be 'parent' or 'workers', got {options['fetch']!r}")
     retries = options["max_retries"]

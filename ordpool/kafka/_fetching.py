@@ -8,8 +8,9 @@ says); the next ones go on where the last ended, in the same worker. A worker th
 the offset it was running in the partition's slot of the shared progress array: the
 partition then goes one explicit task at a time from the last chunk taken, and a message that
 was running at more than ``max_retries`` deaths is read without running ``fn`` and handed out
-(or dead-lettered) with :class:`~ordpool.WorkerCrashed`. A partition that ran dry is asked
-again after a pause that doubles up to ``poll_timeout``.
+(or dead-lettered) with :class:`~ordpool.WorkerCrashed`. A chunk that comes back empty is
+not replaced at once: the partition is asked again when its other task comes back, or, with
+none outstanding, after a pause that doubles up to ``poll_timeout``.
 """
 
 from __future__ import annotations
@@ -279,6 +280,7 @@ class FetchSide(KafkaSide):
         assert feed is not None
         feed.outstanding -= 1
         task = feed.sent.popleft()
+        top_up = True
         try:
             if error is not None:
                 feed.explicit = True  # read again from the last chunk taken
@@ -294,7 +296,10 @@ class FetchSide(KafkaSide):
             if not chunk.offsets:
                 if chunk.next is not None and not task.raw:
                     feed.next = chunk.next
-                if not feed.retry_at:  # ran dry: ask again after a pause, not at once
+                # None now: ask again only after the partition's other task (none there: after
+                # a pause), never at once, which would keep a drained partition's tasks busy
+                top_up = False
+                if not feed.outstanding and not feed.retry_at:
                     feed.retry_at = time.monotonic() + feed.pause
                     feed.pause = min(2 * feed.pause, self._poll_timeout)
                 return None
@@ -307,7 +312,8 @@ class FetchSide(KafkaSide):
                 feed.tries = {o: n for o, n in feed.tries.items() if o >= feed.next}
             return self._records_of(part, chunk, chunk.errors)
         finally:
-            self._top_up(part)
+            if top_up:
+                self._top_up(part)
 
     def _unrun(
         self, part: Partition, feed: Feed, task: FetchTask, chunk: Chunk
