@@ -13,12 +13,20 @@ import multiprocessing
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
 import os
+import signal
 import time
 
 import psutil
 import pytest
 
 START_METHODS = os.environ.get("ORDPOOL_TEST_START_METHODS", "fork,spawn").split(",")
+
+# A shell starts a background job (`make test &`) with SIGINT ignored, and Python then never
+# raises KeyboardInterrupt, in this process or in the interpreters the tests start. The Ctrl-C
+# tests need the handler a terminal gives: set it here (a handled signal is reset to its
+# default in a child that execs, so the tests' subprocesses get theirs too).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Long-lived helpers that multiprocessing starts once per parent process; not leaks.
 _HELPERS = ("forkserver", "resource_tracker")
