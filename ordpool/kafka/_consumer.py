@@ -479,9 +479,9 @@ def _check_options(options: dict[str, Any]) -> None:
     per-partition bound and ``batch_size`` may be ``None``), a period that is not a positive
     number of seconds, a negative ``max_delay`` or ``max_retries``; ``options``: the
     constructor's arguments."""
-    for name in _BOUNDS:
+    for name in (*_BOUNDS, "batch_size"):
         value = options[name]
-        if value is None and name.endswith("partition"):
+        if value is None and (name.endswith("partition") or name == "batch_size"):
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -492,9 +492,6 @@ def _check_options(options: dict[str, Any]) -> None:
     delay = options["max_delay"]
     if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not delay >= 0:
         raise ValueError(f"max_delay must be a number of seconds >= 0, got {delay!r}")
-    size = options["batch_size"]
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
-        raise ValueError(f"batch_size must be a positive int, got {size!r}")
     if options["fetch"] not in ("parent", "workers"):
         raise ValueError(f"fetch must be 'parent' or 'workers', got {options['fetch']!r}")
     retries = options["max_retries"]

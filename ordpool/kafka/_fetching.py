@@ -296,8 +296,8 @@ class FetchSide(KafkaSide):
             if not chunk.offsets:
                 if chunk.next is not None and not task.raw:
                     feed.next = chunk.next
-                # None now: ask again only after the partition's other task (none there: after
-                # a pause), never at once, which would keep a drained partition's tasks busy
+                # Not replaced at once, or a drained partition's tasks never rest: it is asked
+                # again when its other task comes back, or, with none outstanding, after a pause
                 top_up = False
                 if not feed.outstanding and not feed.retry_at:
                     feed.retry_at = time.monotonic() + feed.pause
