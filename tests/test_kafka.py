@@ -858,9 +858,33 @@ def test_bench_kafka_runs_against_the_broker(broker: str, tmp_path: Path) -> Non
     for (engine, _), row in rows.items():
         cpu = row["all_processes_us_per_msg" if engine in peers else "parent_us_per_msg"]
         assert cpu > 0, row
-    assert "x serial" in stdout
+        assert all(len(run) == 4 for run in row["runs"])
+        if engine in peers:  # timed in their own processes: no broker or workers column
+            assert row["broker_us_per_msg"] is row["cores_busy"] is None, row
+            continue
+        # The broker listens on this machine's loopback: its CPU is measured beside ours (it
+        # can be 0: a run this short can find every message fetched before its clock starts)
+        assert row["broker_us_per_msg"] >= 0 and row["cores_busy"] > 0, row
+        assert (row["workers_us_per_msg"] is None) == (engine == "serial"), row
+        if engine != "serial":
+            assert row["workers_us_per_msg"] > 0, row
+    assert "x serial" in stdout and "broker us/msg" in stdout
     missing = [peer for peer in PEERS if peer not in peers]
     assert ("Not installed, not run: " + ", ".join(missing) in stdout) == bool(missing)
+
+
+@pytest.mark.timeout(30)
+def test_bench_kafka_finds_the_broker_process_only_on_loopback(broker: str) -> None:
+    from ordpool.bench.kafka import broker_process
+    from ordpool.kafka.broker import free_port
+
+    found = broker_process(broker)
+    assert found is not None and "tansu" in found.name()
+    port = broker.rpartition(":")[2]
+    assert broker_process(f"localhost:{port},other:9092").pid == found.pid
+    assert broker_process(f"example.invalid:{port}") is None  # another machine's
+    assert broker_process(f"127.0.0.1:{free_port()}") is None  # nothing listens there
+    assert broker_process("127.0.0.1") is None
 
 
 @pytest.mark.timeout(90)

@@ -16,7 +16,9 @@ Each engine runs ``--repeat`` times, alternating, on a topic with ``--partitions
 and on one with a single partition; each run reads the whole topic in a fresh consumer group,
 timed from its first message to its last (the group join is left out). Reported: the medians
 of messages/s and of the parent's CPU per message (all its threads, librdkafka's included; for
-``serial`` that is all the work). Needs the ``kafka`` extra.
+``serial`` that is all the work); for ``serial`` and ordpool, over the same window, the CPU per
+message of ordpool's workers and of the broker when it runs on this machine, and the cores all
+of them kept busy. Needs the ``kafka`` extra.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
+
+import psutil
 
 from .kafka_peers import PEERS, installed_peers, process_label, run_peer
 from .measure import parent_cpu_seconds
@@ -40,6 +44,78 @@ __all__ = ["add_arguments", "run_command"]
 _GROUP = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 500}
 _IDLE = 60.0  # seconds without a new message after which an engine's run fails
 _FETCH = "ordpool-fetch-workers"  # OrderedConsumer(fetch="workers")
+_LOOPBACK = frozenset(("127.0.0.1", "localhost", "::1"))
+
+
+class Run(NamedTuple):
+    """One engine's run (a row of the JSON's ``runs``): messages/s and CPU us per message of
+    the parent (a peer: of all its processes), of ordpool's workers and of the broker
+    (``None``: not measured)."""
+
+    msgs_per_s: float
+    cpu_us: float
+    workers_us: float | None = None
+    broker_us: float | None = None
+
+
+class _Meter:
+    """The clock and the CPU seconds of this process, of a pool's workers and of the broker,
+    from :meth:`start` to :meth:`run`."""
+
+    def __init__(self, broker: psutil.Process | None, worker_pids: Sequence[int] = ()) -> None:
+        self.broker = broker
+        self.workers = [psutil.Process(pid) for pid in worker_pids] if worker_pids else None
+        self.start()
+
+    def start(self) -> None:
+        self.began = self._now()
+
+    def _now(self) -> tuple[float, float, float | None, float | None]:
+        return (
+            time.perf_counter(),
+            parent_cpu_seconds(),
+            _cpu_seconds(self.workers),
+            _cpu_seconds([self.broker] if self.broker else None),
+        )
+
+    def run(self, got: int) -> Run:
+        """The run of ``got`` messages since :meth:`start`."""
+        now, began = self._now(), self.began
+
+        def per_message(i: int) -> float | None:
+            a, b = now[i], began[i]
+            return None if a is None or b is None else (a - b) / got * 1e6
+
+        return Run(
+            got / (now[0] - began[0]), (now[1] - began[1]) / got * 1e6, *map(per_message, (2, 3))
+        )
+
+
+def _cpu_seconds(processes: list[psutil.Process] | None) -> float | None:
+    """User + system CPU seconds of these processes together (``None``: none given, or one
+    has ended, such as a worker replaced during the run)."""
+    if processes is None:
+        return None
+    try:
+        return float(sum(t.user + t.system for t in (p.cpu_times() for p in processes)))
+    except psutil.Error:
+        return None
+
+
+def broker_process(bootstrap: str) -> psutil.Process | None:
+    """The process that listens at ``bootstrap``'s first address when that is on this
+    machine's loopback (the bench then measures its CPU); ``None`` otherwise, or when it
+    cannot be seen (another user's process)."""
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    if host.strip("[]") not in _LOOPBACK or not port.isdigit():
+        return None
+    try:
+        for conn in psutil.net_connections("tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr.port == int(port) and conn.pid:
+                return psutil.Process(conn.pid)
+    except psutil.Error:
+        pass
+    return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -149,34 +225,58 @@ def _compare(
     """
     peers = installed_peers()
     workload = {"fn": args.fn, "init": args.init} if args.fn else {"workload": args.workload}
-    runs: dict[str, list[tuple[float, float]]] = {"serial": [], "ordpool": [], _FETCH: []}
+    broker = broker_process(bootstrap)
+    runs: dict[str, list[Run]] = {"serial": [], "ordpool": [], _FETCH: []}
     runs.update({peer: [] for peer in peers})
     for _ in range(args.repeat):
-        runs["serial"].append(_serial(bootstrap, topic, n, fn, init))
-        runs["ordpool"].append(_ordpool(bootstrap, topic, n, fn, init, workers, args))
-        runs[_FETCH].append(_ordpool(bootstrap, topic, n, fn, init, workers, args, "workers"))
+        runs["serial"].append(_serial(bootstrap, topic, n, fn, init, broker))
+        runs["ordpool"].append(_ordpool(bootstrap, topic, n, fn, init, workers, args, broker))
+        runs[_FETCH].append(
+            _ordpool(bootstrap, topic, n, fn, init, workers, args, broker, "workers")
+        )
         for peer in peers:
-            runs[peer].append(run_peer(peer, bootstrap, topic, n, workers, workload))
+            runs[peer].append(Run(*run_peer(peer, bootstrap, topic, n, workers, workload)))
     partitions = len(_partitions(bootstrap, topic))
-    serial_rate = statistics.median(r[0] for r in runs["serial"])
+    serial_rate = statistics.median(r.msgs_per_s for r in runs["serial"])
     labels = {"serial": "1", "ordpool": f"1 + {workers}", _FETCH: f"1 + {workers}"}
     rows = []
     for engine, results in runs.items():
-        rate = statistics.median(r[0] for r in results)
-        cpu = statistics.median(r[1] for r in results)
-        rows.append(
-            {
-                "engine": engine,
-                "partitions": partitions,
-                "processes": labels.get(engine) or process_label(engine, workers),
-                "msgs_per_s": rate,
-                "x_serial": rate / serial_rate,
-                "parent_us_per_msg": cpu if engine in labels else None,
-                "all_processes_us_per_msg": None if engine in labels else cpu,
-                "runs": results,
-            }
-        )
+        rate = statistics.median(r.msgs_per_s for r in results)
+        row = {
+            "engine": engine,
+            "partitions": partitions,
+            "processes": labels.get(engine) or process_label(engine, workers),
+            "msgs_per_s": rate,
+            "x_serial": rate / serial_rate,
+            **_cpu_figures(results, ours=engine in labels),
+            "runs": results,
+        }
+        rows.append(row)
     return rows
+
+
+def _cpu_figures(results: list[Run], ours: bool) -> dict[str, float | None]:
+    """A row's CPU figures, medians over its runs (``ours``: serial or ordpool, whose CPU
+    column is the parent's; a peer's is that of all its processes)."""
+
+    def median(field: str) -> float | None:
+        values = [getattr(r, field) for r in results]
+        return None if None in values else statistics.median(values)
+
+    cpu, workers, broker = median("cpu_us"), median("workers_us"), median("broker_us")
+    # The cores that the parent, the workers and the broker kept busy, per run
+    busy = [
+        r.msgs_per_s * (r.cpu_us + (r.workers_us or 0.0) + r.broker_us) / 1e6
+        for r in results
+        if r.broker_us is not None
+    ]
+    return {
+        "parent_us_per_msg": cpu if ours else None,
+        "all_processes_us_per_msg": None if ours else cpu,
+        "workers_us_per_msg": workers,
+        "broker_us_per_msg": broker,
+        "cores_busy": statistics.median(busy) if ours and len(busy) == len(results) else None,
+    }
 
 
 def _config(bootstrap: str) -> dict[str, Any]:
@@ -189,9 +289,14 @@ def _config(bootstrap: str) -> dict[str, Any]:
 
 
 def _serial(
-    bootstrap: str, topic: str, n: int, fn: Callable[..., Any], init: Callable[..., Any] | None
-) -> tuple[float, float]:
-    """A plain loop: (messages/s, parent CPU us/msg)."""
+    bootstrap: str,
+    topic: str,
+    n: int,
+    fn: Callable[..., Any],
+    init: Callable[..., Any] | None,
+    broker: psutil.Process | None = None,
+) -> Run:
+    """A plain loop (``broker``: the broker's process, whose CPU is measured too)."""
     from confluent_kafka import Consumer
 
     call = fn if init is None else functools.partial(fn, init())
@@ -203,7 +308,7 @@ def _serial(
         while not batch:
             _stalled(0, n, "serial", since)
             batch = consumer.consume(1000, 1.0)
-        started, cpu, got = time.perf_counter(), parent_cpu_seconds(), 0
+        meter, got = _Meter(broker), 0
         while True:
             for message in batch:
                 if message.error() is None:
@@ -214,7 +319,7 @@ def _serial(
             batch = consumer.consume(1000, 1.0)
             since = since if not batch else time.monotonic()
             _stalled(got, n, "serial", since)
-        return _rate(got, started, cpu)
+        return meter.run(got)
     finally:
         consumer.close()
 
@@ -227,9 +332,10 @@ def _ordpool(
     init: Callable[..., Any] | None,
     workers: int,
     args: argparse.Namespace,
+    broker: psutil.Process | None = None,
     fetch: str = "parent",
-) -> tuple[float, float]:
-    """The OrderedConsumer: (messages/s, parent CPU us/msg)."""
+) -> Run:
+    """The OrderedConsumer (``broker``: the broker's process, whose CPU is measured too)."""
     from ..kafka import OrderedConsumer
 
     with OrderedConsumer(
@@ -243,6 +349,7 @@ def _ordpool(
         fetch=fetch,
     ) as consumer:
         got, done = 0, threading.Event()
+        meter = _Meter(broker, consumer.pool.worker_pids())
 
         def watch() -> None:  # no new record for _IDLE seconds: end the loop below
             seen = -1
@@ -257,7 +364,8 @@ def _ordpool(
         try:
             records = iter(consumer)
             if next(records, None) is not None:
-                started, cpu, got = time.perf_counter(), parent_cpu_seconds(), 1
+                meter.start()
+                got = 1
                 for _ in records:
                     got += 1
                     if got >= n:
@@ -267,7 +375,7 @@ def _ordpool(
             watchdog.join()
         if got < n:
             raise _no_message("ordpool", got, n)
-        return _rate(got, started, cpu)
+        return meter.run(got)
 
 
 def _stalled(got: int, n: int, engine: str, since: float) -> None:
@@ -280,11 +388,6 @@ def _no_message(engine: str, got: int, n: int) -> RuntimeError:
     return RuntimeError(
         f"{engine}: no message for {_IDLE:.0f} s, after {got} of {n}: lost, or never sent"
     )
-
-
-def _rate(got: int, started: float, cpu: float) -> tuple[float, float]:
-    seconds = time.perf_counter() - started
-    return got / seconds, (parent_cpu_seconds() - cpu) / got * 1e6
 
 
 def _partitions(bootstrap: str, topic: str) -> list[int]:
@@ -301,18 +404,31 @@ def _print(report: dict[str, Any]) -> None:
         f"{report['broker']}; medians of {report['repeat']}",
         file=out,
     )
+    columns = ("parent_us_per_msg", "workers_us_per_msg", "broker_us_per_msg", "cores_busy")
     print(f"{'engine':<22}{'parts':>6}{'processes':>11}{'k msg/s':>9}{'x serial':>9}"
-          f"{'parent us/msg':>15}", file=out)  # fmt: skip
+          f"{'parent us/msg':>15}{'workers us/msg':>16}{'broker us/msg':>15}{'cores':>7}",
+          file=out)  # fmt: skip
     for row in report["rows"]:
-        cpu = row["parent_us_per_msg"]
+        cells = [row[c] for c in columns]
         print(
             f"{row['engine']:<22}{row['partitions']:>6}{row['processes']!s:>11}"
             f"{row['msgs_per_s'] / 1000:>9.1f}{row['x_serial']:>9.2f}"
-            + (f"{cpu:>15.2f}" if cpu is not None else f"{'-':>15}"),
+            + "".join(
+                f"{'-' if cell is None else f'{cell:.2f}':>{width}}"
+                for cell, width in zip(cells, (15, 16, 15, 7))
+            ),
             file=out,
         )
     if any(row["parent_us_per_msg"] is None for row in report["rows"]):
         print("A peer's parent CPU: '-'; the CPU of all its processes is in the JSON.", file=out)
+    if all(row["broker_us_per_msg"] is None for row in report["rows"]):
+        print("The broker's CPU: '-', not on this machine's loopback (or not visible).", file=out)
+    else:
+        print(
+            "cores: those the parent, the workers and the broker kept busy (on this machine: "
+            f"{psutil.cpu_count()}).",
+            file=out,
+        )
     missing = [peer for peer in PEERS if peer not in {row["engine"] for row in report["rows"]}]
     if missing:
         print(f"Not installed, not run: {', '.join(missing)}.", file=out)
