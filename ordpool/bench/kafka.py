@@ -35,7 +35,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import psutil
 
 from .kafka_peers import PEERS, installed_peers, process_label, run_peer
-from .measure import parent_cpu_seconds
+from .measure import parent_cpu_seconds, processes_cpu_seconds
 from .report import machine_info, write_json
 from .workloads import WORKLOADS, load_callable, make_messages, read_input
 
@@ -74,8 +74,8 @@ class _Meter:
         return (
             time.perf_counter(),
             parent_cpu_seconds(),
-            _cpu_seconds(self.workers),
-            _cpu_seconds([self.broker] if self.broker else None),
+            None if self.workers is None else processes_cpu_seconds(self.workers),
+            None if self.broker is None else processes_cpu_seconds([self.broker]),
         )
 
     def run(self, got: int) -> Run:
@@ -89,17 +89,6 @@ class _Meter:
         return Run(
             got / (now[0] - began[0]), (now[1] - began[1]) / got * 1e6, *map(per_message, (2, 3))
         )
-
-
-def _cpu_seconds(processes: list[psutil.Process] | None) -> float | None:
-    """User + system CPU seconds of these processes together (``None``: none given, or one
-    has ended, such as a worker replaced during the run)."""
-    if processes is None:
-        return None
-    try:
-        return float(sum(t.user + t.system for t in (p.cpu_times() for p in processes)))
-    except psutil.Error:
-        return None
 
 
 def broker_process(bootstrap: str) -> psutil.Process | None:

@@ -30,6 +30,7 @@ __all__ = [
     "RunStats",
     "descendants",
     "parent_cpu_seconds",
+    "processes_cpu_seconds",
     "start_helpers",
     "timed_run",
 ]
@@ -73,7 +74,7 @@ def start_helpers(start_method: str) -> None:
         multiprocessing.forkserver.ensure_running()
 
 
-def _cpu_seconds(procs: Sequence[psutil.Process]) -> float:
+def processes_cpu_seconds(procs: Sequence[psutil.Process]) -> float:
     """User + system CPU seconds used so far by ``procs`` (gone processes count 0)."""
     total = 0.0
     for p in procs:
@@ -251,13 +252,13 @@ def timed_run(engine: Runnable, messages: Sequence[Any]) -> RunStats:
     gc.collect()
     with PeakRss(workers) as rss:
         busy0 = _busy_seconds()
-        worker_cpu0 = _cpu_seconds(workers)
+        worker_cpu0 = processes_cpu_seconds(workers)
         cpu0 = parent_cpu_seconds()
         t0 = time.perf_counter()
         collections.deque(engine.imap(messages), maxlen=0)
         wall = time.perf_counter() - t0
         cpu = parent_cpu_seconds() - cpu0
-        worker_cpu = _cpu_seconds(workers) - worker_cpu0
+        worker_cpu = processes_cpu_seconds(workers) - worker_cpu0
         busy = _busy_seconds() - busy0
     return RunStats(
         wall_s=wall,
