@@ -887,6 +887,25 @@ def test_bench_kafka_finds_the_broker_process_only_on_loopback(broker: str) -> N
     assert broker_process("127.0.0.1") is None
 
 
+@pytest.mark.timeout(30)
+def test_bench_kafka_drops_the_workers_cpu_when_a_worker_was_replaced() -> None:
+    from ordpool.bench.kafka import _Meter
+
+    burn = "import time\nend = time.process_time() + 0.2\nwhile time.process_time() < end: pass"
+    child = subprocess.Popen([sys.executable, "-c", burn + "\ntime.sleep(30)"])
+    try:
+        meter = _Meter(None, [child.pid])
+        assert wait_until(lambda: sum(psutil.Process(child.pid).cpu_times()[:2]) >= 0.2, timeout=20)
+        run = meter.run(1000)
+        assert run.workers_us is not None and run.workers_us > 0 and run.broker_us is None
+        child.kill()
+        child.wait()
+        assert meter.run(1000).workers_us is None  # gone: not counted as 0
+    finally:
+        child.kill()
+        child.wait()
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("engine", ["serial", "ordpool"])
 def test_bench_kafka_fails_when_messages_stop_coming(

@@ -81,6 +81,8 @@ class _Meter:
     def run(self, got: int) -> Run:
         """The run of ``got`` messages since :meth:`start`."""
         now, began = self._now(), self.began
+        if self.workers is not None and not all(p.is_running() for p in self.workers):
+            now = (*now[:2], None, now[3])  # a worker was replaced: its CPU is partly lost
 
         def per_message(i: int) -> float | None:
             a, b = now[i], began[i]
@@ -231,22 +233,24 @@ def _compare(
     rows = []
     for engine, results in runs.items():
         rate = statistics.median(r.msgs_per_s for r in results)
-        row = {
-            "engine": engine,
-            "partitions": partitions,
-            "processes": labels.get(engine) or process_label(engine, workers),
-            "msgs_per_s": rate,
-            "x_serial": rate / serial_rate,
-            **_cpu_figures(results, ours=engine in labels),
-            "runs": results,
-        }
-        rows.append(row)
+        rows.append(
+            {
+                "engine": engine,
+                "partitions": partitions,
+                "processes": labels.get(engine) or process_label(engine, workers),
+                "msgs_per_s": rate,
+                "x_serial": rate / serial_rate,
+                **_cpu_figures(results, engine in labels, pooled=engine not in ("serial", *peers)),
+                "runs": results,
+            }
+        )
     return rows
 
 
-def _cpu_figures(results: list[Run], ours: bool) -> dict[str, float | None]:
+def _cpu_figures(results: list[Run], ours: bool, pooled: bool) -> dict[str, float | None]:
     """A row's CPU figures, medians over its runs (``ours``: serial or ordpool, whose CPU
-    column is the parent's; a peer's is that of all its processes)."""
+    column is the parent's; a peer's is that of all its processes; ``pooled``: ordpool, whose
+    workers' CPU counts in the cores busy)."""
 
     def median(field: str) -> float | None:
         values = [getattr(r, field) for r in results]
@@ -257,7 +261,7 @@ def _cpu_figures(results: list[Run], ours: bool) -> dict[str, float | None]:
     busy = [
         r.msgs_per_s * (r.cpu_us + (r.workers_us or 0.0) + r.broker_us) / 1e6
         for r in results
-        if r.broker_us is not None
+        if r.broker_us is not None and (r.workers_us is not None or not pooled)
     ]
     return {
         "parent_us_per_msg": cpu if ours else None,
