@@ -6,6 +6,7 @@ import itertools
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 
@@ -102,3 +103,71 @@ def test_executor_cancel_of_a_running_call_sets_its_token(tmp_path) -> None:
         assert future.result(timeout=30) == "stopped"  # ...but asked to stop, and it did
         stats = executor.stats()
         assert stats.submitted == stats.completed == 1
+
+
+class _StopFromTheCollector:
+    """Transport events that end the transport from its own collector thread, the way a
+    pool's last result does, while a wake-up is waiting in the same ``select`` round."""
+
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self.results: list[Any] = []
+
+    def on_ready(self, slot: int, pid: int) -> None:
+        from ordpool._transport import wire
+
+        transport = self.transport
+        transport.send(slot, 1, (), wire.encode_items([21])[0])
+        # Wait (in the collector) until the result is in the pipe, then queue a wake-up
+        # behind it: the next select() returns both, the result first.
+        assert transport._workers[slot].reader.poll(30)
+        transport._wake()
+
+    def on_result(self, slot: int, bid: int, seconds: float, payload: Any, nerrors: int = 0):
+        from ordpool._transport import wire
+
+        self.results.append(wire.decode_results(payload)[0])
+        self.transport.stop(graceful=True)
+
+    def on_init_error(self, slot: int, exc: BaseException) -> None:
+        self.results.append(exc)
+
+    def on_retire(self, slot: int) -> None:
+        pass
+
+    def on_part(self, slot: int, bid: int, lo: int, hi: int, payload: Any) -> None:
+        pass
+
+    def on_death(self, slot: int, exitcode: Any, pid: int, progress: Any) -> None:
+        pass
+
+
+def _double(x: int) -> int:
+    return 2 * x
+
+
+def test_a_stop_in_the_collector_with_a_wake_up_pending_ends_it_cleanly(
+    start_method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stop ran in the collector thread and closed the wake-up pipe under it; the collector
+    # then read the wake-up already selected, from a closed (or reused) descriptor.
+    import multiprocessing
+    import threading
+
+    from ordpool._transport.process import ProcessTransport
+    from ordpool._transport.worker import process_spec
+
+    errors: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    events = _StopFromTheCollector()
+    spec, inherited = process_spec(_double)
+    ctx = multiprocessing.get_context(start_method)
+    transport = events.transport = ProcessTransport(ctx, spec, events, inherited=inherited)
+    transport.start_workers([0])
+    collector = transport._collector
+    collector.join(60)
+    assert not collector.is_alive()
+    assert errors == []
+    assert events.results == [[42]]
+    assert transport.processes() == {}
+    transport.stop(graceful=False)  # a second stop, as a pool's join() does: harmless

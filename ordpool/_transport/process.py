@@ -433,8 +433,12 @@ class ProcessTransport:
         self._stopping: list[_Worker] = []  # the workers a stop() in progress is stopping
         self._stopped = threading.Event()  # set when stop() has released everything
         self._dirty = True  # _workers changed: the collector must update its selector
+        # The collector's wake-up pipe. It lives as long as the collector: whichever of stop()
+        # and the collector ends last closes it (_close_wake), so that the collector never reads
+        # a closed descriptor, or one that the process has meanwhile reused.
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+        self._wake_open = True  # guarded by _lock
         self._collector = threading.Thread(
             target=self._collect, name="ordpool-collector", daemon=True
         )
@@ -584,20 +588,30 @@ class ProcessTransport:
                 w.sender.join(1.0)
             w.close()
             w.process.close()
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        if not self._collector.is_alive():
+            # Else the collector is still on its way out (this stop runs in it, or it did not
+            # end in time): it closes the pipe as it ends.
+            self._close_wake()
         self._stopped.set()
 
     # -- the collector thread ------------------------------------------------------------------
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        with self._lock:
+            if not self._wake_open:
+                return
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass  # full: the collector has a wake-up to read anyway
+
+    def _close_wake(self) -> None:
+        with self._lock:
+            if not self._wake_open:
+                return
+            self._wake_open = False
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
     def _collect(self) -> None:
         events = self._events
@@ -629,6 +643,8 @@ class ProcessTransport:
                 dead = []
                 for key, _ in ready:
                     if key.data is None:
+                        if self._closing:
+                            return
                         os.read(self._wake_r, 4096)
                         continue
                     worker, is_sentinel = key.data
@@ -647,6 +663,8 @@ class ProcessTransport:
                     self._bury(worker, events)
         finally:
             selector.close()
+            if self._closing:
+                self._close_wake()
 
     def _look_timeout(self) -> float | None:
         """How long the collector may wait for a frame: for ever without early results; else
