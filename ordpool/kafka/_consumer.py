@@ -88,6 +88,7 @@ class OrderedConsumer(FetchSide):
         on_rebalance: called as ``on_rebalance(event, [(topic, partition), ...])``, where
             ``event`` is ``"assign"``, ``"revoke"`` or ``"lost"``, after the consumer handled
             it (a revoked partition's watermark is committed by then), in the poller's thread.
+            It must return promptly: records wait for it, and so does :meth:`close`.
         fetch: who reads the messages from Kafka. ``"parent"`` (default): the consumer reads
             them and sends each to the workers, so that one partition runs in all of them.
             ``"workers"``: each partition is read by one worker itself (its own consumer,
