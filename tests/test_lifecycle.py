@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import subprocess
 import sys
 import textwrap
+import threading
 from typing import Any
 
 import pytest
 
 import ordpool
+from ordpool._transport import wire
+from ordpool._transport.process import ProcessTransport
+from ordpool._transport.worker import process_spec
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -114,8 +119,6 @@ class _StopFromTheCollector:
         self.results: list[Any] = []
 
     def on_ready(self, slot: int, pid: int) -> None:
-        from ordpool._transport import wire
-
         transport = self.transport
         transport.send(slot, 1, (), wire.encode_items([21])[0])
         # Wait (in the collector) until the result is in the pipe, then queue a wake-up
@@ -124,8 +127,6 @@ class _StopFromTheCollector:
         transport._wake()
 
     def on_result(self, slot: int, bid: int, seconds: float, payload: Any, nerrors: int = 0):
-        from ordpool._transport import wire
-
         self.results.append(wire.decode_results(payload)[0])
         self.transport.stop(graceful=True)
 
@@ -149,14 +150,9 @@ def _double(x: int) -> int:
 def test_a_stop_in_the_collector_with_a_wake_up_pending_ends_it_cleanly(
     start_method: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The stop ran in the collector thread and closed the wake-up pipe under it; the collector
-    # then read the wake-up already selected, from a closed (or reused) descriptor.
-    import multiprocessing
-    import threading
-
-    from ordpool._transport.process import ProcessTransport
-    from ordpool._transport.worker import process_spec
-
+    # A stop run in the collector thread must leave the wake-up pipe open until the collector
+    # ends: a wake-up selected in the same round is still to be read. (The conftest's check
+    # for leaked descriptors then shows that the collector closes the pipe as it ends.)
     errors: list[BaseException | None] = []
     monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
     events = _StopFromTheCollector()

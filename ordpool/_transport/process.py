@@ -643,8 +643,6 @@ class ProcessTransport:
                 dead = []
                 for key, _ in ready:
                     if key.data is None:
-                        if self._closing:
-                            return
                         os.read(self._wake_r, 4096)
                         continue
                     worker, is_sentinel = key.data
